@@ -1,0 +1,122 @@
+"""Cleanups: no-op casts/views/asserts, dead code, common subexpressions, constant folding."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from passes.program import Program
+
+aten = torch.ops.aten
+
+_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
+_IDENTITY = {aten.alias.default, aten.contiguous.default, aten.clone.default, aten.detach.default, aten.lift_fresh_copy.default}
+_SAME_SHAPE_NOOP = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device, aten.type_as.default}
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _is_noop(node: fx.Node) -> bool:
+    if node.target in _IDENTITY:
+        return True
+    src, out = _val(node.args[0]) if node.args else None, _val(node)
+    if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return False
+    if node.target in _CASTS:
+        return src.dtype == out.dtype
+    if node.target in _SAME_SHAPE_NOOP:
+        return src.shape == out.shape
+    return False
+
+
+def canonicalize(graph: fx.Graph) -> int:
+    """Remove runtime asserts and ops that do nothing here (same-dtype casts, identity views)."""
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _ASSERTS:
+            graph.erase_node(node)
+            removed += 1
+        elif _is_noop(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            removed += 1
+    graph.eliminate_dead_code()
+    return removed
+
+
+def _key(node: fx.Node):
+    def freeze(a):
+        if isinstance(a, (list, tuple)):
+            return tuple(freeze(x) for x in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, freeze(v)) for k, v in a.items()))
+        return a if isinstance(a, (fx.Node, int, float, bool, str, type(None), torch.dtype)) else repr(a)
+
+    return node.target, freeze(node.args), freeze(node.kwargs)
+
+
+def eliminate_common_subexpressions(graph: fx.Graph) -> int:
+    seen: dict = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.is_impure():
+            continue
+        if node.target in (aten.empty.memory_format, aten.empty_like.default):
+            continue  # buffers that an impure op writes into must stay distinct
+        key = _key(node)
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+            merged += 1
+        else:
+            seen[key] = node
+    return merged
+
+
+def _static(val) -> bool:
+    return isinstance(val, torch.Tensor) and all(isinstance(s, int) for s in val.shape)
+
+
+def fold_constants(program: Program) -> int:
+    """Evaluate ops whose inputs are all weights/constants once, at lowering time."""
+    graph = program.graph
+    const = {n for n in graph.nodes if n.op == "placeholder" and n.name in program.weights}
+    folded = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.is_impure() or not _static(_val(node)):
+            continue
+        inputs = node.all_input_nodes
+        if not inputs or not all(i in const for i in inputs):
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: program.weights[n.name])
+        value = node.target(*args, **kwargs)
+        new = program.add_constant(f"folded_{node.name}", value.detach().contiguous())
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        const.add(new)
+        folded += 1
+    drop_unused_weights(program)
+    return folded
+
+
+def drop_unused_weights(program: Program) -> None:
+    for node in list(program.graph.nodes):
+        if node.op == "placeholder" and node.name in program.weights and not node.users:
+            program.graph.erase_node(node)
+            del program.weights[node.name]
+            program.weight_paths.pop(node.name, None)
+
+
+def cleanup(program: Program) -> int:
+    """The cleanup pass: returns how many nodes it removed or folded."""
+    changed = canonicalize(program.graph)
+    changed += eliminate_common_subexpressions(program.graph)
+    changed += fold_constants(program)
+    program.graph.eliminate_dead_code()
+    drop_unused_weights(program)
+    return changed

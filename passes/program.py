@@ -1,0 +1,80 @@
+"""The object every pass rewrites: one FX graph of a model's whole step, plus the tensors it reads.
+
+`gm.graph` placeholders are of two kinds: weights (parameters, buffers, constants added by passes),
+whose tensors live in `weights` and whose module paths live in `weight_paths`; and the step's runtime
+inputs, listed in `inputs` (token ids, positions, which rows need logits). Attention layers are
+described in `attention` so that the attention pass and the runtime agree on their shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention layer as the model declares it (vLLM's Attention module or an HF config)."""
+
+    index: int
+    name: str  # module path, e.g. "model.layers.3.self_attn.attn"
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    sliding_window: int = -1  # <= 0: none
+    logit_cap: float = 0.0  # <= 0: none
+
+
+@dataclass
+class Program:
+    gm: fx.GraphModule
+    weights: dict[str, torch.Tensor]
+    weight_paths: dict[str, str]
+    inputs: list[str]
+    attention: list[AttentionLayer]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def add_constant(self, name: str, value: torch.Tensor) -> fx.Node:
+        """A new weight placeholder holding `value` (e.g. RoPE frequencies a pass derived)."""
+        base, n = name, 1
+        while name in self.weights:
+            n += 1
+            name = f"{base}_{n}"
+        first_input = next(n for n in self.graph.nodes if n.op == "placeholder")
+        with self.graph.inserting_before(first_input):
+            node = self.graph.placeholder(name)
+        node.meta["val"] = _fake_like(value, self.graph)
+        self.weights[name] = value
+        self.weight_paths[name] = name
+        return node
+
+    def node_count(self) -> int:
+        return sum(1 for n in self.graph.nodes if n.op == "call_function")
+
+
+def fake_mode_of(graph: fx.Graph):
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode([n.meta["val"] for n in graph.nodes if "val" in n.meta])
+
+
+def _fake_like(value: torch.Tensor, graph: fx.Graph):
+    mode = fake_mode_of(graph)
+    return mode.from_tensor(value, static_shapes=True) if mode is not None else value
+
+
+def run_in_torch(program: Program, **inputs: torch.Tensor):
+    """Execute the (possibly rewritten) graph eagerly in torch: the reference for pass tests."""
+    args = []
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            args.append(program.weights[node.name] if node.name in program.weights else inputs[node.name])
+    with torch.no_grad():
+        return fx.Interpreter(program.gm).run(*args)
