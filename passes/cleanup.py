@@ -27,8 +27,36 @@ def _is_noop(node: fx.Node) -> bool:
         return False
     if node.target in _CASTS:
         return src.dtype == out.dtype
-    if node.target in _SAME_SHAPE_NOOP:
-        return src.shape == out.shape
+    if node.target in _SAME_SHAPE_NOOP or node.target == aten.slice.Tensor:
+        return src.shape == out.shape  # a slice this size is the whole dim
+    return False
+
+
+def _drop_empty_cat_inputs(node: fx.Node) -> bool:
+    tensors = node.args[0]
+    keep = [t for t in tensors if not (isinstance(_val(t), torch.Tensor) and 0 in _val(t).shape)]
+    if len(keep) == len(tensors) or not keep:
+        return False
+    if len(keep) == 1:
+        node.replace_all_uses_with(keep[0])
+    else:
+        node.args = (keep, *node.args[1:])
+    return True
+
+
+def _collapse(node: fx.Node) -> bool:
+    """transpose(transpose(x, a, b), a, b) -> x; reshape(reshape(x)) -> one reshape."""
+    src = node.args[0] if node.args else None
+    if not isinstance(src, fx.Node) or src.op != "call_function":
+        return False
+    if node.target == aten.transpose.int and src.target == aten.transpose.int:
+        if sorted(node.args[1:3]) == sorted(src.args[1:3]):
+            node.replace_all_uses_with(src.args[0])
+            return True
+    reshapes = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+    if node.target in reshapes and src.target in reshapes:
+        node.args = (src.args[0], *node.args[1:])
+        return True
     return False
 
 
@@ -44,6 +72,10 @@ def canonicalize(graph: fx.Graph) -> int:
         elif _is_noop(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+            removed += 1
+        elif node.target == aten.cat.default and _drop_empty_cat_inputs(node):
+            removed += 1
+        elif _collapse(node):
             removed += 1
     graph.eliminate_dead_code()
     return removed

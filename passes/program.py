@@ -42,7 +42,13 @@ class Program:
         return self.gm.graph
 
     def add_constant(self, name: str, value: torch.Tensor) -> fx.Node:
-        """A new weight placeholder holding `value` (e.g. RoPE frequencies a pass derived)."""
+        """A weight placeholder holding `value` (e.g. RoPE frequencies a pass derived); equal
+        constants are shared, so 30 layers with the same frequencies read one array."""
+        for node in self.graph.nodes:
+            have = self.weights.get(node.name) if node.op == "placeholder" else None
+            if have is not None and node.name.startswith(name.split("_")[0]) and have.shape == value.shape \
+                    and have.dtype == value.dtype and torch.equal(have, value):
+                return node
         base, n = name, 1
         while name in self.weights:
             n += 1

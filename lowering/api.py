@@ -1,0 +1,80 @@
+"""The lowering pipeline as one call: captured Program -> passes -> MLX source -> compiled step."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import torch
+
+from lowering.compile import load_step
+from lowering.emit import emit_source, unsupported_ops
+from passes import PassManager, PassResult, Program, default_manager
+from runtime.model import CacheLayout, LoweredModel
+
+
+@dataclass
+class Lowered:
+    program: Program
+    source: str
+    passes: list[PassResult]
+    nodes_captured: int
+    timings: dict = field(default_factory=dict)
+
+    def op_histogram(self) -> dict[str, int]:
+        """How many times each op (after passes) appears in the final graph."""
+        counts = Counter(
+            str(n.target).removeprefix("aten.").removesuffix(".default")
+            for n in self.program.graph.nodes if n.op == "call_function"
+        )
+        return dict(counts.most_common())
+
+
+def run_passes(program: Program, manager: PassManager | None = None, after_pass=None) -> list[PassResult]:
+    return (manager or default_manager()).run(program, after_pass)
+
+
+def lower(program: Program, manager: PassManager | None = None, after_pass=None) -> Lowered:
+    """Run the passes and emit source. Raises UnsupportedOpsError listing every op we cannot lower."""
+    captured = program.node_count()
+    start = time.perf_counter()
+    results = run_passes(program, manager, after_pass)
+    t_passes = time.perf_counter() - start
+    source = emit_source(program)
+    t_emit = time.perf_counter() - start - t_passes
+    return Lowered(program, source, results, captured, {"passes_s": t_passes, "emit_s": t_emit})
+
+
+def check_supported(program: Program) -> list:
+    return unsupported_ops(program)
+
+
+def mlx_weights(program: Program, dtype: torch.dtype | None = None) -> dict[str, mx.array]:
+    """Weights keyed by module path, converted once (a copy; the caller may drop the torch tensors)."""
+    out = {}
+    for name, tensor in program.weights.items():
+        t = tensor.detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        if t.dtype == torch.int64:
+            t = t.to(torch.int32)
+        out[program.weight_paths[name]] = mx.array(t.contiguous())
+    return out
+
+
+def cache_layout(program: Program, block_size: int, dtype: mx.Dtype) -> CacheLayout:
+    layers = program.attention
+    kv_heads = {layer.num_kv_heads for layer in layers}
+    head_dims = {layer.head_dim for layer in layers}
+    if len(kv_heads) != 1 or len(head_dims) != 1:
+        raise NotImplementedError("layers with different KV head counts or head sizes are not supported yet")
+    return CacheLayout(len(layers), kv_heads.pop(), head_dims.pop(), block_size, dtype)
+
+
+def build_model(lowered: Lowered, num_blocks: int, block_size: int = 16, jit: bool = True) -> LoweredModel:
+    program = lowered.program
+    weights = mlx_weights(program)
+    dtype = next((w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)), mx.float32)
+    return LoweredModel(load_step(lowered.source, jit=jit), weights, cache_layout(program, block_size, dtype), num_blocks)

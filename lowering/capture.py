@@ -1,0 +1,110 @@
+"""Capture a torch model's whole step as ONE ATen FX graph with a dynamic token dimension.
+
+Mechanism: `torch.export` (non-strict) of a small wrapper whose forward is one model step:
+`(input_ids[T], positions[T], logits_indices[R]) -> logits[R, vocab]`. Export gives ATen-level IR
+(so patterns match one canonical spelling of each op, whatever the model's Python said), lifts
+parameters and buffers to placeholders named after their module paths, records `nn_module_stack`
+and source lines on every node, and keeps T and R symbolic: one capture serves every batch.
+(docs/architecture.md has the measurements behind this choice.)
+
+Two front ends build the wrapper: `capture_vllm` (vLLM's own model classes; each attention layer is
+vLLM's opaque unified attention op) and `capture_hf` (transformers causal LMs).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from passes.program import AttentionLayer, Program
+
+CAPTURES = 0  # how many captures this process ran (tests assert one lowering serves all shapes)
+_MAX_TOKENS = 1 << 16
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, forward):
+        super().__init__()
+        self.model = model
+        self._forward = forward
+
+    def forward(self, input_ids, positions, logits_indices):
+        return self._forward(self.model, input_ids, positions, logits_indices)
+
+
+def export_step(step: _Step, example_tokens: int = 8) -> tuple[torch.fx.GraphModule, dict, dict]:
+    """Export a step wrapper; returns (graph module, placeholder -> tensor, placeholder -> module path)."""
+    global CAPTURES
+    CAPTURES += 1
+    t = torch.export.Dim("num_tokens", min=2, max=_MAX_TOKENS)
+    r = torch.export.Dim("num_logits", min=2, max=_MAX_TOKENS)
+    ids = torch.zeros(example_tokens, dtype=torch.int64)
+    positions = torch.arange(example_tokens, dtype=torch.int64)
+    rows = torch.tensor([example_tokens // 2, example_tokens - 1], dtype=torch.int64)
+    with torch.no_grad():
+        ep = torch.export.export(
+            step, (ids, positions, rows), dynamic_shapes=({0: t}, {0: t}, {0: r}), strict=False
+        )
+    state = dict(step.named_parameters(remove_duplicate=False))
+    state.update(dict(step.named_buffers(remove_duplicate=False)))
+    state.update(getattr(ep, "constants", {}) or {})
+    weights, paths = {}, {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.target is not None:
+            name = spec.arg.name
+            weights[name] = state[spec.target].detach()
+            paths[name] = spec.target.removeprefix("model.")
+    return ep.graph_module, weights, paths
+
+
+def _program(gm, weights, paths, layers, meta) -> Program:
+    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights]
+    return Program(gm, weights, paths, inputs, layers, meta)
+
+
+# -- Hugging Face transformers ----------------------------------------------------------------
+def _hf_forward(model, input_ids, positions, logits_indices):
+    hidden = model.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False)
+    hidden = hidden.last_hidden_state[0][logits_indices]
+    logits = model.lm_head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def hf_attention_layers(config) -> list[AttentionLayer]:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    scale = getattr(text, "query_pre_attn_scalar", None)
+    scale = scale**-0.5 if scale else head_dim**-0.5
+    window = getattr(text, "sliding_window", None) or -1
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    cap = getattr(text, "attn_logit_softcapping", None) or 0.0
+    return [
+        AttentionLayer(i, f"model.layers.{i}.self_attn", heads, kv_heads, head_dim, scale,
+                       window if types[i] == "sliding_attention" else -1, cap)
+        for i in range(text.num_hidden_layers)
+    ]
+
+
+def capture_hf(model: torch.nn.Module, name: str = "hf") -> Program:
+    """Capture a transformers causal LM (eval mode, SDPA attention)."""
+    start = time.perf_counter()
+    model = model.eval()
+    if hasattr(model.config, "_attn_implementation"):
+        model.config._attn_implementation = "sdpa"
+    gm, weights, paths = export_step(_Step(model, _hf_forward))
+    layers = hf_attention_layers(model.config)
+    meta = {
+        "model": name,
+        "front": "hf",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "layers": len(layers),
+        "capture_s": time.perf_counter() - start,
+        "expected_norms": 2 * len(layers) + 1,
+    }
+    return _program(gm, weights, paths, layers, meta)

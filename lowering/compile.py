@@ -1,0 +1,95 @@
+"""Emitted source -> `mx.compile`d callable, and the on-disk cache of emitted artefacts.
+
+An artefact is the step's source plus a JSON description of its weights and attention layers,
+stored under `$VLLM_METAL_CACHE/lowered/<key>/`, where the key hashes the model's identity (config,
+dtype, front end), the pass fingerprint and the versions of torch, vLLM, MLX and this package's
+lowering code. Files are written to a temp dir and renamed into place (two processes lowering the
+same model never expose a half-written artefact), and the source's sha256 is checked before it is
+ever executed: a truncated or altered artefact is rebuilt, never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import types
+from pathlib import Path
+
+import mlx.core as mx
+
+SOURCE, META = "step.py", "meta.json"
+
+
+def load_step(source: str, name: str = "step", jit: bool = True):
+    """Execute emitted source as a fresh module and return its step function (compiled)."""
+    module = types.ModuleType(f"lowered_{hashlib.sha256(source.encode()).hexdigest()[:12]}")
+    exec(compile_source(source, module.__name__), module.__dict__)
+    fn = getattr(module, name)
+    return mx.compile(fn) if jit else fn
+
+
+def compile_source(source: str, filename: str):
+    return compile(source, f"<{filename}>", "exec")  # noqa: the builtin, not mx.compile
+
+
+def cache_dir() -> Path:
+    from runtime.models import cache_root
+
+    return cache_root() / "lowered"
+
+
+def code_version() -> str:
+    """Hash of the lowering and pass code: a change to either invalidates cached artefacts."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for package in ("lowering", "passes", "runtime"):
+        for path in sorted((root / package).rglob("*")):
+            if path.suffix in (".py", ".j2"):
+                h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(identity: dict) -> str:
+    import torch
+
+    try:
+        import vllm
+
+        vllm_version = vllm.__version__
+    except Exception:  # the HF front end works without vLLM
+        vllm_version = "none"
+    full = dict(identity, torch=torch.__version__, mlx=mx.__version__, vllm=vllm_version, code=code_version())
+    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def load_artefact(key: str) -> tuple[str, dict] | None:
+    """(source, meta) if a verified artefact exists for `key`; a damaged one is deleted."""
+    folder = cache_dir() / key
+    try:
+        meta = json.loads((folder / META).read_text())
+        source = (folder / SOURCE).read_text()
+    except (OSError, ValueError):
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        return None
+    if hashlib.sha256(source.encode()).hexdigest() != meta.get("source_sha256"):
+        shutil.rmtree(folder, ignore_errors=True)  # altered or truncated: never execute it
+        return None
+    return source, meta
+
+
+def store_artefact(key: str, source: str, meta: dict) -> Path:
+    folder = cache_dir() / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+    (tmp / SOURCE).write_text(source)
+    meta = dict(meta, source_sha256=hashlib.sha256(source.encode()).hexdigest())
+    (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
+    try:
+        os.rename(tmp, folder)  # atomic; if another process won the race, keep theirs
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,184 @@
+"""FX graph -> readable MLX Python source, rendered with a jinja2 template.
+
+Every call_function node becomes one statement `name = <mlx expression>` built by its registered
+lowering (lowering/ops). Names come from module paths (`layers_3_self_attn_qkv_proj`), weights are
+read from `w` by module path, and symbolic sizes (the token count) are taken from input shapes,
+so one emitted function serves every batch shape.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import torch
+import torch.fx as fx
+
+from lowering.ops import lowering_for
+from passes.program import Program
+
+_MX_DTYPES = {
+    torch.float32: "mx.float32", torch.float16: "mx.float16", torch.bfloat16: "mx.bfloat16",
+    torch.int64: "mx.int64", torch.int32: "mx.int32", torch.int16: "mx.int16", torch.int8: "mx.int8",
+    torch.uint8: "mx.uint8", torch.bool: "mx.bool_", torch.float64: "mx.float32",
+}
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+    trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+)
+
+
+@dataclass
+class Unsupported:
+    target: str
+    module: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.target}  (module {self.module or '?'}; {self.source or 'source unknown'})"
+
+
+class UnsupportedOpsError(RuntimeError):
+    """Raised with EVERY op that has no MLX lowering, before anything is emitted or run."""
+
+    def __init__(self, ops: list[Unsupported]):
+        self.ops = ops
+        lines = "\n".join(f"  - {op}" for op in ops)
+        super().__init__(
+            f"{len(ops)} op(s) have no MLX lowering:\n{lines}\n"
+            "Add a lowering in lowering/ops/ (see docs/architecture.md) or a pass that rewrites them."
+        )
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module path a node came from, normalised to dotted form."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"L\['self'\]\.?|L\['fn'\]\.?", "", path)
+    path = re.sub(r"_modules\['([^']+)'\]", r"\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = path.strip(".").removeprefix("model.")  # the capture wrapper's attribute
+    return "" if path.startswith("_") else path
+
+
+def source_line(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', trace)
+    if not frames:
+        return ""
+    file, line, fn, code = frames[-1]
+    return f"{Path(file).name}:{line} in {fn}: {code.strip()}"
+
+
+def unsupported_ops(program: Program) -> list[Unsupported]:
+    seen, found = set(), []
+    for node in program.graph.nodes:
+        if node.op == "call_function" and lowering_for(node.target) is None:
+            key = (str(node.target), module_path(node), source_line(node))
+            if key not in seen:
+                seen.add(key)
+                found.append(Unsupported(*key))
+    return found
+
+
+class Emitter:
+    def __init__(self, program: Program):
+        self.program = program
+        self.names: dict[fx.Node, str] = {}
+        self.taken: set[str] = {"w", "kv", "batch", "mx", "paged_attention"}
+        self.lines: list[str] = []
+        self.symbols: list[tuple[str, str]] = []
+        for node in program.graph.nodes:
+            if node.op == "placeholder" and node.name not in program.weights:
+                self.names[node] = node.name
+                self.taken.add(node.name)
+                val = node.meta.get("val")
+                for i, dim in enumerate(getattr(val, "shape", ())):
+                    sym = str(dim.node.expr) if isinstance(dim, torch.SymInt) else None
+                    if sym and sym.isidentifier() and sym not in dict(self.symbols):
+                        self.symbols.append((sym, f"{node.name}.shape[{i}]"))
+
+    # -- rendering helpers used by the op lowerings --------------------------------------------
+    def r(self, a) -> str:
+        if isinstance(a, fx.Node):
+            if a.op == "placeholder" and a.name in self.program.weights:
+                return f'w["{self.program.weight_paths[a.name]}"]'
+            return self.names[a]
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(self.r(x) for x in a) + "]"
+        if isinstance(a, torch.dtype):
+            return self.dtype(a)
+        if isinstance(a, torch.SymInt):
+            return str(a.node.expr)
+        if isinstance(a, float) and not math.isfinite(a):
+            return "float('inf')" if a > 0 else ("-float('inf')" if a < 0 else "float('nan')")
+        return repr(a)
+
+    def dtype(self, dt: torch.dtype) -> str:
+        return _MX_DTYPES[dt]
+
+    def shape(self, node: fx.Node) -> str:
+        return "(" + "".join(self.r(d) + ", " for d in node.meta["val"].shape) + ")"
+
+    def name(self, node: fx.Node) -> str:
+        if node not in self.names:
+            path = module_path(node).removeprefix("model.")
+            op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+            base = re.sub(r"\W", "_", path) if path else op
+            if path and not any(s in op for s in ("linear", "embedding")):
+                base = f"{base}_{op.strip('_')}"
+            name, n = base, 1
+            while name in self.taken:
+                n += 1
+                name = f"{base}_{n}"
+            self.taken.add(name)
+            self.names[node] = name
+        return self.names[node]
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+    # -- the walk ------------------------------------------------------------------------------
+    def emit(self, fn_name: str = "step") -> str:
+        missing = unsupported_ops(self.program)
+        if missing:
+            raise UnsupportedOpsError(missing)
+        layer = None
+        outputs = None
+        for node in self.program.graph.nodes:
+            if node.op == "output":
+                outputs = node.args[0]
+                continue
+            if node.op != "call_function":
+                continue
+            here = re.match(r"(?:model\.)?layers\.(\d+)", module_path(node))
+            if here and here.group(1) != layer:
+                layer = here.group(1)
+                self.line(f"# layer {layer}")
+            fn = lowering_for(node.target)
+            expr = fn(self, node, *node.args, **node.kwargs)
+            if expr is None:
+                continue
+            fused = node.meta.get("fused_from")
+            self.line(f"{self.name(node)} = {expr}" + (f"  # fused: {fused}" if fused else ""))
+        outs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        rendered = ", ".join(self.r(o) for o in outs)
+        return _TEMPLATES.get_template("step.py.j2").render(
+            model=self.program.meta.get("model", "a torch model"),
+            summary=self.program.meta.get("summary", ""),
+            name=fn_name,
+            inputs=[n for n in self.program.inputs],
+            outputs=rendered if len(outs) == 1 else f"({rendered},)",
+            outputs_doc="logits" if len(outs) == 1 else "outputs",
+            symbols=self.symbols,
+            body=self.lines,
+        )
+
+
+def emit_source(program: Program, fn_name: str = "step") -> str:
+    return Emitter(program).emit(fn_name)

@@ -1,0 +1,116 @@
+"""Views, indexing, concatenation: shape plumbing between the math."""
+
+import operator
+import sys
+
+import torch
+
+from lowering.ops.registry import register
+
+aten = torch.ops.aten
+
+
+@register(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def reshape(e, node, x, shape):
+    return f"{e.r(x)}.reshape({e.r(list(shape))})"
+
+
+@register(aten.sym_size.int)
+def sym_size(e, node, x, dim):
+    return f"{e.r(x)}.shape[{dim}]"
+
+
+@register(aten.transpose.int)
+def transpose(e, node, x, a, b):
+    return f"mx.swapaxes({e.r(x)}, {a}, {b})"
+
+
+@register(aten.permute.default)
+def permute(e, node, x, dims):
+    return f"mx.transpose({e.r(x)}, {list(dims)})"
+
+
+@register(aten.t.default)
+def t(e, node, x):
+    return f"{e.r(x)}.T"
+
+
+@register(aten.unsqueeze.default)
+def unsqueeze(e, node, x, dim):
+    return f"mx.expand_dims({e.r(x)}, {dim})"
+
+
+@register(aten.squeeze.dim, aten.squeeze.dims)
+def squeeze(e, node, x, dim):
+    return f"mx.squeeze({e.r(x)}, {e.r(dim)})"
+
+
+@register(aten.flatten.using_ints)
+def flatten(e, node, x, start=0, end=-1):
+    return f"mx.flatten({e.r(x)}, {start}, {end})"
+
+
+@register(aten.expand.default)
+def expand(e, node, x, sizes):
+    return f"mx.broadcast_to({e.r(x)}, {e.shape(node)})"
+
+
+def _index(ndim_before: int, item: str) -> str:
+    return "[" + ", ".join([":"] * ndim_before + [item]) + "]"
+
+
+@register(aten.slice.Tensor)
+def slice_(e, node, x, dim=0, start=None, end=None, step=1):
+    dim = dim % node.meta["val"].dim()
+    lo = "" if start in (None, 0) else e.r(start)
+    hi = "" if end is None or (isinstance(end, int) and end >= sys.maxsize // 2) else e.r(end)
+    st = "" if step == 1 else f":{step}"
+    return e.r(x) + _index(dim, f"{lo}:{hi}{st}")
+
+
+@register(aten.select.int)
+def select(e, node, x, dim, index):
+    return e.r(x) + _index(dim % (node.meta["val"].dim() + 1), e.r(index))
+
+
+@register(aten.index_select.default)
+def index_select(e, node, x, dim, index):
+    return f"mx.take({e.r(x)}, {e.r(index)}, axis={dim})"
+
+
+@register(aten.index.Tensor)
+def index(e, node, x, indices):
+    items = [":" if i is None else e.r(i) for i in indices]
+    return f"{e.r(x)}[{', '.join(items)}]"
+
+
+@register(aten.embedding.default)
+def embedding(e, node, weight, ids, *args):
+    return f"mx.take({e.r(weight)}, {e.r(ids)}, axis=0)"
+
+
+@register(aten.cat.default)
+def cat(e, node, tensors, dim=0):
+    return f"mx.concatenate([{', '.join(e.r(t) for t in tensors)}], axis={dim})"
+
+
+@register(aten.stack.default)
+def stack(e, node, tensors, dim=0):
+    return f"mx.stack([{', '.join(e.r(t) for t in tensors)}], axis={dim})"
+
+
+@register(aten.split_with_sizes.default, aten.split.Tensor)
+def split(e, node, x, sizes, dim=0):
+    total = node.args[0].meta["val"].shape[dim]
+    if isinstance(sizes, int):
+        sizes = [sizes] * ((total + sizes - 1) // sizes)
+    cuts, acc = [], 0
+    for size in sizes[:-1]:
+        acc += size
+        cuts.append(acc)
+    return f"mx.split({e.r(x)}, {cuts}, axis={dim})"
+
+
+@register(operator.getitem)
+def getitem(e, node, x, i):
+    return f"{e.r(x)}[{i}]"

@@ -1,0 +1,94 @@
+"""Elementwise arithmetic, activations and casts."""
+
+import operator
+
+import torch
+
+from lowering.ops.registry import register
+
+aten = torch.ops.aten
+
+
+def _binary(sym):
+    def lower(e, node, a, b, alpha=1):
+        rhs = e.r(b) if alpha == 1 else f"({e.r(b)} * {e.r(alpha)})"
+        return f"{e.r(a)} {sym} {rhs}"
+
+    return lower
+
+
+register(aten.add.Tensor, aten.add.Scalar, operator.add)(_binary("+"))
+register(aten.sub.Tensor, aten.sub.Scalar, operator.sub)(_binary("-"))
+register(aten.mul.Tensor, aten.mul.Scalar, operator.mul)(_binary("*"))
+
+
+@register(aten.div.Tensor, aten.div.Scalar, operator.truediv)
+def div(e, node, a, b):
+    return f"{e.r(a)} / {e.r(b)}"
+
+
+@register(aten.rsub.Scalar, aten.rsub.Tensor)
+def rsub(e, node, a, b, alpha=1):
+    return f"{e.r(b)} - {e.r(a)}" if alpha == 1 else f"{e.r(b)} - {e.r(a)} * {e.r(alpha)}"
+
+
+@register(aten.pow.Tensor_Scalar)
+def pow_(e, node, x, p):
+    return f"mx.square({e.r(x)})" if p == 2 else f"mx.power({e.r(x)}, {e.r(p)})"
+
+
+def _unary(fn):
+    return lambda e, node, x: f"{fn}({e.r(x)})"
+
+
+for _target, _fn in {
+    aten.neg.default: "mx.negative", aten.rsqrt.default: "mx.rsqrt", aten.sqrt.default: "mx.sqrt",
+    aten.exp.default: "mx.exp", aten.log.default: "mx.log", aten.tanh.default: "mx.tanh",
+    aten.sigmoid.default: "mx.sigmoid", aten.cos.default: "mx.cos", aten.sin.default: "mx.sin",
+    aten.abs.default: "mx.abs", aten.reciprocal.default: "mx.reciprocal", aten.erf.default: "mx.erf",
+    aten.logical_not.default: "mx.logical_not",
+}.items():
+    register(_target)(_unary(_fn))
+
+
+@register(aten.silu.default)
+def silu(e, node, x):
+    return f"{e.r(x)} * mx.sigmoid({e.r(x)})"
+
+
+@register(aten.relu.default)
+def relu(e, node, x):
+    return f"mx.maximum({e.r(x)}, 0)"
+
+
+@register(aten.gelu.default)
+def gelu(e, node, x, approximate="none"):
+    x = e.r(x)
+    if approximate == "tanh":
+        return f"0.5 * {x} * (1 + mx.tanh(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x})))"
+    return f"0.5 * {x} * (1 + mx.erf({x} * 0.7071067811865476))"
+
+
+@register(aten.clamp.default)
+def clamp(e, node, x, lo=None, hi=None):
+    return f"mx.clip({e.r(x)}, {e.r(lo)}, {e.r(hi)})"
+
+
+@register(aten.where.self)
+def where(e, node, cond, a, b):
+    return f"mx.where({e.r(cond)}, {e.r(a)}, {e.r(b)})"
+
+
+for _target, _sym in {
+    aten.eq.Tensor: "==", aten.eq.Scalar: "==", aten.ne.Tensor: "!=", aten.ne.Scalar: "!=",
+    aten.lt.Tensor: "<", aten.lt.Scalar: "<", aten.le.Tensor: "<=", aten.le.Scalar: "<=",
+    aten.gt.Tensor: ">", aten.gt.Scalar: ">", aten.ge.Tensor: ">=", aten.ge.Scalar: ">=",
+    aten.bitwise_and.Tensor: "&", aten.__and__.Tensor: "&", aten.bitwise_or.Tensor: "|", aten.__or__.Tensor: "|",
+    operator.floordiv: "//", operator.mod: "%",
+}.items():
+    register(_target)(_binary(_sym))
+
+
+@register(aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
+def cast(e, node, x, *args, **kwargs):
+    return f"{e.r(x)}.astype({e.dtype(node.meta['val'].dtype)})"

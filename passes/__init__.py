@@ -1,0 +1,28 @@
+"""FX -> FX rewrites declared as data (see passes.pattern), and the default pipeline.
+
+This package never imports mlx: it rewrites torch graphs into graphs of fused `torch.ops.mlx.*` ops.
+"""
+
+from passes import ops  # noqa: F401  (registers torch.ops.mlx.*)
+from passes.attention import PASS as attention
+from passes.cleanup import cleanup as _cleanup
+from passes.manager import FunctionPass, PassManager, PassResult, PatternPass
+from passes.program import AttentionLayer, Program, run_in_torch
+from passes.rms_norm import PASS as rms_norm
+from passes.rope import PASS as rope
+
+cleanup = FunctionPass("cleanup", _cleanup)
+
+
+def default_passes() -> list:
+    """Order matters: cleanup first so patterns see canonical ops; attention before rope so the
+    GQA/mask plumbing around HF attention is gone; a final cleanup folds what fusions left."""
+    return [cleanup, attention, rms_norm, rope, FunctionPass("final_cleanup", _cleanup)]
+
+
+def default_manager() -> PassManager:
+    return PassManager(default_passes())
+
+
+__all__ = ["AttentionLayer", "PassManager", "PassResult", "PatternPass", "FunctionPass", "Program",
+           "default_manager", "default_passes", "run_in_torch"]

@@ -1,0 +1,60 @@
+"""Paged attention in MLX: write this step's K/V through the slot mapping, gather each sequence's
+K/V through its block table, attend with `mx.fast.scaled_dot_product_attention`.
+
+The batch (runtime/batch.py) lays queries out as [S, Lq] (sequence, query position; padded rows
+point at token 0 and are dropped again) and keys as [S, Lk] cache slots in position order. The mask
+follows from positions alone: key j is visible to a query at position p iff j <= p (and j > p - window),
+which is exactly causal prefill, chunked prefill over earlier context, and decode.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim, scale, window=-1, cap=0.0):
+    """q: [T, H*D]; k, v: [T, KVH*D]; cache: (k_cache, v_cache) each [blocks, block_size, KVH, D].
+
+    Returns (out [T, H*D], updated cache). GQA is handled by SDPA without repeating K/V.
+    """
+    k_cache, v_cache = cache
+    shape = k_cache.shape
+    k_flat = k_cache.reshape(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.reshape(-1, num_kv_heads, head_dim)
+    slots = batch["slot_mapping"]
+    k_flat[slots] = k.reshape(-1, num_kv_heads, head_dim).astype(k_flat.dtype)
+    v_flat[slots] = v.reshape(-1, num_kv_heads, head_dim).astype(v_flat.dtype)
+
+    queries = q.reshape(-1, num_heads, head_dim)[batch["q_index"]].transpose(0, 2, 1, 3)  # [S, H, Lq, D]
+    keys = k_flat[batch["kv_slots"]].transpose(0, 2, 1, 3)  # [S, KVH, Lk, D]
+    values = v_flat[batch["kv_slots"]].transpose(0, 2, 1, 3)
+    mask = _mask(batch["q_pos"], keys.shape[2], window)  # [S, 1, Lq, Lk]
+    if cap > 0:
+        out = _softcapped(queries, keys.astype(queries.dtype), values.astype(queries.dtype), scale, mask, cap)
+    else:
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys.astype(queries.dtype), values.astype(queries.dtype), scale=scale, mask=mask
+        )
+    out = out.transpose(0, 2, 1, 3).reshape(-1, num_heads * head_dim)[batch["out_index"]]
+    return out, (k_flat.reshape(shape), v_flat.reshape(shape))
+
+
+def _mask(q_pos, kv_len: int, window: int):
+    key_pos = mx.arange(kv_len, dtype=mx.int32)
+    qp = q_pos[:, None, :, None]
+    visible = key_pos <= qp
+    if window > 0:
+        visible = visible & (key_pos > qp - window)
+    return visible
+
+
+def _softcapped(q, k, v, scale, mask, cap):
+    """Gemma-2 style logit soft-capping, which the fused SDPA kernel does not offer."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = mx.repeat(k, groups, axis=1)
+        v = mx.repeat(v, groups, axis=1)
+    scores = (q @ k.swapaxes(-1, -2)).astype(mx.float32) * scale
+    scores = mx.tanh(scores / cap) * cap
+    scores = mx.where(mask, scores, -mx.inf)
+    return mx.softmax(scores, axis=-1).astype(v.dtype) @ v
