@@ -62,6 +62,7 @@ def _trace(pattern: Pattern, tensors: tuple) -> fx.Graph:
 
     gm = torch.export.export(Wrapper(), tensors, strict=False).graph_module
     canonicalize(gm.graph)
+    gm.graph._anchor = _anchor(gm.graph)
     names = list(_tensor_arg_names(pattern.search, len(tensors)))
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], names):
         node.meta["pattern_arg"] = name
@@ -85,7 +86,7 @@ def _anchor(graph: fx.Graph) -> fx.Node:
 
 def match_at(graph: fx.Graph, target: fx.Node) -> Match | None:
     """Match `graph` (a traced pattern) with its anchor at `target`."""
-    anchor = _anchor(graph)
+    anchor = graph._anchor
     m = Match(anchor=target, bindings={})
     if not _match(anchor, target, m, anchor.meta["scalar_args"]):
         return None
@@ -170,7 +171,7 @@ def rewrite(program: Program, pattern: Pattern) -> int:
         if target.op != "call_function" or target._erased:
             continue
         for variant in pattern.graphs:
-            if _anchor(variant).target != target.target:
+            if variant._anchor.target != target.target:
                 continue
             m = match_at(variant, target)
             if m is None:
@@ -188,8 +189,15 @@ def rewrite(program: Program, pattern: Pattern) -> int:
             new.meta["stack_trace"] = target.meta.get("stack_trace")
             new.meta["fused_from"] = pattern.name
             target.replace_all_uses_with(new)
-            graph.erase_node(target)
-            graph.eliminate_dead_code()  # the matched producers are dead now: never match them again
+            _erase_dead(graph, m.nodes)  # the matched producers are dead now: never match them again
             count += 1
             break
     return count
+
+
+def _erase_dead(graph: fx.Graph, nodes: set[fx.Node]) -> None:
+    """Erase the matched nodes that nothing uses any more (consumers before producers)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(nodes, key=lambda n: order.get(n, -1), reverse=True):
+        if not node._erased and not node.users:
+            graph.erase_node(node)

@@ -66,9 +66,19 @@ class Program:
 
 
 def fake_mode_of(graph: fx.Graph):
-    from torch._guards import detect_fake_mode
+    """The FakeTensorMode of the graph's shape metadata (found once, then remembered on the graph)."""
+    mode = getattr(graph, "_fake_mode", None)
+    if mode is None:
+        from torch._guards import detect_fake_mode
 
-    return detect_fake_mode([n.meta["val"] for n in graph.nodes if "val" in n.meta])
+        for node in graph.nodes:  # the first fake value tells the mode
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                mode = detect_fake_mode([val])
+                if mode is not None:
+                    break
+        graph._fake_mode = mode
+    return mode
 
 
 def _fake_like(value: torch.Tensor, graph: fx.Graph):
