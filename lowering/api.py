@@ -55,12 +55,8 @@ def mlx_weights(program: Program, dtype: torch.dtype | None = None) -> dict[str,
     """Weights keyed by module path, converted once (a copy; the caller may drop the torch tensors)."""
     out = {}
     for name, tensor in program.weights.items():
-        t = tensor.detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        if t.dtype == torch.int64:
-            t = t.to(torch.int32)
-        out[program.weight_paths[name]] = mx.array(t.contiguous())
+        t = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        out[program.weight_paths[name]] = mx.array(_mlx_ready(t))
     return out
 
 
@@ -78,3 +74,46 @@ def build_model(lowered: Lowered, num_blocks: int, block_size: int = 16, jit: bo
     weights = mlx_weights(program)
     dtype = next((w.dtype for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)), mx.float32)
     return LoweredModel(load_step(lowered.source, jit=jit), weights, cache_layout(program, block_size, dtype), num_blocks)
+
+
+def lower_cached(identity: dict, capture, state: dict[str, torch.Tensor]):
+    """Lower once per model identity; later starts load the verified artefact and skip capture.
+
+    `capture()` returns the Program (only called on a miss); `state` maps module paths to the
+    model's tensors (parameters and buffers). Returns (source, MLX weights by path, attention
+    layers, info) where info says whether the cache was hit and how long each part took.
+    """
+    from dataclasses import asdict
+
+    from lowering.compile import cache_key, load_artefact, store_artefact
+    from passes.program import AttentionLayer
+
+    start = time.perf_counter()
+    key = cache_key(identity)
+    hit = load_artefact(key)
+    if hit is not None:
+        source, meta, constants = hit
+        weights = {p: mx.array(_mlx_ready(state[p])) for p in meta["state_paths"]}
+        weights.update({p: constants[p] for p in meta["constant_paths"]})
+        layers = [AttentionLayer(**layer) for layer in meta["layers"]]
+        return source, weights, layers, {"cache": "hit", "key": key, "load_s": time.perf_counter() - start}
+    program = capture()
+    lowered = lower(program)
+    weights = mlx_weights(program)
+    constant_paths = [p for p in weights if p not in state]
+    meta = {
+        "identity": identity,
+        "state_paths": [p for p in weights if p in state],
+        "constant_paths": constant_paths,
+        "layers": [asdict(layer) for layer in program.attention],
+        "passes": [asdict(r) for r in lowered.passes],
+    }
+    store_artefact(key, lowered.source, meta, {p: weights[p] for p in constant_paths})
+    info = {"cache": "miss", "key": key, "lower_s": time.perf_counter() - start,
+            "capture_s": program.meta.get("capture_s"), "passes": lowered.passes}
+    return lowered.source, weights, program.attention, info
+
+
+def _mlx_ready(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.to(torch.int32) if t.dtype == torch.int64 else t).contiguous()

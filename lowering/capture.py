@@ -13,6 +13,7 @@ vLLM's opaque unified attention op) and `capture_hf` (transformers causal LMs).
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -103,6 +104,82 @@ def capture_hf(model: torch.nn.Module, name: str = "hf") -> Program:
         "model": name,
         "front": "hf",
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "layers": len(layers),
+        "capture_s": time.perf_counter() - start,
+        "expected_norms": 2 * len(layers) + 1,
+    }
+    return _program(gm, weights, paths, layers, meta)
+
+
+# -- vLLM ---------------------------------------------------------------------------------------
+def _vllm_forward(model, input_ids, positions, logits_indices):
+    hidden = model(input_ids, positions)
+    return model.compute_logits(hidden[logits_indices])
+
+
+@contextlib.contextmanager
+def _norm_weights_as_parameters(model: torch.nn.Module):
+    """vLLM's RMSNorm hands `self.weight.data` (a detached alias) to its op; export can only keep
+    that as an anonymous constant and refuses it. During capture, pass the Parameter itself so the
+    weight stays a named input. Same math, same tensor. (vLLM binds each module's forward at
+    construction, so the swap is per module.)"""
+    import types
+
+    from vllm import ir
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    def forward(self, x, residual=None):
+        weight = self.weight if self.has_weight else None
+        if residual is None:
+            return ir.ops.rms_norm(x, weight, self.variance_epsilon, self.variance_size_override)
+        return ir.ops.fused_add_rms_norm(x, residual, weight, self.variance_epsilon, self.variance_size_override)
+
+    norms = [m for m in model.modules() if type(m) is RMSNorm]
+    saved = [m._forward_method for m in norms]
+    for m in norms:
+        m._forward_method = types.MethodType(forward, m)
+    try:
+        yield
+    finally:
+        for m, method in zip(norms, saved):
+            m._forward_method = method
+
+
+def vllm_attention_layers(vllm_config) -> list[AttentionLayer]:
+    """The model's attention layers as vLLM registered them (static forward context), in order."""
+    from vllm.model_executor.layers.attention import Attention
+
+    found = [
+        (name, layer) for name, layer in vllm_config.compilation_config.static_forward_context.items()
+        if isinstance(layer, Attention)
+    ]
+    found.sort(key=lambda item: [int(p) if p.isdigit() else p for p in item[0].split(".")])
+    layers = []
+    for i, (name, layer) in enumerate(found):
+        impl = layer.impl
+        window = getattr(impl, "sliding_window", None) or -1  # tokens a query sees, itself included
+        layers.append(AttentionLayer(
+            i, name, layer.num_heads, layer.num_kv_heads, layer.head_size, float(layer.impl.scale),
+            int(window), float(getattr(impl, "logits_soft_cap", None) or 0.0),
+        ))
+    return layers
+
+
+def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -> Program:
+    """Capture a model vLLM built (inside vLLM's config context, custom ops on their native path)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+
+    start = time.perf_counter()
+    layers = vllm_attention_layers(vllm_config)
+    with set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config, num_tokens=8), \
+            _norm_weights_as_parameters(model):
+        gm, weights, paths = export_step(_Step(model, _vllm_forward))
+    dtype = vllm_config.model_config.dtype
+    meta = {
+        "model": name or vllm_config.model_config.model,
+        "front": "vllm",
+        "dtype": str(dtype).removeprefix("torch."),
         "layers": len(layers),
         "capture_s": time.perf_counter() - start,
         "expected_norms": 2 * len(layers) + 1,

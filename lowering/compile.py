@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-SOURCE, META = "step.py", "meta.json"
+SOURCE, META, CONSTANTS = "step.py", "meta.json", "constants.safetensors"
 
 
 def load_step(source: str, name: str = "step", jit: bool = True):
@@ -65,28 +65,37 @@ def cache_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def load_artefact(key: str) -> tuple[str, dict] | None:
-    """(source, meta) if a verified artefact exists for `key`; a damaged one is deleted."""
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_artefact(key: str) -> tuple[str, dict, dict] | None:
+    """(source, meta, constants) if a verified artefact exists for `key`; a damaged one is deleted."""
     folder = cache_dir() / key
     try:
         meta = json.loads((folder / META).read_text())
         source = (folder / SOURCE).read_text()
-    except (OSError, ValueError):
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
+        intact = (
+            hashlib.sha256(source.encode()).hexdigest() == meta["source_sha256"]
+            and _file_sha256(folder / CONSTANTS) == meta["constants_sha256"]
+        )
+        constants = mx.load(str(folder / CONSTANTS)) if intact else None
+    except (OSError, ValueError, KeyError, RuntimeError):
+        intact = False
+    if not intact:  # altered, truncated or half-deleted: never execute it
+        shutil.rmtree(folder, ignore_errors=True)
         return None
-    if hashlib.sha256(source.encode()).hexdigest() != meta.get("source_sha256"):
-        shutil.rmtree(folder, ignore_errors=True)  # altered or truncated: never execute it
-        return None
-    return source, meta
+    return source, meta, constants
 
 
-def store_artefact(key: str, source: str, meta: dict) -> Path:
+def store_artefact(key: str, source: str, meta: dict, constants: dict) -> Path:
     folder = cache_dir() / key
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
     (tmp / SOURCE).write_text(source)
-    meta = dict(meta, source_sha256=hashlib.sha256(source.encode()).hexdigest())
+    mx.save_safetensors(str(tmp / CONSTANTS), constants or {"_": mx.zeros(1)})
+    meta = dict(meta, source_sha256=hashlib.sha256(source.encode()).hexdigest(),
+                constants_sha256=_file_sha256(tmp / CONSTANTS))
     (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
     try:
         os.rename(tmp, folder)  # atomic; if another process won the race, keep theirs

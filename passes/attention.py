@@ -2,7 +2,7 @@
 
 Two spellings of attention reach us:
 - vLLM: the opaque `vllm.unified_attention_with_output(q, k, v, output, layer_name)` op, which writes
-  the cache and attends in one call (functionalised by export into `auto_functionalized_v2`);
+  the cache and attends in one call, writing its result into the `output` buffer;
 - Hugging Face: `aten.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), mask)` over one
   dense sequence; the GQA repeat and the mask become dead once the node is replaced.
 Both become `mlx.paged_attention(q [T, H*D], k [T, KVH*D], v, layer, ...)`, which the runtime runs
@@ -11,7 +11,6 @@ over the paged cache for any mix of prefill and decode sequences.
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
@@ -20,6 +19,7 @@ from passes.pattern import record
 from passes.program import AttentionLayer, Program
 
 aten = torch.ops.aten
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 def _strip_repeat_kv(node: fx.Node) -> fx.Node:
@@ -57,13 +57,9 @@ def _replace_hf_sdpa(program: Program, node: fx.Node, layer: AttentionLayer) -> 
 
 
 def _vllm_attention(node: fx.Node):
-    """(q, k, v, output buffer, layer name) of a vLLM unified attention call, or None."""
-    target = node.target
-    if target is torch.ops.higher_order.auto_functionalized_v2 or target is torch.ops.higher_order.auto_functionalized:
-        op, kw = node.args[0], node.kwargs
-        if "unified_attention_with_output" in str(op):
-            return kw["query"], kw["key"], kw["value"], node, kw["layer_name"]
-    if "unified_attention_with_output" in str(target):
+    """(q, k, v, output buffer, layer name) of a vLLM unified attention call, or None.
+    Export keeps the op in-place: it writes `output`, which later nodes read through views."""
+    if "unified_attention_with_output" in str(node.target):
         q, k, v, out, name = node.args[:5]
         return q, k, v, out, name
     return None
@@ -75,20 +71,29 @@ def _replace_vllm(program: Program, node: fx.Node, layer: AttentionLayer, q, k, 
                                         else x.node.meta["val"].shape[-2] * x.node.meta["val"].shape[-1]])
 
     new = record(program.graph, lambda q, k, v: _paged(layer, layer.scale)(flat(q), flat(k), flat(v)), q, k, v)
-    if holder is node:  # functionalised: users read getitem(node, i) -> the written output buffer
-        for user in list(node.users):
-            if user.target is operator.getitem and user.args[1] != 0:
-                buf = user
-                out_shape = list(buf.meta["val"].shape)
-                with program.graph.inserting_after(new):
-                    shaped = record(program.graph, lambda o: aten.reshape.default(o, out_shape), new)
-                buf.replace_all_uses_with(shaped)
-    else:  # in-place form: later reads of the output buffer read the attention result
-        out_shape = list(holder.meta["val"].shape)
-        with program.graph.inserting_after(new):
-            shaped = record(program.graph, lambda o: aten.reshape.default(o, out_shape), new)
-        holder.replace_all_uses_with(shaped, delete_user_cb=lambda user: user is not node)
-    program.graph.erase_node(node) if not node.users else None
+    # in-place op: reads of the output buffer (or any view of it) after the op read the result
+    order = {n: i for i, n in enumerate(program.graph.nodes)}
+    aliases = [holder]
+    while aliases[-1].target in _VIEWS:
+        aliases.append(aliases[-1].args[0])
+    for alias in aliases:
+        shape = [-1] + list(alias.meta["val"].shape[1:])
+        readers = [u for u in alias.users if order[u] > order[node] and u not in aliases]
+        if readers:
+            with program.graph.inserting_after(new):
+                shaped = record(program.graph, lambda o, shape=shape: aten.reshape.default(o, shape), new)
+            for user in readers:
+                user.replace_input_with(alias, shaped)
+    program.graph.erase_node(node)
+    _erase_chain(program.graph, holder)
+
+
+def _erase_chain(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase a dead view chain down to its allocation (DCE keeps allocations)."""
+    while node is not None and not node.users:
+        parent = node.args[0] if node.target in _VIEWS and isinstance(node.args[0], fx.Node) else None
+        graph.erase_node(node)
+        node = parent
 
 
 class AttentionPass:
@@ -117,7 +122,7 @@ class AttentionPass:
             if found is None:
                 continue
             q, k, v, holder, name = found
-            layer = layers.get(name)
+            layer = layers.get(getattr(name, "value", name))  # vLLM passes a LayerName wrapper
             if layer is None:
                 continue
             with program.graph.inserting_before(node):

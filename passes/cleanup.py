@@ -10,6 +10,7 @@ from passes.program import Program
 aten = torch.ops.aten
 
 _ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
+_ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default}
 _IDENTITY = {aten.alias.default, aten.contiguous.default, aten.clone.default, aten.detach.default, aten.lift_fresh_copy.default}
 _SAME_SHAPE_NOOP = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 _CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device, aten.type_as.default}
@@ -66,7 +67,10 @@ def canonicalize(graph: fx.Graph) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _ASSERTS:
+        if node.target in _ALLOCATIONS and not node.users:  # DCE keeps allocations; unused ones go
+            graph.erase_node(node)
+            removed += 1
+        elif node.target in _ASSERTS:
             graph.erase_node(node)
             removed += 1
         elif _is_noop(node):

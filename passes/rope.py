@@ -83,10 +83,8 @@ def _frequencies(cos: torch.Tensor, sin: torch.Tensor, far: int) -> tuple[torch.
 def _derive(style: str):
     def derive(m: Match, program: Program) -> dict | None:
         x, cos, sin = m.bindings["x"], m.bindings["cos"], m.bindings["sin"]
-        half = m.bindings.get("half")
         x_val = x.meta["val"]
-        if style == "interleaved":
-            half = x_val.shape[-1] // 2
+        half = int(x_val.shape[-1]) // 2  # the rotated dims of x, whichever spelling matched
         far = 4096
         positions = torch.tensor([0, 1, far])
         try:
@@ -110,7 +108,7 @@ def _derive(style: str):
     return derive
 
 
-def _replace(x, cos, sin, half, inv_freq, positions, head_dim, traditional, mscale):
+def _replace(x, cos, sin, inv_freq, positions, head_dim, traditional, mscale, half=None):
     """x is [..., T, heads?, D] in one of two layouts; bring tokens first, rope, restore."""
     aten = torch.ops.aten
     shape = x.node.meta["val"].shape

@@ -89,7 +89,7 @@ def _convert(spec: dict, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path(spec)
-    _log(f"converting {gguf.name} to a float32 Hugging Face checkpoint (about 20 s) ...")
+    _log(f"converting {gguf.name} to a float32 Hugging Face checkpoint (about 35 s) ...")
     tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the checkpoint is a shared, read-only artefact
     try:

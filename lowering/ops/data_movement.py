@@ -111,6 +111,11 @@ def split(e, node, x, sizes, dim=0):
     return f"mx.split({e.r(x)}, {cuts}, axis={dim})"
 
 
+@register(aten.chunk.default)
+def chunk(e, node, x, chunks, dim=0):
+    return f"mx.split({e.r(x)}, {chunks}, axis={dim})"
+
+
 @register(operator.getitem)
 def getitem(e, node, x, i):
     return f"{e.r(x)}[{i}]"

@@ -33,4 +33,4 @@ def supported_targets() -> list[str]:
 
 
 def _load_families() -> None:
-    from lowering.ops import creation, data_movement, elementwise, fused, linear, reduction  # noqa: F401
+    from lowering.ops import activation, creation, data_movement, elementwise, fused, linear, reduction  # noqa: F401

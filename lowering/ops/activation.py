@@ -1,0 +1,12 @@
+"""Fused activations that passes create (passes/silu_mul.py)."""
+
+import torch
+
+import passes.silu_mul  # noqa: F401  (defines torch.ops.mlx.silu_mul)
+from lowering.ops.registry import register
+
+
+@register(torch.ops.mlx.silu_mul.default)
+def silu_mul(e, node, gate, up):
+    g = e.r(gate)
+    return f"{g} * mx.sigmoid({g}) * {e.r(up)}"

@@ -1,0 +1,154 @@
+"""MetalModelRunner: vLLM's CPU model runner with the model step replaced by the lowered MLX step.
+
+vLLM keeps doing everything around the model (input batch, block tables, slot mapping, chunked
+prefill, prefix caching, preemption, sampling). This runner (1) lowers the loaded torch model
+once (cached on disk), (2) allocates the paged KV cache in MLX with the number of blocks vLLM
+chose, and (3) turns each step's attention metadata into a runtime StepInput. Logits are computed
+in MLX for exactly the rows vLLM samples from. No math lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import mlx.core as mx
+import numpy as np
+import torch
+from vllm.forward_context import get_forward_context
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.utils import bind_kv_cache
+
+from runtime.config import RuntimeConfig, select_device
+
+log = logging.getLogger("vllm_metal_plugin")
+_MX_DTYPE = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
+
+
+class _PendingLogits:
+    """What `_model_forward` returns with MLX: vLLM indexes it with the rows it samples from
+    (`hidden[logits_indices]`), which is when the MLX step runs - for those rows only."""
+
+    def __init__(self, runner: "MetalModelRunner", step):
+        self.runner, self.step = runner, step
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        self.step.logits_indices = rows.cpu().numpy()
+        return self.runner.run_step(self.step)
+
+
+class MetalModelRunner(CPUModelRunner):
+    def __init__(self, vllm_config, device):
+        super().__init__(vllm_config, device)
+        self.metal = RuntimeConfig.from_env()
+        select_device(self.metal)
+        self.lowered = None  # runtime.model.LoweredModel, built once the KV cache is sized
+        self._source = self._weights = self._layers = None
+
+    # -- load: lower the torch model vLLM built --------------------------------------------------
+    def load_model(self, load_dummy_weights: bool = False) -> None:
+        super().load_model(load_dummy_weights)
+        if not self.metal.use_mlx:
+            return
+        from lowering.api import lower_cached
+        from lowering.capture import capture_vllm
+
+        model = self.model
+        state = dict(model.named_parameters(remove_duplicate=False))
+        state.update(dict(model.named_buffers(remove_duplicate=False)))
+        identity = {
+            "front": "vllm",
+            "model": self.model_config.model,
+            "dtype": str(self.model_config.dtype),
+            "hf_config": self.model_config.hf_config.to_json_string(use_diff=False),
+        }
+        start = time.perf_counter()
+        self._source, self._weights, self._layers, info = lower_cached(
+            identity, lambda: capture_vllm(model, self.vllm_config), state
+        )
+        log.info("vllm-metal: lowered %s (%s cache, %.1f s, %d attention layers)",
+                 self.model_config.model, info["cache"], time.perf_counter() - start, len(self._layers))
+        if self.metal.debug:
+            os.makedirs(self.metal.debug_dir, exist_ok=True)
+            path = os.path.join(self.metal.debug_dir, f"step_{info['key']}.py")
+            with open(path, "w") as f:
+                f.write(self._source)
+            log.info("vllm-metal: debug: lowered MLX source written to %s", path)
+        model.compute_logits = lambda rows: rows  # logits come out of the MLX step already
+        for p in model.parameters():  # MLX holds its own copy: release the torch weights
+            p.data = torch.empty(0, dtype=p.dtype)
+
+    # -- memory ------------------------------------------------------------------------------------
+    def kv_cache_budget(self) -> int:
+        from runtime.memory import device_memory_bytes, plan_kv_blocks, weights_bytes
+        from runtime.model import CacheLayout
+
+        spec = next(iter(self.get_kv_cache_spec().values()))
+        dtype = _MX_DTYPE[spec.dtype]
+        layers = len(self.get_kv_cache_spec())
+        layout = CacheLayout(layers, spec.num_kv_heads, spec.head_size, spec.block_size, dtype)
+        used = weights_bytes(self._weights) if self._weights else sum(
+            p.numel() * p.element_size() for p in self.model.parameters())
+        hf = self.model_config.hf_config
+        plan = plan_kv_blocks(
+            layout, used, self.metal.memory_fraction, device_memory_bytes(self.metal.device),
+            self.model_config.max_model_len, self.scheduler_config.max_num_seqs,
+            hidden_size=getattr(hf, "hidden_size", None), num_heads=getattr(hf, "num_attention_heads", None),
+            max_num_batched_tokens=self.scheduler_config.max_num_batched_tokens,
+        )
+        log.info("vllm-metal: KV cache plan %s", json.dumps(plan.as_dict()))
+        return plan.kv_bytes
+
+    # -- KV cache ----------------------------------------------------------------------------------
+    def initialize_kv_cache_tensors(self, kv_cache_config, kernel_block_sizes, kv_cache_allocation_context=None):
+        num_blocks = kv_cache_config.num_blocks
+        names, spec = [], None
+        for group in kv_cache_config.kv_cache_groups:
+            spec = group.kv_cache_spec
+            names.extend(group.layer_names)
+        block_size = kernel_block_sizes[0] if kernel_block_sizes else spec.block_size
+        if self.metal.use_mlx:
+            from lowering.compile import load_step
+            from runtime.model import CacheLayout, LoweredModel
+
+            layout = CacheLayout(len(self._layers), spec.num_kv_heads, spec.head_size, block_size,
+                                 _MX_DTYPE[spec.dtype])
+            self.lowered = LoweredModel(load_step(self._source), self._weights, layout, num_blocks)
+            caches = {name: torch.empty(0) for name in names}
+        else:
+            shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_size)
+            caches = {name: torch.zeros(shape, dtype=spec.dtype) for name in names}
+        bind_kv_cache(caches, self.compilation_config.static_forward_context, self.kv_caches)
+        return caches
+
+    # -- the step ----------------------------------------------------------------------------------
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None,
+                       **model_kwargs):
+        if not self.metal.use_mlx:
+            return super()._model_forward(input_ids=input_ids, positions=positions,
+                                          intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds,
+                                          **model_kwargs)
+        from runtime.batch import StepInput
+
+        md = next(iter(get_forward_context().attn_metadata.values()))
+        n = md.num_actual_tokens
+        step = StepInput(
+            input_ids=input_ids[:n].numpy(), positions=positions[:n].numpy(),
+            query_start_loc=md.query_start_loc.numpy(), seq_lens=md.seq_lens.numpy(),
+            block_table=md.block_table.numpy(), slot_mapping=md.slot_mapping.numpy(),
+            logits_indices=np.zeros(0, np.int64),
+        )
+        return _PendingLogits(self, step)
+
+    def run_step(self, step) -> torch.Tensor:
+        start = time.perf_counter()
+        logits = self.lowered.step(step)
+        out = torch.from_numpy(np.array(logits.astype(mx.float32), copy=False))
+        if self.metal.debug:
+            if not torch.isfinite(out).all():
+                log.error("vllm-metal: non-finite logits in this step (tokens %d)", len(step.input_ids))
+            log.info("vllm-metal: step %d tokens / %d seqs in %.1f ms", len(step.input_ids),
+                     len(step.seq_lens), (time.perf_counter() - start) * 1e3)
+        return out

@@ -1,0 +1,84 @@
+"""MetalPlatform: vLLM's CPU platform, with MLX doing the model's math.
+
+Subclassing CpuPlatform keeps vLLM's CPU-side machinery (gloo, CPU tensors for inputs and the
+sampler); `_enum = OOT` makes vLLM's custom ops take their native torch paths, which is what our
+lowering captures. Here live the config checks: what we refuse, with which message, and the
+settings our worker needs (our worker class, our attention backend, block size, no torch compile).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.platforms.cpu import CpuPlatform
+from vllm.platforms.interface import PlatformEnum
+
+from runtime.config import RuntimeConfig
+
+log = logging.getLogger("vllm_metal_plugin")
+
+
+class MetalPlatform(CpuPlatform):
+    _enum = PlatformEnum.OOT
+    device_name = "cpu"  # torch tensors of inputs, outputs and the sampler live on the CPU
+    device_type = "cpu"  # CpuPlatform.check_and_update_config asserts this
+    dispatch_key = "CPU"
+    dist_backend = "gloo"
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        config = RuntimeConfig.from_env()
+        return f"MLX ({config.device})"
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        from runtime.memory import device_memory_bytes
+
+        return device_memory_bytes(RuntimeConfig.from_env().device)
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        if getattr(attn_selector_config, "use_mla", False) or getattr(attn_selector_config, "use_sparse", False):
+            raise NotImplementedError("vllm-metal: MLA and sparse attention are not supported yet")
+        return "vllm_metal_plugin.attention.MetalAttentionBackend"
+
+    @classmethod
+    def opaque_attention_op(cls) -> bool:
+        return True  # one vllm.unified_attention_with_output node per layer: the attention pass's anchor
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        config = RuntimeConfig.from_env()  # raises ConfigError naming any bad VLLM_METAL_* value
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            raise ValueError(
+                "vllm-metal runs one process on one device: tensor_parallel_size and pipeline_parallel_size "
+                f"must be 1 (got {parallel.tensor_parallel_size} and {parallel.pipeline_parallel_size})"
+            )
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = "vllm_metal_plugin.worker.MetalWorker"
+        super().check_and_update_config(vllm_config)
+        cache = vllm_config.cache_config
+        if cache is not None and not getattr(cache, "user_specified_block_size", False):
+            cache.block_size = config.block_size  # CpuPlatform picked 128 for its own kernels
+        if cache is not None and cache.kv_cache_memory_bytes is None:
+            # Our worker sizes the cache from VLLM_METAL_MEMORY_FRACTION; a set value also turns off
+            # CPUWorker's start-up check of free RAM against gpu_memory_utilization, which is not ours.
+            cache.kv_cache_memory_bytes = 0
+        from vllm.config import CompilationMode
+
+        vllm_config.compilation_config.mode = CompilationMode.NONE  # we compile with MLX, not inductor
+        vllm_config.compilation_config.cudagraph_mode = vllm_config.compilation_config.cudagraph_mode.NONE
+        _quiet_accelerator()
+        log.info("vllm-metal: MLX platform active (device %s, block size %d, use_mlx=%s)",
+                 config.device, cache.block_size if cache else config.block_size, config.use_mlx)
+
+
+def _quiet_accelerator() -> None:
+    """CPU torch has no accelerator; vLLM's shutdown path calls torch.accelerator.empty_* anyway."""
+    import torch
+
+    acc = getattr(torch, "accelerator", None)
+    for name in ("empty_cache", "empty_host_cache"):
+        if acc is not None and hasattr(acc, name):
+            setattr(acc, name, lambda *a, **k: None)
