@@ -1,6 +1,6 @@
 """Make MLX's CPU matmul fast on Linux, without touching torch, and tell which BLAS each one really uses.
 
-MLX's Linux CPU wheel bundles the *reference* BLAS (~3-6 GFLOP/s sgemm on 1024^3, ~30x slower than
+MLX's Linux CPU wheel bundles the *reference* BLAS (1-6 GFLOP/s sgemm on 1024^3 here, 30-50x slower than
 OpenBLAS). The obvious fix, loading OpenBLAS with RTLD_GLOBAL (or LD_PRELOAD) before mlx.core, also
 hijacks torch: libtorch_cpu exports its statically linked MKL `sgemm_`/`dgemm_` and calls them through
 its PLT, so a global OpenBLAS wins those too (measured: torch's 1024^3 sgemm 3-4x slower). So instead:

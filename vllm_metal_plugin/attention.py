@@ -63,6 +63,9 @@ class MetalAttentionBackend(AttentionBackend):
 
 
 class MetalAttentionMetadataBuilder(AttentionMetadataBuilder[MetalAttentionMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> MetalAttentionMetadata:
         cm = common_attn_metadata

@@ -10,7 +10,7 @@ in MLX for exactly the rows vLLM samples from. No math lives here.
 from __future__ import annotations
 
 import json
-import logging
+from vllm.logger import init_logger
 import os
 import time
 
@@ -23,7 +23,7 @@ from vllm.v1.worker.utils import bind_kv_cache
 
 from runtime.config import RuntimeConfig, select_device
 
-log = logging.getLogger("vllm_metal_plugin")
+log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
 _MX_DTYPE = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
 
 
@@ -34,8 +34,10 @@ class _PendingLogits:
     def __init__(self, runner: "MetalModelRunner", step):
         self.runner, self.step = runner, step
 
-    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
-        self.step.logits_indices = rows.cpu().numpy()
+    def __getitem__(self, rows) -> torch.Tensor:
+        if isinstance(rows, slice):  # vLLM passes a slice when every token is sampled (all decodes)
+            rows = np.arange(len(self.step.input_ids))[rows]
+        self.step.logits_indices = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows)
         return self.runner.run_step(self.step)
 
 

@@ -8,14 +8,14 @@ settings our worker needs (our worker class, our attention backend, block size, 
 
 from __future__ import annotations
 
-import logging
+from vllm.logger import init_logger
 
 from vllm.platforms.cpu import CpuPlatform
 from vllm.platforms.interface import PlatformEnum
 
 from runtime.config import RuntimeConfig
 
-log = logging.getLogger("vllm_metal_plugin")
+log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
 
 
 class MetalPlatform(CpuPlatform):
