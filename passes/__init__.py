@@ -10,6 +10,7 @@ from passes.manager import FunctionPass, PassManager, PassResult, PatternPass
 from passes.program import AttentionLayer, Program, run_in_torch
 from passes.rms_norm import PASS as rms_norm
 from passes.rope import PASS as rope
+from passes.silu_mul import PASS as silu_mul
 
 cleanup = FunctionPass("cleanup", _cleanup)
 
@@ -17,7 +18,7 @@ cleanup = FunctionPass("cleanup", _cleanup)
 def default_passes() -> list:
     """Order matters: cleanup first so patterns see canonical ops; attention before rope so the
     GQA/mask plumbing around HF attention is gone; a final cleanup folds what fusions left."""
-    return [cleanup, attention, rms_norm, rope, FunctionPass("final_cleanup", _cleanup)]
+    return [cleanup, attention, rms_norm, rope, silu_mul, FunctionPass("final_cleanup", _cleanup)]
 
 
 def default_manager() -> PassManager:

@@ -79,9 +79,6 @@ def test_rope_neox_hf_layout(check_pass, dtype):
                atol=3e-5 if dtype == torch.float32 else None)  # angles up to 2048 rad: f32 cos/sin rounding
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="passes/rope.py: the interleaved pattern never binds `half` (its search does not use "
-                          "the sentinel), so _replace() is called without it; derive should return it")
 def test_rope_interleaved(check_pass):
     report = check_pass(ROPE, InterleavedRope(), lambda dt, n: (torch.randn(n, 2, 16, dtype=dt), _positions(n)),
                         expect_matched=1, ops_absent_after={"stack"}, ops_after={"mlx.rope"},
