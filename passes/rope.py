@@ -85,11 +85,16 @@ def _derive(style: str):
         x, cos, sin = m.bindings["x"], m.bindings["cos"], m.bindings["sin"]
         x_val = x.meta["val"]
         half = int(x_val.shape[-1]) // 2  # the rotated dims of x, whichever spelling matched
-        far = 4096
-        positions = torch.tensor([0, 1, far])
-        try:
-            cos_t, sin_t = (_tabulate(program, n, positions).reshape(3, -1) for n in (cos, sin))
-        except (ValueError, RuntimeError):
+        for far in (4096, 1024, 256, 64, 8):  # the farthest position the tables cover refines best
+            try:
+                positions = torch.tensor([0, 1, far])
+                cos_t, sin_t = (_tabulate(program, n, positions).reshape(3, -1) for n in (cos, sin))
+                break
+            except (IndexError, RuntimeError):  # a table shorter than `far` rows
+                continue
+            except ValueError:  # cos/sin depend on more than the positions: not a rope we know
+                return None
+        else:
             return None
         width = cos_t.shape[-1]
         # Neox tables repeat the frequencies twice ([f, f]); interleaved ones hold them once.
