@@ -51,6 +51,12 @@ if [ "$(uname -s)" = Linux ] && ! have_openblas; then
     fi
 fi
 
+# Graphviz's `dot` renders `lower-model --format svg` pictures.
+if [ "$(uname -s)" = Linux ] && ! command -v dot >/dev/null && command -v apt-get >/dev/null; then
+    log "installing graphviz (for lower-model --format svg)"
+    apt_install graphviz
+fi
+
 # 2. The virtual environment.
 if [ ! -x "$PY" ]; then
     BASE_PY="$(command -v python3.11 || command -v python3 || true)"

@@ -1,8 +1,9 @@
 """Paged attention in MLX: write this step's K/V through the slot mapping, gather each sequence's
 K/V through its block table, attend with `mx.fast.scaled_dot_product_attention`.
 
-The batch (runtime/batch.py) lays queries out as [S, Lq] (sequence, query position; padded rows
-point at token 0 and are dropped again) and keys as [S, Lk] cache slots in position order. The mask
+The batch (runtime/batch.py) splits sequences into groups (decodes, the rest); each group lays its
+queries out as [S, Lq] (sequence, query position; padded rows point at token 0 and are dropped
+again) and its keys as [S, Lk] cache slots in position order. The mask
 follows from positions alone: key j is visible to a query at position p iff j <= p (and j > p - window),
 which is exactly causal prefill, chunked prefill over earlier context, and decode.
 """
@@ -25,18 +26,26 @@ def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim,
     k_flat[slots] = k.reshape(-1, num_kv_heads, head_dim).astype(k_flat.dtype)
     v_flat[slots] = v.reshape(-1, num_kv_heads, head_dim).astype(v_flat.dtype)
 
-    queries = q.reshape(-1, num_heads, head_dim)[batch["q_index"]].transpose(0, 2, 1, 3)  # [S, H, Lq, D]
-    keys = k_flat[batch["kv_slots"]].transpose(0, 2, 1, 3)  # [S, KVH, Lk, D]
-    values = v_flat[batch["kv_slots"]].transpose(0, 2, 1, 3)
-    mask = _mask(batch["q_pos"], keys.shape[2], window)  # [S, 1, Lq, Lk]
-    if cap > 0:
-        out = _softcapped(queries, keys.astype(queries.dtype), values.astype(queries.dtype), scale, mask, cap)
-    else:
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys.astype(queries.dtype), values.astype(queries.dtype), scale=scale, mask=mask
-        )
-    out = out.transpose(0, 2, 1, 3).reshape(-1, num_heads * head_dim)[batch["out_index"]]
+    q = q.reshape(-1, num_heads, head_dim)
+    outs = [
+        _attend(q, k_flat, v_flat, group, scale, window, cap).reshape(-1, num_heads * head_dim)
+        for group in batch["groups"]
+    ]
+    out = (outs[0] if len(outs) == 1 else mx.concatenate(outs))[batch["out_index"]]
     return out, (k_flat.reshape(shape), v_flat.reshape(shape))
+
+
+def _attend(q, k_flat, v_flat, group, scale, window, cap):
+    """One group of sequences: queries [S, H, Lq, D] against their gathered keys [S, KVH, Lk, D]."""
+    queries = q[group["q_index"]].transpose(0, 2, 1, 3)
+    keys = k_flat[group["kv_slots"]].transpose(0, 2, 1, 3).astype(queries.dtype)
+    values = v_flat[group["kv_slots"]].transpose(0, 2, 1, 3).astype(queries.dtype)
+    mask = _mask(group["q_pos"], keys.shape[2], window)  # [S, 1, Lq, Lk]
+    if cap > 0:
+        out = _softcapped(queries, keys, values, scale, mask, cap)
+    else:
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    return out.transpose(0, 2, 1, 3)  # [S, Lq, H, D]
 
 
 def _mask(q_pos, kv_len: int, window: int):

@@ -39,33 +39,53 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def attention_arrays(step: StepInput, block_size: int) -> dict[str, np.ndarray]:
+def attention_arrays(step: StepInput, block_size: int) -> dict:
+    """{"slot_mapping", "out_index", "groups": [{"q_index", "q_pos", "kv_slots"}, ...]}.
+
+    Sequences are attended in up to two groups - decodes (one query each) and the rest (prefills,
+    chunks) - so a long prefill chunk does not pad every decode in the batch to its length.
+    Queries of a group are laid out [S_g, Lq_g]; `out_index` maps each token back from the groups'
+    padded rows, concatenated in group order.
+    """
     qsl = step.query_start_loc.astype(np.int64)
     q_lens = np.diff(qsl)
-    num_seqs, num_tokens = len(q_lens), len(step.input_ids)
-    lq = bucket(q_lens.max())
-    lk = bucket(int(step.seq_lens.max()), block_size)
+    decode = q_lens == 1
+    groups, base = [], 0
+    row_of_seq = np.zeros(len(q_lens), np.int64)  # first padded output row of each sequence
+    for members in (np.flatnonzero(decode), np.flatnonzero(~decode)):
+        if len(members) == 0:
+            continue
+        group, lq = _group_arrays(step, block_size, qsl, q_lens, members)
+        groups.append(group)
+        row_of_seq[members] = base + np.arange(len(members)) * lq
+        base += len(members) * lq
+    seq_of_token = np.repeat(np.arange(len(q_lens)), q_lens)
+    out_index = row_of_seq[seq_of_token] + np.arange(len(step.input_ids)) - qsl[seq_of_token]
+    return {"slot_mapping": step.slot_mapping.astype(np.int32), "out_index": out_index.astype(np.int32),
+            "groups": groups}
 
+
+def _group_arrays(step: StepInput, block_size: int, qsl, q_lens, members) -> tuple[dict, int]:
+    """Arrays of one group, and its padded queries per sequence (Lq)."""
+    lens = q_lens[members]
+    lq = bucket(lens.max())
+    lk = bucket(int(step.seq_lens[members].max()), block_size)
     i = np.arange(lq)
-    valid = i[None, :] < q_lens[:, None]
-    q_index = np.where(valid, qsl[:-1, None] + i[None, :], 0)
+    valid = i[None, :] < lens[:, None]
+    q_index = np.where(valid, qsl[members, None] + i[None, :], 0)
     q_pos = np.where(valid, step.positions[q_index], 0)
-
-    seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
-    out_index = seq_of_token * lq + (np.arange(num_tokens) - qsl[seq_of_token])
-
     j = np.arange(lk)
-    block_col = np.minimum(j // block_size, step.block_table.shape[1] - 1)
-    blocks = step.block_table[:, block_col].astype(np.int64)
-    kv_slots = np.where(j[None, :] < step.seq_lens[:, None], blocks * block_size + j % block_size, 0)
-    return {
-        "slot_mapping": step.slot_mapping.astype(np.int32),
-        "q_index": q_index.astype(np.int32),
-        "q_pos": q_pos.astype(np.int32),
-        "out_index": out_index.astype(np.int32),
-        "kv_slots": kv_slots.astype(np.int32),
-    }
+    table = step.block_table[members]
+    blocks = table[:, np.minimum(j // block_size, table.shape[1] - 1)].astype(np.int64)
+    kv_slots = np.where(j[None, :] < step.seq_lens[members, None], blocks * block_size + j % block_size, 0)
+    group = {"q_index": q_index.astype(np.int32), "q_pos": q_pos.astype(np.int32), "kv_slots": kv_slots.astype(np.int32)}
+    return group, lq
 
 
-def to_mlx(arrays: dict[str, np.ndarray]) -> dict[str, mx.array]:
-    return {k: mx.array(v) for k, v in arrays.items()}
+def to_mlx(arrays):
+    """numpy arrays (in dicts and lists) -> MLX arrays, same structure."""
+    if isinstance(arrays, dict):
+        return {k: to_mlx(v) for k, v in arrays.items()}
+    if isinstance(arrays, list):
+        return [to_mlx(v) for v in arrays]
+    return mx.array(arrays)
