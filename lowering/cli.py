@@ -293,8 +293,9 @@ def check(run: Run, dtype: str) -> dict:
     if run.reference is None:
         raise CliError(f"--check: the {run.front} front end gave no torch reference to compare with")
     program = run.program
-    vocab = int(program.weights[next(n for n, p in program.weight_paths.items() if "embed" in p)].shape[0]) \
-        if any("embed" in p for p in program.weight_paths.values()) else None
+    (output,) = [n for n in program.graph.nodes if n.op == "output"]
+    logits = output.args[0][0] if isinstance(output.args[0], (tuple, list)) else output.args[0]
+    vocab = int(logits.meta["val"].shape[-1])  # the step returns [R, vocab]
     start = time.perf_counter()
     lowered = Lowered(program, run.source, run.results, run.captured)
     model = build_model(lowered, num_blocks=(CHECK_PROMPT + CHECK_DECODE) // 16 + 2, block_size=16)
