@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOAD_LIMIT = 1.0
 
 
-def wait_for_quiet(label: str, limit: float = LOAD_LIMIT, max_wait_s: float = 240.0) -> dict:
+def wait_for_quiet(label: str, limit: float = LOAD_LIMIT, max_wait_s: float = 120.0) -> dict:
     """Wait (up to `max_wait_s`) until the 1-minute load average is <= limit; returns what was seen."""
     start = time.monotonic()
     load = os.getloadavg()[0]

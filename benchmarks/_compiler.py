@@ -176,7 +176,8 @@ def host_overhead(ours: Ours, prompt: list[int], steps: int = 48) -> dict:
             end = time.perf_counter()
             parts["total"].append(end - t)
             parts["driver_build"].append(timed_step.entered - t)
-        # cProfile of a few steps: where the host time goes (top functions by own time)
+        # cProfile of a few untouched steps: where the host time goes (top functions by own time)
+        model.step = real_step
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(8):

@@ -66,9 +66,10 @@ def _program(gm, weights, paths, layers, meta) -> Program:
 
 # -- Hugging Face transformers ----------------------------------------------------------------
 def _hf_forward(model, input_ids, positions, logits_indices):
-    hidden = model.model(input_ids=input_ids[None], position_ids=positions[None], use_cache=False)
+    backbone = model.base_model  # model.model, model.transformer, model.gpt_neox, ...: whatever the family calls it
+    hidden = backbone(input_ids=input_ids[None], position_ids=positions[None], use_cache=False)
     hidden = hidden.last_hidden_state[0][logits_indices]
-    logits = model.lm_head(hidden)
+    logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -12,6 +12,8 @@ over the paged cache for any mix of prefill and decode sequences.
 from __future__ import annotations
 
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 
@@ -45,8 +47,12 @@ def _paged(layer: AttentionLayer, scale: float):
 def _replace_hf_sdpa(program: Program, node: fx.Node, layer: AttentionLayer) -> fx.Node:
     q, k, v = node.args[:3]
     k, v = _strip_repeat_kv(k), _strip_repeat_kv(v)
-    scale = node.kwargs.get("scale") or layer.scale
-    h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    # Shapes from the graph itself ([1, heads, T, dim]): configs name these fields differently.
+    _, h, _, d = q.meta["val"].shape
+    kvh = k.meta["val"].shape[1]
+    scale = node.kwargs.get("scale") or d**-0.5
+    layer = dataclasses.replace(layer, num_heads=int(h), num_kv_heads=int(kvh), head_dim=int(d))
+    program.attention[layer.index] = layer  # the runtime sizes the cache from these
 
     def replace(q, k, v):
         tokens_first = lambda x, heads: aten.reshape.default(aten.transpose.int(x, 1, 2), [-1, heads * d])  # noqa

@@ -23,6 +23,8 @@ def _val(node):
 def _is_noop(node: fx.Node) -> bool:
     if node.target in _IDENTITY:
         return True
+    if node.target == aten.dropout.default:
+        return not node.args[2]  # inference: dropout(x, p, train=False) is x
     src, out = _val(node.args[0]) if node.args else None, _val(node)
     if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
         return False

@@ -277,6 +277,7 @@ def _metrics(llm) -> dict:
 def _worker_facts(worker) -> dict:
     from vllm.platforms import current_platform
 
+    worker = getattr(worker, "worker", worker)  # vLLM wraps the platform's worker in WorkerWrapperBase
     runner = getattr(worker, "model_runner", None)
     return {
         "platform": f"{type(current_platform).__module__}.{type(current_platform).__qualname__}",
@@ -305,7 +306,7 @@ def task_greedy(llm, prompts, spec) -> dict:
 def task_mixed(llm, prompts, spec) -> dict:
     from vllm import SamplingParams
 
-    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("mixed_tokens", 6), ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("mixed_tokens", 4), ignore_eos=True)
     reqs = [{"prompt_token_ids": p} for p in prompts["mixed"]]
     t = time.perf_counter()
     together = _outputs(llm.generate(reqs, sp, use_tqdm=False))
@@ -318,7 +319,7 @@ def task_mixed(llm, prompts, spec) -> dict:
 def task_prefix(llm, prompts, spec) -> dict:
     from vllm import SamplingParams
 
-    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("prefix_tokens", 8), ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("prefix_tokens", 4), ignore_eos=True)
     reqs = [{"prompt_token_ids": p} for p in prompts["prefix"]]
     stats = spec.get("stats", False)
     before = _metrics(llm) if stats else {}
@@ -332,9 +333,9 @@ def task_prefix(llm, prompts, spec) -> dict:
 def task_sampling(llm, prompts, spec) -> dict:
     from vllm import SamplingParams
 
-    n = spec.get("sampling_prompts", 4)
+    n = spec.get("sampling_prompts", 2)
     reqs = [{"prompt_token_ids": p} for p in prompts["greedy"][:n]]
-    kw = dict(temperature=0.8, top_p=0.9, top_k=40, max_tokens=spec.get("sampling_tokens", 16), ignore_eos=True)
+    kw = dict(temperature=0.8, top_p=0.9, top_k=40, max_tokens=spec.get("sampling_tokens", 12), ignore_eos=True)
     params = [SamplingParams(seed=1234, **kw)] * n + [SamplingParams(seed=99, **kw)] * n
     calls = [_outputs(llm.generate(reqs + reqs, params, use_tqdm=False)) for _ in range(2)]
     return {"call1": [o["token_ids"] for o in calls[0]], "call2": [o["token_ids"] for o in calls[1]], "n": n}

@@ -146,11 +146,17 @@ class MetalModelRunner(CPUModelRunner):
 
     def run_step(self, step) -> torch.Tensor:
         start = time.perf_counter()
+        kv_before = self.lowered.kv  # MLX arrays are immutable: the cache as it was before this step
         logits = self.lowered.step(step)
         out = torch.from_numpy(np.array(logits.astype(mx.float32), copy=False))
         if self.metal.debug:
             if not torch.isfinite(out).all():
-                log.error("vllm-metal: non-finite logits in this step (tokens %d)", len(step.input_ids))
+                from vllm_metal_plugin.debug import locate_in_step
+
+                found = locate_in_step(self._source, self.lowered, step, kv_before)
+                log.error("vllm-metal: non-finite logits in this step (tokens %d, seqs %d): %s",
+                          len(step.input_ids), len(step.seq_lens),
+                          found if found is not None else "the eager re-run was finite (compiled-step only)")
             log.info("vllm-metal: step %d tokens / %d seqs in %.1f ms", len(step.input_ids),
                      len(step.seq_lens), (time.perf_counter() - start) * 1e3)
         return out

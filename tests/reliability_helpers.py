@@ -1,0 +1,163 @@
+"""Helpers for tests/test_reliability.py and tests/test_reliability_slow.py (issue 8).
+
+Servers and engines come from tests/vllm_helpers.py; this adds the HTTP side (127.0.0.1 only,
+every call with a timeout), the /metrics reader, tiny checkpoints of architectures we do and do
+not lower, and a bounded "run this python in a subprocess" helper for start-up failures.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import save_file
+
+import vllm_helpers as vh
+
+HTTP_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP
+# --------------------------------------------------------------------------------------------------
+def completion_body(model: str, prompt, max_tokens: int, chat: bool, stream: bool) -> tuple[str, dict]:
+    """(path, body) of a greedy request; `prompt` is a list of token ids (completions) or text (chat)."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream}
+    if chat:
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": prompt}]}
+    return "/v1/completions", {**body, "prompt": prompt}
+
+
+def send(client: httpx.Client, base_url: str, path: str, body: dict) -> dict:
+    """One request, streaming or not; returns {status, text, finish_reason, error, chunks}."""
+    url = base_url + path
+    if not body.get("stream"):
+        r = client.post(url, json=body)
+        if r.status_code != 200:
+            return {"status": r.status_code, "error": r.text, "text": None, "finish_reason": None, "chunks": 0}
+        choice = r.json()["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        return {"status": 200, "text": text, "finish_reason": choice["finish_reason"], "error": None, "chunks": 1}
+    parts, finish, chunks = [], None, 0
+    with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code, "error": r.read().decode(errors="replace"), "text": None,
+                    "finish_reason": None, "chunks": 0}
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data.strip() == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                return {"status": 200, "error": data, "text": None, "finish_reason": None, "chunks": chunks}
+            chunks += 1
+            for choice in event.get("choices", []):
+                delta = choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+                parts.append(delta or "")
+                finish = choice.get("finish_reason") or finish
+    return {"status": 200, "text": "".join(parts), "finish_reason": finish, "error": None, "chunks": chunks}
+
+
+def metrics(base_url: str) -> dict[str, float]:
+    """Prometheus text from /metrics as {name{labels}: value} (and bare names summed over labels)."""
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        m = re.match(r"^([^\s{]+)(\{[^}]*\})?\s+(\S+)$", line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+        out[name + labels] = value
+        out[name] = out.get(name, 0.0) + value if labels else value
+    return out
+
+
+def finished(m: dict[str, float], reason: str) -> float:
+    return sum(v for k, v in m.items() if k.startswith("vllm:request_success_total{") and
+               f'finished_reason="{reason}"' in k)
+
+
+def wait_idle(base_url: str, timeout: float = 60) -> dict[str, float]:
+    """Poll /metrics (bounded) until nothing runs or waits and the KV cache is empty; returns the last read."""
+    deadline = time.monotonic() + timeout
+    m = {}
+    while time.monotonic() < deadline:
+        m = metrics(base_url)
+        if (m.get("vllm:num_requests_running", 0) == 0 and m.get("vllm:num_requests_waiting", 0) == 0
+                and m.get("vllm:kv_cache_usage_perc", 0) == 0):
+            return m
+        time.sleep(0.5)
+    raise AssertionError(f"server not idle after {timeout:.0f} s: running {m.get('vllm:num_requests_running')}, "
+                         f"waiting {m.get('vllm:num_requests_waiting')}, kv usage {m.get('vllm:kv_cache_usage_perc')}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny checkpoints
+# --------------------------------------------------------------------------------------------------
+def tiny_llama(path: Path, nan_in: str | None = None) -> Path:
+    """tests/test_lowering_vllm.py's tiny Llama; `nan_in` names a weight whose first row becomes NaN."""
+    from test_lowering_vllm import tiny_llama_dir
+
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_llama_dir(path)
+    if nan_in is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / "model.safetensors"))
+        state[nan_in] = state[nan_in].clone()
+        state[nan_in][0] = float("nan")
+        save_file(state, str(path / "model.safetensors"))
+    return path
+
+
+def tiny_gpt2_xielu(path: Path) -> Path:
+    """A tiny GPT-2 whose MLP activation is xIELU: vLLM builds it, our lowering has no MLX for two of
+    its ops (aten.expm1, aten.min.other), in each of its 2 layers. (Plain tiny GPT-2, OPT and Gemma-2
+    all lower, so the unsupported part is the activation.)"""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = GPT2Config(vocab_size=256, bos_token_id=0, eos_token_id=0, n_positions=512, n_embd=64, n_layer=2,
+                     n_head=2, activation_function="gelu_new")
+    cfg.architectures = ["GPT2LMHeadModel"]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg)
+    cfg.activation_function = "xielu"
+    cfg.save_pretrained(path)
+    state = {k: v.contiguous().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    for i in range(cfg.n_layer):  # xIELU's two learned scalars per layer
+        state[f"transformer.h.{i}.mlp.act.alpha_p"] = torch.zeros(1)
+        state[f"transformer.h.{i}.mlp.act.alpha_n"] = torch.zeros(1)
+    save_file(state, str(path / "model.safetensors"))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Subprocesses
+# --------------------------------------------------------------------------------------------------
+def run_python(code: str, env: dict, timeout: float, log: Path) -> tuple[int, str, float]:
+    """Run `code` with the venv's python (bounded); returns (exit code, stdout+stderr, seconds)."""
+    start = time.monotonic()
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([vh.PYTHON, "-c", code], cwd=str(vh.REPO), env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            import os
+            import signal
+
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            raise AssertionError(f"subprocess exceeded {timeout:.0f} s; output tail:\n"
+                                 + log.read_text(errors="replace")[-4000:])
+    return rc, log.read_text(errors="replace"), time.monotonic() - start
