@@ -49,6 +49,11 @@ def plan(quick: bool) -> dict:
             "e2e": dict(levels="1,8,32", gen=128, repeats=2), "bw_repeats": 7}
 
 
+def _checkpoint(args, res) -> None:
+    """Raw results so far (a long run on a busy machine can be re-rendered with --from-json)."""
+    Path(args.save_json).write_text(json.dumps(res, indent=1, default=str))
+
+
 def collect(args) -> dict:
     p = plan(args.quick)
     res = {"machine": machine(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M %Z").strip(),
@@ -67,6 +72,7 @@ def collect(args) -> dict:
         extra = ["--overheads"] if dt == "f32" else []
         res[f"compiler_{dt}"] = run_child("_compiler", ["--dtype", dt, "--prompt", str(c["prompt"]), "--gen",
                                                         str(c["gen"]), "--repeats", str(c["repeats"]), *extra], env)
+        _checkpoint(args, res)
 
     res["e2e"] = {}
     if not args.skip_e2e:
@@ -77,6 +83,7 @@ def collect(args) -> dict:
             res["e2e"][mode] = run_child("_vllm_e2e", ["--mode", mode, "--concurrency", e["levels"], "--gen",
                                                        str(e["gen"]), "--repeats", str(e["repeats"])],
                                          dict(env, **mode_env), timeout=1200)
+            _checkpoint(args, res)
     res["total_s"] = time.perf_counter() - t0
     return res
 
@@ -104,7 +111,7 @@ def report(res: dict) -> str:
           "",
           f"- **Machine:** {m['cores']} cores, `{m['cpu']}`, {m['mem_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']}",
           f"- **Date:** {res['date']}",
-          f"- **Command:** `{res['command']}` (total {res['total_s'] / 60:.1f} min)",
+          f"- **Command:** `{res['command']}` (total {res.get('total_s', float('nan')) / 60:.1f} min)",
           f"- **BLAS used by MLX:** `{(c32.get('blas') or {}).get('sgemm_library')}`, MLX {c32.get('mlx')}",
           "- **Statistic:** median (min-max) over repeats after a warm-up run; ratios are per repeat inside one process "
           "(ours and mlx-lm interleaved), then summarised.",

@@ -84,7 +84,10 @@ def hf_attention_layers(config) -> list[AttentionLayer]:
     scale = getattr(text, "query_pre_attn_scalar", None)
     scale = scale**-0.5 if scale else head_dim**-0.5
     window = getattr(text, "sliding_window", None) or -1
-    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    if not getattr(text, "use_sliding_window", True):
+        window = -1
+    default = "sliding_attention" if window > 0 else "full_attention"  # Mistral: one window for all layers
+    types = getattr(text, "layer_types", None) or [default] * text.num_hidden_layers
     cap = getattr(text, "attn_logit_softcapping", None) or 0.0
     return [
         AttentionLayer(i, f"model.layers.{i}.self_attn", heads, kv_heads, head_dim, scale,
@@ -107,9 +110,20 @@ def capture_hf(model: torch.nn.Module, name: str = "hf") -> Program:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "layers": len(layers),
         "capture_s": time.perf_counter() - start,
-        "expected_norms": 2 * len(layers) + 1,
+        **_expectations(model, len(layers)),
     }
     return _program(gm, weights, paths, layers, meta)
+
+
+def _expectations(model: torch.nn.Module, num_layers: int) -> dict:
+    """How many RMSNorms and RoPEs the passes should fuse, from the model's own modules: one per
+    RMSNorm module call, and q and k of every layer when the model has a rotary embedding."""
+    names = [type(m).__name__.lower() for m in model.modules()]
+    has_rope = any("rotary" in n or "rope" in n for n in names)
+    return {
+        "expected_norms": sum("rmsnorm" in n for n in names) or None,
+        "expected_ropes": 2 * num_layers if has_rope else None,
+    }
 
 
 # -- vLLM ---------------------------------------------------------------------------------------
@@ -183,6 +197,6 @@ def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -
         "dtype": str(dtype).removeprefix("torch."),
         "layers": len(layers),
         "capture_s": time.perf_counter() - start,
-        "expected_norms": 2 * len(layers) + 1,
+        **_expectations(model, len(layers)),
     }
     return _program(gm, weights, paths, layers, meta)

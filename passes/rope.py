@@ -142,4 +142,4 @@ PATTERNS = [
     _pattern("interleaved", interleaved_split, "interleaved", 3, True),
 ]
 
-PASS = PatternPass("rope", PATTERNS, expect=lambda p: 2 * len(p.attention) if p.attention else None)
+PASS = PatternPass("rope", PATTERNS, expect=lambda p: p.meta.get("expected_ropes"))

@@ -2,9 +2,9 @@
 
 Every engine configuration runs in its own subprocess (tests/vllm_helpers.py is the runner) and
 answers several checks per start, because a start costs ~30-50 s on this 2-core machine. The four
-runs start at the beginning of this module and overlap (engine start-up is mostly single-threaded
-Python); the one that lowers the model goes first, the second MLX run starts once the lowered step is
-in the on-disk cache.
+runs are queued at the beginning of this module and run two at a time (engine start-up is mostly
+single-threaded Python, so two overlap well); the one that lowers the model goes first, the second MLX
+run starts once the lowered step is in the on-disk cache.
 
   metal      plugin, no env var, prefix caching on, stats on: platform, greedy 8x48 (+logprobs),
              shared-system-prompt prefix hits, seeded sampling
@@ -31,7 +31,7 @@ import vllm_helpers as vh
 
 NEAR_TIE = 1e-4
 LOGPROB_TOL = 1e-3
-ENGINE_TIMEOUT = 420  # s, per subprocess (they overlap; alone each takes 60-150 s)
+ENGINE_TIMEOUT = 420  # s, per subprocess (two overlap; alone each takes 50-150 s)
 
 
 @pytest.fixture(scope="module")
@@ -44,38 +44,31 @@ def engines(smollm2_path, workdir):
     model = str(smollm2_path)
     base = {"model": model, "greedy_tokens": 48, "logprobs": 5}
     llm = {"dtype": "float32", "max_model_len": 1024}
-    runs: dict[str, vh.EngineRun] = {}
+    pool = vh.EnginePool(workdir, parallel=2, deadline_s=900)
+    pool.submit("metal", {**base, "llm": {**llm, "disable_log_stats": False}, "stats": True,
+                          "tasks": ["platform", "greedy", "prefix", "sampling"]}, timeout=ENGINE_TIMEOUT)
+    # The second MLX engine starts once the first has lowered (or loaded) the step: two processes
+    # lowering the same model at once is issue 8's business, not this test's.
+    pool.submit("metal_npc", {**base, "llm": {**llm, "enable_prefix_caching": False},
+                              "tasks": ["platform", "mixed", "prefix"]}, timeout=ENGINE_TIMEOUT,
+                after=lambda p: p.runs["metal"].proc.poll() is not None
+                or p.runs["metal"].log_contains("vllm-metal: lowered"))
+    pool.submit("reference", {**base, "llm": {**llm, "enforce_eager": True}, "tasks": ["platform", "greedy", "hf"]},
+                env=vh.clean_env(VLLM_PLUGINS="none", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"),
+                timeout=ENGINE_TIMEOUT)
+    pool.submit("torch", {**base, "llm": llm, "tasks": ["platform", "greedy"]},
+                env=vh.clean_env(VLLM_METAL_USE_MLX="0"), timeout=ENGINE_TIMEOUT)
+    started = time.monotonic()
+    pool.start()
     try:
-        runs["metal"] = vh.start_engine("metal", {
-            **base, "llm": {**llm, "disable_log_stats": False}, "stats": True,
-            "tasks": ["platform", "greedy", "prefix", "sampling"]}, workdir, timeout=ENGINE_TIMEOUT)
-        runs["reference"] = vh.start_engine("reference", {
-            **base, "llm": {**llm, "enforce_eager": True}, "tasks": ["platform", "greedy", "hf"]}, workdir,
-            env=vh.clean_env(VLLM_PLUGINS="none", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_NUM_OF_RESERVED_CPU="0"),
-            timeout=ENGINE_TIMEOUT)
-        runs["torch"] = vh.start_engine("torch", {
-            **base, "llm": llm, "tasks": ["platform", "greedy"]}, workdir,
-            env=vh.clean_env(VLLM_METAL_USE_MLX="0"), timeout=ENGINE_TIMEOUT)
-        # The second MLX engine waits until the first has lowered (or loaded) the step: two processes
-        # lowering the same model at once is issue 8's business, not this test's.
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and runs["metal"].proc.poll() is None \
-                and not runs["metal"].log_contains("vllm-metal: lowered"):
-            time.sleep(1)
-        runs["metal_npc"] = vh.start_engine("metal_npc", {
-            **base, "llm": {**llm, "enable_prefix_caching": False}, "tasks": ["platform", "mixed", "prefix"]},
-            workdir, timeout=ENGINE_TIMEOUT)
-        yield runs
+        yield pool
     finally:
-        for run in runs.values():
-            run.kill()
-        timings = {}
-        for name, run in runs.items():
-            if run._result is not None:
-                timings[name] = {**run._result["timings"], "wall_s": run._result["wall_s"]}
-        if timings:
-            (workdir / "timings.json").write_text(json.dumps(timings, indent=1))
-            print("\nengine timings (s):", json.dumps(timings, indent=1))
+        pool.stop()
+        timings = {name: {**run._result["timings"], "wall_s": run._result["wall_s"]}
+                   for name, run in pool.runs.items() if run._result is not None}
+        timings["all_engines_wall_s"] = time.monotonic() - started
+        (workdir / "timings.json").write_text(json.dumps(timings, indent=1))
+        print("\nengine timings (s):", json.dumps(timings, indent=1))
 
 
 def _near_tie_check(pairs, model, workdir, label):
@@ -106,7 +99,7 @@ def _greedy_ids(run_result):
 
 # --------------------------------------------------------------------------------------------------
 def test_plugin_active_without_env_vars(engines):
-    r = engines["metal"].result()
+    r = engines.get("metal")
     assert vh.PLATFORM_LOG_LINE in r["log"], "the plugin's platform line is missing from the engine log"
     assert r["platform"]["main_process"] == vh.METAL_PLATFORM
     (worker,) = r["platform"]["workers"]
@@ -118,21 +111,21 @@ def test_plugin_active_without_env_vars(engines):
 
 
 def test_vllm_plugins_none_gives_builtin_cpu_platform(engines):
-    r = engines["reference"].result()
+    r = engines.get("reference")
     assert r["platform"]["main_process"] == vh.CPU_PLATFORM
     assert [w["platform"] for w in r["platform"]["workers"]] == [vh.CPU_PLATFORM]
     assert vh.PLATFORM_LOG_LINE not in r["log"]
 
 
 def test_use_mlx_0_runs_torch_model_through_plugin(engines):
-    r = engines["torch"].result()
+    r = engines.get("torch")
     (worker,) = r["platform"]["workers"]
     assert worker["platform"] == vh.METAL_PLATFORM and not worker["mlx_step_built"]
     assert "use_mlx=False" in r["log"]
 
 
 def test_greedy_matches_builtin_cpu_platform(engines, smollm2_path, workdir):
-    ours, ref = engines["metal"].result(), engines["reference"].result()
+    ours, ref = engines.get("metal"), engines.get("reference")
     prompts = _prompts(smollm2_path)["greedy"]
     assert len(prompts) == 8
     assert all(len(t) == 48 for t in _greedy_ids(ours))
@@ -142,7 +135,7 @@ def test_greedy_matches_builtin_cpu_platform(engines, smollm2_path, workdir):
 
 
 def test_greedy_matches_transformers_generate(engines, smollm2_path, workdir):
-    ours, ref = engines["metal"].result(), engines["reference"].result()
+    ours, ref = engines.get("metal"), engines.get("reference")
     prompts = _prompts(smollm2_path)["greedy"]
     hf = ref["hf"]["outputs"]
     assert all(len(t) == 48 for t in hf)
@@ -154,7 +147,7 @@ def test_greedy_matches_transformers_generate(engines, smollm2_path, workdir):
 
 
 def test_mixed_batch_equals_each_prompt_alone(engines):
-    r = engines["metal_npc"].result()["mixed"]
+    r = engines.get("metal_npc")["mixed"]
     assert len(r["together"]) == vh.NUM_MIXED == len(r["alone"])
     for i, (t, a) in enumerate(zip(r["together"], r["alone"])):
         assert t["token_ids"] == a["token_ids"], f"mixed prompt {i}: batched {t['token_ids']} vs alone {a['token_ids']}"
@@ -162,8 +155,8 @@ def test_mixed_batch_equals_each_prompt_alone(engines):
 
 
 def test_shared_system_prompt_hits_prefix_cache_outputs_unchanged(engines):
-    r = engines["metal"].result()["prefix"]
-    npc = engines["metal_npc"].result()["prefix"]
+    r = engines.get("metal")["prefix"]
+    npc = engines.get("metal_npc")["prefix"]
     n = vh.NUM_PREFIX_REQUESTS
     assert len(r["outputs"]) == n == len(npc["outputs"])
     # The warm-up request is the first sight of the system prompt; then every request reuses it.
@@ -183,7 +176,7 @@ def test_shared_system_prompt_hits_prefix_cache_outputs_unchanged(engines):
 
 
 def test_seeded_sampling_is_reproducible(engines):
-    r = engines["metal"].result()["sampling"]
+    r = engines.get("metal")["sampling"]
     n = r["n"]
     assert r["call1"] == r["call2"], "same seeds, different samples"
     assert all(len(t) == 12 for t in r["call1"])
@@ -191,7 +184,7 @@ def test_seeded_sampling_is_reproducible(engines):
 
 
 def test_logprobs_returned_and_match_torch_baseline(engines, smollm2_path, workdir):
-    ours, base = engines["metal"].result(), engines["torch"].result()
+    ours, base = engines.get("metal"), engines.get("torch")
     prompts = _prompts(smollm2_path)["greedy"]
     compared = _near_tie_check(list(zip(prompts, _greedy_ids(ours), _greedy_ids(base))), str(smollm2_path),
                                workdir, "MLX vs VLLM_METAL_USE_MLX=0")

@@ -30,7 +30,7 @@ def workdir(tmp_path_factory):
 def server(smollm2_path, workdir):
     srv = vh.Server(str(smollm2_path), workdir / "server")
     try:
-        srv.wait_healthy(timeout=240)
+        srv.wait_healthy(timeout=480)
         print(f"\nserver healthy after {srv.start_s:.1f} s")
         yield srv
     finally:
@@ -152,10 +152,15 @@ def test_client_disconnect_mid_stream(server, client, baseline):
                 if chunks >= 3:
                     break  # leaving both `with` blocks closes the connection mid-stream
         assert chunks == 3
-    idle = rh.wait_idle(server.base_url, timeout=60)
-    aborted = rh.finished(idle, "abort") - rh.finished(before, "abort")
+    idle = rh.wait_idle(server.base_url, timeout=60)  # nothing running or waiting, KV usage 0
     elapsed = time.monotonic() - start
-    assert aborted == DISCONNECTS, f"{aborted} requests counted as aborted, want {DISCONNECTS}"
+    # vLLM 0.32 does not count aborted requests in vllm:request_success_total; what shows they were
+    # aborted (not run to the end): none finished, and far fewer than 20 x 200 tokens were generated.
+    completed = sum(rh.finished(idle, r) - rh.finished(before, r) for r in ("stop", "length"))
+    generated = idle.get("vllm:generation_tokens_total", 0) - before.get("vllm:generation_tokens_total", 0)
+    assert completed == 0, f"{completed:.0f} of the disconnected requests ran to completion"
+    assert generated < DISCONNECTS * 200 / 2, f"{generated:.0f} tokens generated for {DISCONNECTS} cut streams"
+    aborted = DISCONNECTS - completed
     assert idle["vllm:kv_cache_usage_perc"] == 0, "KV blocks not freed after the disconnects"
     assert server.proc.poll() is None
     # The next requests are correct: the greedy baseline, and a streamed completion equal to its
@@ -165,7 +170,8 @@ def test_client_disconnect_mid_stream(server, client, baseline):
     plain = rh.send(client, server.base_url, path, body)
     streamed = rh.send(client, server.base_url, path, {**body, "stream": True})
     assert plain["status"] == streamed["status"] == 200 and plain["text"] == streamed["text"], (plain, streamed)
-    print(f"\n{DISCONNECTS} streams closed after 3 chunks: {aborted:.0f} aborted, KV usage back to 0, "
+    print(f"\n{DISCONNECTS} streams closed after 3 chunks: {aborted:.0f} aborted ({generated:.0f} tokens generated "
+          f"in all, 0 completed), KV usage back to 0, "
           f"next requests correct ({elapsed:.1f} s)")
 
 
@@ -228,8 +234,14 @@ _ENGINE_FAILS = textwrap.dedent("""
     import os, sys
     import runtime  # noqa: F401
     from vllm import LLM
-    LLM(model=os.environ["MODEL"], dtype="float32", max_model_len=512, skip_tokenizer_init=True, max_num_seqs=4)
-    print("@@STARTED", flush=True)
+    try:
+        LLM(model=os.environ["MODEL"], dtype="float32", max_model_len=512, skip_tokenizer_init=True, max_num_seqs=4)
+        print("@@STARTED", flush=True)
+    except Exception as e:
+        print("@@REFUSED", type(e).__name__, e, flush=True)
+        sys.stderr.flush()
+        os._exit(1)  # vLLM's exit handlers can wait on the dead engine's helpers: do not
+    os._exit(0)
 """)
 
 
@@ -268,7 +280,7 @@ def test_unsupported_architecture_refused_before_serving(workdir, tmp_path):
     start = time.monotonic()
     try:
         with pytest.raises(AssertionError, match="during start-up"):
-            srv.wait_healthy(timeout=240)  # raises when the process exits before /health answers
+            srv.wait_healthy(timeout=480)  # raises when the process exits before /health answers
     finally:
         srv.stop()
     log = srv.log()

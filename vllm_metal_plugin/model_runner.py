@@ -51,7 +51,14 @@ class MetalModelRunner(CPUModelRunner):
 
     # -- load: lower the torch model vLLM built --------------------------------------------------
     def load_model(self, load_dummy_weights: bool = False) -> None:
-        super().load_model(load_dummy_weights)
+        try:
+            super().load_model(load_dummy_weights)
+        except Exception as exc:
+            damaged = _damaged_weight_files(self.model_config.model)
+            if damaged:  # safetensors' own message names no file ("incomplete metadata, ...")
+                raise RuntimeError(f"vllm-metal: cannot load the weights of {self.model_config.model}: "
+                                   + "; ".join(damaged)) from exc
+            raise
         if not self.metal.use_mlx:
             return
         from lowering.api import lower_cached
@@ -160,3 +167,19 @@ class MetalModelRunner(CPUModelRunner):
             log.info("vllm-metal: step %d tokens / %d seqs in %.1f ms", len(step.input_ids),
                      len(step.seq_lens), (time.perf_counter() - start) * 1e3)
         return out
+
+
+def _damaged_weight_files(model_dir: str) -> list[str]:
+    """'<file> (<n> bytes) is truncated or damaged: <reason>' for each unreadable *.safetensors file."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    bad = []
+    for path in sorted(Path(model_dir).glob("*.safetensors")) if os.path.isdir(model_dir) else []:
+        try:
+            with safe_open(str(path), "np") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001  any failure to read the header is the answer
+            bad.append(f"{path} ({path.stat().st_size} bytes) is truncated or damaged: {e}")
+    return bad
