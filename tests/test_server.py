@@ -23,7 +23,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def server(smollm2_path, tmp_path_factory):
     srv = vh.Server(str(smollm2_path), tmp_path_factory.mktemp("server"), served_name=MODEL)
     try:
-        start = srv.wait_healthy(timeout=240)
+        start = srv.wait_healthy(timeout=600)
         print(f"\nserver healthy after {start:.1f} s: {' '.join(srv.command)}")
         yield srv
     finally:

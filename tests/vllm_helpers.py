@@ -169,7 +169,8 @@ def start_engine(name: str, spec: dict, workdir: Path, env: dict | None = None, 
 
 
 class EnginePool:
-    """Runs queued engine subprocesses, at most `parallel` at a time, in submission order.
+    """Runs queued engine subprocesses, at most `parallel` at a time, in submission order (a run
+    whose `after` condition does not hold yet lets the next one go first).
 
     Two at a time suits this 2-core machine: an engine's start-up is mostly single-threaded Python,
     so two overlap well; more only thrash. A background thread starts the next run when one ends
@@ -204,9 +205,10 @@ class EnginePool:
             with self._lock:
                 running = sum(1 for r in self.runs.values() if r.proc.poll() is None)
                 if self.queue and running < self.parallel:
-                    name, spec, env, timeout, after = self.queue[0]
-                    if after is None or after(self):
-                        self.queue.pop(0)
+                    # The first queued run that may start now (a waiting run does not block the rest).
+                    ready = next((i for i, item in enumerate(self.queue) if item[4] is None or item[4](self)), None)
+                    if ready is not None:
+                        name, spec, env, timeout, _ = self.queue.pop(ready)
                         self.runs[name] = start_engine(name, spec, self.workdir, env, timeout)
                         self.started[name].set()
                         continue
