@@ -71,10 +71,10 @@ def build_prompts(tokenizer) -> dict:
     prefix = [system + tokenizer(f"\nQuestion {i}: what happens if I return book number {i * 7 + 3} "
                                  f"{i + 1} days late? Answer:").input_ids for i in range(NUM_PREFIX_REQUESTS)]
 
-    # Mixed lengths 1..~300 tokens: a deterministic mix of short and long prompts.
+    # Mixed lengths 1..200 tokens: a deterministic mix of short and long prompts.
     corpus = tokenizer((_FILLER + " ".join(GREEDY_RAW + GREEDY_CHAT)) * 4).input_ids
-    lengths = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 300, 7, 17, 27, 37, 47, 64, 96, 128, 160, 192, 4,
-               11, 19, 42, 77, 111, 150, 210, 260]
+    lengths = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 200, 7, 17, 27, 37, 47, 64, 96, 128, 4, 11, 19, 42,
+               77, 111, 150, 6, 9, 15, 24, 70]
     assert len(lengths) == NUM_MIXED
     mixed = [corpus[(i * 37) % 200:(i * 37) % 200 + n] for i, n in enumerate(lengths)]
     return {"greedy": greedy, "prefix": prefix, "mixed": mixed}
@@ -310,7 +310,7 @@ def near_tie_gaps(model_path: str, prefixes: list[list[int]], workdir: Path, tim
     """transformers (f32) top-2 logits at the end of each prefix: [{top2_ids, top2_logits, gap}], in a subprocess."""
     run = start_engine("near_tie", {"model": model_path, "tasks": ["gaps"], "prefixes": prefixes}, workdir,
                        timeout=timeout)
-    return run.result()["gaps"]
+    return run.result()["gaps"]["gaps"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,6 +407,9 @@ def task_hf(llm, prompts, spec) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    # One thread: next to an engine process on 2 cores, torch's spinning OpenMP threads made this
+    # ~30x slower (122 s vs ~4 s for 8x48 tokens).
+    torch.set_num_threads(spec.get("threads", 1))
     model = _hf_model(spec["model"])
     ids = prompts["greedy"]
     width = max(map(len, ids))
