@@ -10,7 +10,7 @@ import mlx.core as mx
 import torch
 
 from lowering.compile import load_step
-from lowering.emit import emit_source, unsupported_ops
+from lowering.emit import emit_source
 from passes import PassManager, PassResult, Program, default_manager
 from runtime.model import CacheLayout, LoweredModel
 
@@ -45,10 +45,6 @@ def lower(program: Program, manager: PassManager | None = None, after_pass=None)
     source = emit_source(program)
     t_emit = time.perf_counter() - start - t_passes
     return Lowered(program, source, results, captured, {"passes_s": t_passes, "emit_s": t_emit})
-
-
-def check_supported(program: Program) -> list:
-    return unsupported_ops(program)
 
 
 def mlx_weights(program: Program, dtype: torch.dtype | None = None) -> dict[str, mx.array]:
