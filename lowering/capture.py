@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from passes.program import AttentionLayer, Program
+from passes.program import AttentionLayer, Program, exported_weights
 
 CAPTURES = 0  # how many captures this process ran (tests assert one lowering serves all shapes)
 _MAX_TOKENS = 1 << 16
@@ -47,15 +47,7 @@ def export_step(step: _Step, example_tokens: int = 8) -> tuple[torch.fx.GraphMod
         ep = torch.export.export(
             step, (ids, positions, rows), dynamic_shapes=({0: t}, {0: t}, {0: r}), strict=False
         )
-    state = dict(step.named_parameters(remove_duplicate=False))
-    state.update(dict(step.named_buffers(remove_duplicate=False)))
-    state.update(getattr(ep, "constants", {}) or {})
-    weights, paths = {}, {}
-    for spec in ep.graph_signature.input_specs:
-        if spec.target is not None:
-            name = spec.arg.name
-            weights[name] = state[spec.target].detach()
-            paths[name] = spec.target.removeprefix("model.")
+    weights, paths = exported_weights(ep, step, strip="model.")  # "model." is the wrapper's attribute
     return ep.graph_module, weights, paths
 
 

@@ -65,6 +65,20 @@ class Program:
         return sum(1 for n in self.graph.nodes if n.op == "call_function")
 
 
+def exported_weights(ep, module: torch.nn.Module, strip: str = "") -> tuple[dict, dict]:
+    """(placeholder -> tensor, placeholder -> module path) for the parameters, buffers and constants
+    that `torch.export` lifted to inputs of `ep` (exported from `module`); `strip` drops a wrapper prefix."""
+    state = dict(module.named_parameters(remove_duplicate=False))
+    state.update(dict(module.named_buffers(remove_duplicate=False)))
+    state.update(getattr(ep, "constants", {}) or {})
+    weights, paths = {}, {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.target is not None:
+            weights[spec.arg.name] = state[spec.target].detach()
+            paths[spec.arg.name] = spec.target.removeprefix(strip)
+    return weights, paths
+
+
 def fake_mode_of(graph: fx.Graph):
     """The FakeTensorMode of the graph's shape metadata (found once, then remembered on the graph)."""
     mode = getattr(graph, "_fake_mode", None)

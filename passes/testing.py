@@ -40,7 +40,7 @@ import torch.fx as fx
 
 from passes.manager import FunctionPass, PassManager, PassResult, PatternPass
 from passes.pattern import Pattern
-from passes.program import Program, run_in_torch
+from passes.program import Program, exported_weights, run_in_torch
 
 # (atol, rtol): |got - ref| <= atol + rtol * |ref|, elementwise.
 TOLERANCES = {
@@ -172,14 +172,7 @@ def capture(fn: Callable, args: tuple, dynamic_shapes: tuple | None = None, name
     module = _wrap(fn)
     with torch.no_grad():
         ep = torch.export.export(module, tuple(args), dynamic_shapes=dynamic_shapes, strict=False)
-    state = dict(module.named_parameters(remove_duplicate=False))
-    state.update(dict(module.named_buffers(remove_duplicate=False)))
-    state.update(getattr(ep, "constants", {}) or {})
-    weights, paths = {}, {}
-    for spec in ep.graph_signature.input_specs:
-        if spec.target is not None:
-            weights[spec.arg.name] = state[spec.target].detach()
-            paths[spec.arg.name] = spec.target
+    weights, paths = exported_weights(ep, module)
     gm = ep.graph_module
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights]
     return Program(gm, weights, paths, inputs, [], {"model": name, "front": "function"})
