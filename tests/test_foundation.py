@@ -46,6 +46,32 @@ def test_mlx_sgemm_is_not_the_reference_blas():
         assert report["openblas_core"] == expected, report
 
 
+_MATVEC = """
+import json, runtime, runtime.blas
+import mlx.core as mx, numpy as np
+rng = np.random.default_rng(0)
+a, w = rng.standard_normal((1, 300)).astype(np.float32), rng.standard_normal((700, 300)).astype(np.float32)
+b = rng.standard_normal((300, 500)).astype(np.float32)
+c = rng.standard_normal((300, 1)).astype(np.float32)
+cases = {  # every way MLX hands an M == 1 product to cblas_sgemm (transposed B, plain B, transposed A)
+    "a @ w.T": (mx.array(a) @ mx.array(w).T, a.astype(np.float64) @ w.T.astype(np.float64)),
+    "a @ b": (mx.array(a) @ mx.array(b), a.astype(np.float64) @ b.astype(np.float64)),
+    "c.T @ b": (mx.array(c).T @ mx.array(b), c.T.astype(np.float64) @ b.astype(np.float64)),
+    "2 rows": (mx.array(np.vstack([a, a])) @ mx.array(w).T, np.vstack([a, a]).astype(np.float64) @ w.T.astype(np.float64)),
+}
+err = {k: float(np.abs(np.asarray(got) - ref).max()) for k, (got, ref) in cases.items()}
+print(json.dumps({"err": err, "matvec": runtime.blas.report()["matvec"]}))
+"""
+
+
+@linux_only
+def test_matvec_shim_is_used_and_exact():
+    # runtime/matvec.c sends M == 1 sgemm calls to sgemv: every operand layout must give the product.
+    out = json.loads(_python(_MATVEC))
+    assert out["matvec"], "runtime/matvec.c was not built or not wired in (is a C compiler installed?)"
+    assert max(out["err"].values()) < 1e-3, out["err"]
+
+
 @linux_only
 def test_venv_hook_makes_it_automatic():
     # mlx.core first, runtime never imported before it: only setup.sh's .pth hook can have set it up.

@@ -28,16 +28,37 @@ _MX_DTYPE = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat1
 
 
 class _PendingLogits:
-    """What `_model_forward` returns with MLX: vLLM indexes it with the rows it samples from
-    (`hidden[logits_indices]`), which is when the MLX step runs - for those rows only."""
+    """What `_model_forward` returns with MLX: a lazy stand-in for the hidden states.
 
-    def __init__(self, runner: "MetalModelRunner", step):
+    vLLM indexes it with the rows it samples from (`hidden[logits_indices]`), which is when the MLX
+    step runs - computing logits for those rows only. Slices (`hidden[:num_tokens]` in vLLM's
+    bookkeeping, `hidden[a:b]` for prompt logprobs) stay lazy: the step runs only if their rows are
+    used (`compute_logits`), and then once for every token of the step.
+    """
+
+    def __init__(self, runner: "MetalModelRunner", step, rows: np.ndarray | None = None, shared: dict | None = None):
         self.runner, self.step = runner, step
+        self.rows = np.arange(len(step.input_ids)) if rows is None else rows
+        self.shared = {} if shared is None else shared  # logits of every token, once computed
 
-    def __getitem__(self, rows) -> torch.Tensor:
-        if isinstance(rows, slice):  # vLLM passes a slice when every token is sampled (all decodes)
-            rows = np.arange(len(self.step.input_ids))[rows]
-        self.step.logits_indices = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows)
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _PendingLogits(self.runner, self.step, self.rows[index], self.shared)
+        index = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index)
+        return self._logits(self.rows[index])
+
+    def materialize(self) -> torch.Tensor:
+        return self._logits(self.rows)
+
+    def _logits(self, rows: np.ndarray) -> torch.Tensor:
+        if "all" in self.shared:
+            return self.shared["all"][torch.from_numpy(rows)]
+        if self.shared.get("ran"):  # a second set of rows in one step (prompt logprobs): all tokens, once
+            self.step.logits_indices = np.arange(len(self.step.input_ids))
+            self.shared["all"] = self.runner.run_step(self.step)
+            return self.shared["all"][torch.from_numpy(rows)]
+        self.shared["ran"] = True
+        self.step.logits_indices = rows
         return self.runner.run_step(self.step)
 
 
@@ -85,7 +106,7 @@ class MetalModelRunner(CPUModelRunner):
             with open(path, "w") as f:
                 f.write(self._source)
             log.info("vllm-metal: debug: lowered MLX source written to %s", path)
-        model.compute_logits = lambda rows: rows  # logits come out of the MLX step already
+        model.compute_logits = _materialize  # logits come out of the MLX step already
         for p in model.parameters():  # MLX holds its own copy: release the torch weights
             p.data = torch.empty(0, dtype=p.dtype)
 
@@ -167,6 +188,10 @@ class MetalModelRunner(CPUModelRunner):
             log.info("vllm-metal: step %d tokens / %d seqs in %.1f ms", len(step.input_ids),
                      len(step.seq_lens), (time.perf_counter() - start) * 1e3)
         return out
+
+
+def _materialize(hidden):
+    return hidden.materialize() if isinstance(hidden, _PendingLogits) else hidden
 
 
 def _damaged_weight_files(model_dir: str) -> list[str]:
