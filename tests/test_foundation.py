@@ -60,6 +60,16 @@ cases = {  # every way MLX hands an M == 1 product to cblas_sgemm (transposed B,
     "2 rows": (mx.array(np.vstack([a, a])) @ mx.array(w).T, np.vstack([a, a]).astype(np.float64) @ w.T.astype(np.float64)),
 }
 err = {k: float(np.abs(np.asarray(got) - ref).max()) for k, (got, ref) in cases.items()}
+# A transposed ([K, 1] read with leading dimension 3): MLX copies such vectors, so call the shim directly.
+import ctypes
+from runtime import matvec
+if matvec._lib is not None:
+    f, P = matvec._lib.vllm_metal_sgemm, ctypes.c_void_p
+    f.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, P, ctypes.c_int, P, ctypes.c_int, ctypes.c_float, P, ctypes.c_int]
+    cols = np.ascontiguousarray(np.hstack([a.T, a.T + 1, a.T + 2]))  # [300, 3]; column 0 is a
+    out = np.zeros((1, 700), np.float32)
+    f(101, 112, 112, 1, 700, 300, 1.0, cols.ctypes.data, 3, w.ctypes.data, 300, 0.0, out.ctypes.data, 700)
+    err["transposed a (direct)"] = float(np.abs(out - cases["a @ w.T"][1]).max())
 print(json.dumps({"err": err, "matvec": runtime.blas.report()["matvec"]}))
 """
 
