@@ -152,6 +152,72 @@ def _norm_weights_as_parameters(model: torch.nn.Module):
             m._forward_method = method
 
 
+_ROUTERS = ("FusedTopKRouter", "GroupedTopKRouter", "CustomRoutingRouter", "CPURouter")
+
+
+def _route(router, hidden, router_logits):
+    """(topk_weights, topk_ids) by vLLM's own plain-torch routing (the CPU platform's CPURouter,
+    which covers softmax top-k, grouped top-k with a correction bias, and custom routing functions),
+    configured from the layer's router."""
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+
+    if type(router).__name__ not in _ROUTERS:
+        raise NotImplementedError(f"MoE router {type(router).__name__} is not supported by the MLX lowering yet")
+    groups = getattr(router, "num_expert_group", None)
+    cpu = CPURouter(
+        top_k=router.top_k, global_num_experts=router.global_num_experts,
+        use_grouped_topk=bool(getattr(router, "use_grouped_topk", groups is not None)), num_expert_group=groups,
+        topk_group=getattr(router, "topk_group", None), renormalize=getattr(router, "renormalize", True),
+        scoring_func=getattr(router, "scoring_func", "softmax"),
+        routed_scaling_factor=getattr(router, "routed_scaling_factor", 1.0),
+        e_score_correction_bias=getattr(router, "e_score_correction_bias", None),
+        custom_routing_function=getattr(router, "custom_routing_function", None),
+    )
+    return cpu._compute_routing(hidden, router_logits, None)
+
+
+@contextlib.contextmanager
+def _moe_experts_as_mlx(model: torch.nn.Module):
+    """vLLM runs MoE experts through `vllm.moe_forward`, an opaque op that finds the layer (and its
+    expert weights) by name at run time, so in the graph the weights would be invisible. During
+    capture each MoE runner's entry into that op becomes vLLM's plain-torch routing plus one
+    `mlx.moe_experts(x, topk_weights, topk_ids, w13, w2, activation)` on the layer's Parameters
+    (named graph inputs). Everything around it (scales, reductions) stays vLLM's code."""
+    import types
+
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    def entry(self, hidden, router_logits, shared_input, input_ids, layer_name, unpadded):
+        experts = self.routed_experts
+        problems = [what for what, bad in [
+            ("shared experts", self._shared_experts is not None),
+            ("quantized experts", type(experts.quant_method).__name__ != "UnquantizedFusedMoEMethod"),
+            ("expert biases", getattr(experts, "w13_bias", None) is not None),
+            ("non-gated activation", not self.activation.is_gated),
+            (f"activation {self.activation.value}", self.activation.value not in ("silu", "gelu", "gelu_tanh")),
+        ] if bad]
+        if problems:
+            raise NotImplementedError(f"MoE layer {layer_name}: {', '.join(problems)} not supported by the MLX lowering yet")
+        if self.gate is not None:
+            router_logits, _ = self.gate(hidden)
+        topk_weights, topk_ids = _route(self.router, hidden, router_logits)
+        return torch.ops.mlx.moe_experts.default(hidden, topk_weights, topk_ids, experts.w13_weight,
+                                                 experts.w2_weight, self.activation.value)
+
+    runners = [m for m in model.modules() if isinstance(m, MoERunner)]
+    saved = [m.__dict__.get("_forward_entry") for m in runners]
+    for m in runners:
+        m._forward_entry = types.MethodType(entry, m)
+    try:
+        yield
+    finally:
+        for m, old in zip(runners, saved):
+            if old is None:
+                del m._forward_entry
+            else:
+                m._forward_entry = old
+
+
 def vllm_attention_layers(vllm_config) -> list[AttentionLayer]:
     """The model's attention layers as vLLM registered them (static forward context), in order."""
     from vllm.model_executor.layers.attention import Attention
@@ -180,7 +246,7 @@ def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -
     start = time.perf_counter()
     layers = vllm_attention_layers(vllm_config)
     with set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config, num_tokens=8), \
-            _norm_weights_as_parameters(model):
+            _norm_weights_as_parameters(model), _moe_experts_as_mlx(model):
         gm, weights, paths = export_step(_Step(model, _vllm_forward))
     dtype = vllm_config.model_config.dtype
     meta = {

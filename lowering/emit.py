@@ -90,7 +90,7 @@ class Emitter:
     def __init__(self, program: Program):
         self.program = program
         self.names: dict[fx.Node, str] = {}
-        self.taken: set[str] = {"w", "kv", "batch", "mx", "paged_attention"}
+        self.taken: set[str] = {"w", "kv", "batch", "mx", "paged_attention", "gather_mm"}
         self.lines: list[str] = []
         self.symbols: list[tuple[str, str]] = []
         for node in program.graph.nodes:
@@ -142,6 +142,16 @@ class Emitter:
 
     def line(self, text: str) -> None:
         self.lines.append(text)
+
+    def temp(self, node: fx.Node, suffix: str) -> str:
+        """A fresh name for an intermediate value of a multi-statement lowering (`<node>_<suffix>`)."""
+        base, n = f"{self.name(node)}_{suffix}", 1
+        name = base
+        while name in self.taken:
+            n += 1
+            name = f"{base}_{n}"
+        self.taken.add(name)
+        return name
 
     # -- the walk ------------------------------------------------------------------------------
     def emit(self, fn_name: str = "step") -> str:

@@ -33,5 +33,57 @@ def build_vllm_model(path: str, dtype: str = "float32", max_model_len: int = 204
                 distributed_init_method=f"file://{tempfile.mktemp(prefix='vllm-dist-')}",
             )
             ensure_model_parallel_initialized(1, 1)
+        _ensure_expert_group(config)
         model = get_model(vllm_config=config)
     return model.eval(), config
+
+
+def _ensure_expert_group(config) -> None:
+    """vLLM creates the expert-parallel group only when the groups are first initialised for a MoE
+    model; a process that built a dense model first has none. Create it (one rank) on demand."""
+    from vllm.distributed import parallel_state as ps
+
+    if config.model_config.is_moe and ps._EP is None:
+        ps._EP = ps.init_model_parallel_group([[0]], ps.get_world_group().local_rank, "gloo", group_name="ep")
+
+
+def eager_logits(model, vllm_config, tokens: list[int], prompt_len: int, block_size: int = 16):
+    """vLLM's torch model run eagerly, one request: a `prompt_len`-token prefill, then one decode
+    step per remaining token. Attention is the platform backend's torch paged attention
+    (vllm_metal_plugin.attention, the VLLM_METAL_USE_MLX=0 path) over a real paged cache.
+    Returns float32 logits [1 + decode steps, vocab] (the last prompt token, then each decode)."""
+    import torch
+    from vllm.config import set_current_vllm_config
+    from vllm.forward_context import set_forward_context
+    from vllm.model_executor.layers.attention import Attention
+
+    from vllm_metal_plugin.attention import MetalAttentionMetadata
+
+    layers = {name: layer for name, layer in vllm_config.compilation_config.static_forward_context.items()
+              if isinstance(layer, Attention)}
+    blocks = -(-len(tokens) // block_size)
+    dtype = vllm_config.model_config.dtype
+    saved = {name: layer.kv_cache for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.kv_cache = torch.zeros(2, blocks, block_size, layer.num_kv_heads, layer.head_size, dtype=dtype)
+    block_table = torch.arange(blocks, dtype=torch.int32)[None]
+    rows = []
+    try:
+        with torch.no_grad(), set_current_vllm_config(vllm_config):
+            start = 0
+            for end in [prompt_len] + list(range(prompt_len + 1, len(tokens) + 1)):
+                ids = torch.tensor(tokens[start:end], dtype=torch.int64)
+                positions = torch.arange(start, end, dtype=torch.int64)
+                md = MetalAttentionMetadata(
+                    num_actual_tokens=end - start, num_reqs=1,
+                    query_start_loc=torch.tensor([0, end - start], dtype=torch.int32),
+                    seq_lens=torch.tensor([end], dtype=torch.int32), block_table=block_table,
+                    slot_mapping=positions.clone())
+                with set_forward_context({name: md for name in layers}, vllm_config, num_tokens=end - start):
+                    hidden = model(ids, positions)
+                    rows.append(model.compute_logits(hidden[-1:])[0].float())
+                start = end
+    finally:
+        for name, layer in layers.items():
+            layer.kv_cache = saved[name]
+    return torch.stack(rows).numpy()

@@ -1,4 +1,5 @@
-"""The fused ops that passes put into graphs: `torch.ops.mlx.rms_norm`, `.rope`, `.paged_attention`.
+"""The fused ops that passes put into graphs: `torch.ops.mlx.rms_norm`, `.rope`, `.paged_attention`,
+`.moe_experts`.
 
 Each is a real torch op with a reference implementation, so a rewritten graph still runs in torch
 (pass tests compare it with the original), and a fake implementation for shape propagation. The
@@ -99,8 +100,45 @@ def _(q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window, 
     return q.new_empty((q.shape[0], num_heads * head_dim))
 
 
+_GATED = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+}
+
+
+@torch.library.custom_op("mlx::moe_experts", mutates_args=())
+def moe_experts(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """The experts of a mixture-of-experts MLP: token t goes through experts `topk_ids[t]` (gated:
+    `act(x @ gate.T) * (x @ up.T) @ down.T`), weighted by `topk_weights[t]`, summed in float32.
+
+    x [T, H]; topk_weights [T, k]; topk_ids [T, k]; w13 [E, 2I, H] (gate rows, then up rows);
+    w2 [E, H, I]; activation: "silu", "gelu" or "gelu_tanh". This reference loops over experts;
+    the MLX lowering is one gather-matmul over all (token, expert) pairs.
+    """
+    act = _GATED[activation]
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32)
+    for expert in range(w13.shape[0]):
+        token, slot = torch.where(topk_ids == expert)
+        if token.numel() == 0:
+            continue
+        gate, up = (x[token] @ w13[expert].T).chunk(2, dim=-1)
+        y = (act(gate) * up) @ w2[expert].T
+        out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
+    return out.to(x.dtype)
+
+
+@moe_experts.register_fake
+def _(x, topk_weights, topk_ids, w13, w2, activation):
+    return x.new_empty((x.shape[0], w2.shape[1]))
+
+
 FUSED_OPS = {
     "rms_norm": torch.ops.mlx.rms_norm.default,
     "rope": torch.ops.mlx.rope.default,
     "paged_attention": torch.ops.mlx.paged_attention.default,
+    "moe_experts": torch.ops.mlx.moe_experts.default,
 }

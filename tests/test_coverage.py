@@ -9,8 +9,6 @@ import pytest
 from lowering.coverage import FAMILIES, check
 
 NOT_YET = {
-    ("mixtral-moe", "hf"): "transformers' MoE experts use grouped_mm/index_put_ (no MLX lowering yet)",
-    ("mixtral-moe", "vllm"): "vLLM's fused MoE needs an expert-parallel group outside the engine",
     ("gpt-neox-parallel-residual", "vllm"): "vLLM 0.32's GPTNeoX model class fails to build outside the engine",
 }
 

@@ -22,6 +22,12 @@ def zeros(e, node, *args, **kwargs):
     return f"mx.zeros({e.shape(node)}, dtype={e.dtype(node.meta['val'].dtype)})"
 
 
+@register(aten.empty_like.default, aten.zeros_like.default, aten.empty.memory_format)
+def empty(e, node, *args, **kwargs):
+    """Uninitialised memory has no MLX counterpart: zeros (what a reader of it may not rely on anyway)."""
+    return f"mx.zeros({e.shape(node)}, dtype={e.dtype(node.meta['val'].dtype)})"
+
+
 @register(aten.ones.default, aten.new_ones.default)
 def ones(e, node, *args, **kwargs):
     return f"mx.ones({e.shape(node)}, dtype={e.dtype(node.meta['val'].dtype)})"

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from lowering.ops.registry import register
+from lowering.ops.registry import functional, register
 
 aten = torch.ops.aten
 
@@ -82,6 +82,26 @@ def index_select(e, node, x, dim, index):
 def index(e, node, x, indices):
     items = [":" if i is None else e.r(i) for i in indices]
     return f"{e.r(x)}[{', '.join(items)}]"
+
+
+@register(aten.index_put_.default, aten.index_put.default)
+def index_put(e, node, x, indices, values, accumulate=False):
+    """x[..., idx, ...] = values with ONE index tensor (other axes whole): a scatter along that axis
+    (`mx.put_along_axis`, or `.at[].add` when accumulating). The in-place form lowers when the
+    target is a fresh tensor nobody reads afterwards (registry.functional)."""
+    if node.target == aten.index_put_.default:
+        functional(node)
+    axes = [i for i, t in enumerate(indices) if t is not None]
+    if len(axes) != 1:
+        raise NotImplementedError(f"index_put with {len(axes)} index tensors has no MLX lowering yet")
+    axis, ndim = axes[0], node.meta["val"].dim()
+    if accumulate:
+        return f"{e.r(x)}.at[{_index(axis, e.r(indices[axis]))[1:-1]}].add({e.r(values)})"
+    shape = "(" + "".join(e.r(d) + ", " for d in node.meta["val"].shape[:axis]) + f"{e.r(indices[axis])}.shape[0], " \
+        + "".join(e.r(d) + ", " for d in node.meta["val"].shape[axis + 1:]) + ")"
+    idx = f"{e.r(indices[axis])}.reshape({[1] * axis + [-1] + [1] * (ndim - axis - 1)})"
+    return (f"mx.put_along_axis({e.r(x)}, mx.broadcast_to({idx}, {shape}), "
+            f"mx.broadcast_to({e.r(values)}, {shape}).astype({e.r(x)}.dtype), axis={axis})")
 
 
 @register(aten.embedding.default)

@@ -4,7 +4,7 @@ import operator
 
 import torch
 
-from lowering.ops.registry import register
+from lowering.ops.registry import functional, register
 
 aten = torch.ops.aten
 
@@ -25,6 +25,17 @@ register(aten.mul.Tensor, aten.mul.Scalar, operator.mul)(_binary("*"))
 @register(aten.div.Tensor, aten.div.Scalar, operator.truediv)
 def div(e, node, a, b):
     return f"{e.r(a)} / {e.r(b)}"
+
+
+@register(aten.div_.Tensor, aten.div_.Scalar)
+def div_inplace(e, node, a, b):
+    functional(node)
+    return f"{e.r(a)} / {e.r(b)}"
+
+
+@register(aten.floor_divide.default, aten.floor_divide.Scalar)
+def floor_divide(e, node, a, b):
+    return f"mx.floor_divide({e.r(a)}, {e.r(b)})"
 
 
 @register(aten.rsub.Scalar, aten.rsub.Tensor)

@@ -42,3 +42,31 @@ def paged_attention(e, node, q, k, v, layer, num_heads, num_kv_heads, head_dim, 
         f"window={window}, cap={cap!r})"
     )
     return None  # the statement above defines the value
+
+
+_ACTIVATIONS = {
+    "silu": "{g} * mx.sigmoid({g})",
+    "gelu": "0.5 * {g} * (1 + mx.erf({g} * 0.7071067811865476))",
+    "gelu_tanh": "0.5 * {g} * (1 + mx.tanh(0.7978845608028654 * ({g} + 0.044715 * {g} * {g} * {g})))",
+}
+
+
+@register(torch.ops.mlx.moe_experts.default)
+def moe_experts(e, node, x, topk_weights, topk_ids, w13, w2, activation):
+    """All (token, expert) pairs at once, grouped by expert (one sort), through two `gather_mm`s
+    over the stacked expert weights, back to token order, weighted and summed: mlx-lm's SwitchGLU."""
+    k = node.args[2].meta["val"].shape[1]
+    inter = node.args[4].meta["val"].shape[2]
+    ids, order, pairs, h, gate, y = (e.temp(node, s) for s in ("ids", "order", "experts", "h", "gate", "y"))
+    e.line(f"{ids} = {e.r(topk_ids)}.flatten()")
+    e.line(f"{order} = mx.argsort({ids})  # pairs grouped by expert: sorted gathers")
+    e.line(f"{pairs} = {ids}[{order}]")
+    e.line(f"{h} = gather_mm(mx.take({e.r(x)}, {order} // {k}, axis=0)[:, None, :], "
+           f"mx.swapaxes({e.r(w13)}, -1, -2), {pairs}, sorted_indices=True)")
+    e.line(f"{gate} = {h}[..., :{inter}]")
+    act = _ACTIVATIONS[activation].format(g=gate)
+    e.line(f"{y} = gather_mm(({act}) * {h}[..., {inter}:], mx.swapaxes({e.r(w2)}, -1, -2), {pairs}, "
+           f"sorted_indices=True)[:, 0, :]")
+    unsorted = f"mx.take({y}, mx.argsort({order}), axis=0).reshape(-1, {k}, {y}.shape[-1])"
+    return (f"mx.sum({unsorted} * {e.r(topk_weights)}[..., None].astype(mx.float32), axis=1)"
+            f".astype({e.dtype(node.meta['val'].dtype)})")

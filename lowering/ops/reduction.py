@@ -33,7 +33,8 @@ def argmax(e, node, x, dim=None, keepdim=False):
 
 @register(aten.cumsum.default)
 def cumsum(e, node, x, dim, dtype=None):
-    return f"mx.cumsum({e.r(x)}, axis={dim})"
+    x = e.r(x) if dtype is None else f"{e.r(x)}.astype({e.dtype(dtype)})"
+    return f"mx.cumsum({x}, axis={dim})"
 
 
 @register(aten._softmax.default, aten.softmax.int)
@@ -44,8 +45,3 @@ def softmax(e, node, x, dim, *rest):
 @register(aten.layer_norm.default)
 def layer_norm(e, node, x, shape, weight=None, bias=None, eps=1e-5, *rest):
     return f"mx.fast.layer_norm({e.r(x)}, {e.r(weight)}, {e.r(bias)}, {eps!r})"
-
-
-@register(aten.topk.default)
-def topk(e, node, x, k, dim=-1, largest=True, sorted=True):
-    return f"_topk({e.r(x)}, {e.r(k)}, {dim})"

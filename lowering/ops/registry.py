@@ -22,6 +22,38 @@ def register(*targets) -> Callable:
     return deco
 
 
+def functional(node) -> None:
+    """An in-place ATen op (`div_`, `index_put_`) lowers to its functional form: MLX arrays are
+    values. That is only the same program when nothing reads the mutated tensor afterwards except
+    through this node, and the tensor is not a view or an input (whose base someone else holds)."""
+    target = node.args[0]
+    later = [u for u in target.users if u is not node and _after(u, node)]
+    view = getattr(target, "target", None) in _views() or target.op == "placeholder"
+    if later or view:
+        raise NotImplementedError(
+            f"{node.target} at {node.name} mutates {target.name}, which "
+            + (f"is read again by {', '.join(u.name for u in later)}" if later else "is a view or an input")
+            + "; only in-place ops on fresh tensors lower to MLX values")
+
+
+def _after(a, b) -> bool:
+    node = b.next
+    while node.op != "root":
+        if node is a:
+            return True
+        node = node.next
+    return False
+
+
+def _views():
+    import torch
+
+    aten = torch.ops.aten
+    return {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
+            aten.select.int, aten.transpose.int, aten.permute.default, aten.expand.default, aten.t.default,
+            aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.alias.default}
+
+
 def lowering_for(target):
     _load_families()
     return LOWERINGS.get(target)
@@ -33,4 +65,6 @@ def supported_targets() -> list[str]:
 
 
 def _load_families() -> None:
-    from lowering.ops import activation, creation, data_movement, elementwise, fused, linear, reduction  # noqa: F401
+    from lowering.ops import (  # noqa: F401
+        activation, creation, data_movement, elementwise, fused, linear, reduction, sorting,
+    )
