@@ -32,7 +32,9 @@ FAMILIES = {
     "gemma": ("gemma", {}),
     "gemma2-softcap": ("gemma2", dict(sliding_window=6)),
     "phi3-partial-rotary": ("phi3", dict(partial_rotary_factor=0.5, pad_token_id=0)),
-    "gpt-neox-parallel-residual": ("gpt_neox", dict(hidden_size=128, rotary_pct=0.25, use_parallel_residual=True)),
+    # GPT-NeoX has no GQA: vLLM (its Transformers backend) would read num_key_value_heads and size the cache wrong
+    "gpt-neox-parallel-residual": ("gpt_neox", dict(hidden_size=128, rotary_pct=0.25, use_parallel_residual=True,
+                                                    num_key_value_heads=4)),
     "opt-learned-positions": ("opt", dict(ffn_dim=128, word_embed_proj_dim=64)),
     "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0)),
     "mixtral-moe": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),

@@ -6,6 +6,7 @@ custom-op paths the engine would use under this plugin's platform, at world size
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -34,8 +35,40 @@ def build_vllm_model(path: str, dtype: str = "float32", max_model_len: int = 204
             )
             ensure_model_parallel_initialized(1, 1)
         _ensure_expert_group(config)
-        model = get_model(vllm_config=config)
+        with _foreign_classes_restored():
+            model = get_model(vllm_config=config)
     return model.eval(), config
+
+
+@contextlib.contextmanager
+def _foreign_classes_restored():
+    """vLLM's Transformers modeling backend (GPT-NeoX in vLLM 0.32) makes transformers' own model
+    class compile-aware by patching that class in place (bases, __init__, __call__): from then on
+    every transformers model of the class in this process needs a vLLM config to be built or called.
+    The engine has its own process; here, where transformers references share the process, the class
+    is put back once vLLM's model is built (vLLM never compiles it: compilation mode 0)."""
+    from vllm.compilation import decorators
+
+    names = ("__init__", "__call__", "save_aot_compiled_function", decorators.IGNORE_COMPILE_KEY)
+    original, patched = decorators._support_torch_compile, []
+
+    def recording(cls, *args, **kwargs):
+        if not cls.__module__.startswith("vllm."):
+            patched.append((cls, cls.__bases__, {n: cls.__dict__[n] for n in names if n in cls.__dict__}))
+        return original(cls, *args, **kwargs)
+
+    decorators._support_torch_compile = recording
+    try:
+        yield
+    finally:
+        decorators._support_torch_compile = original
+        for cls, bases, attrs in reversed(patched):
+            cls.__bases__ = bases
+            for n in names:
+                if n in attrs:
+                    setattr(cls, n, attrs[n])
+                elif n in cls.__dict__:
+                    delattr(cls, n)
 
 
 def _ensure_expert_group(config) -> None:

@@ -9,7 +9,6 @@ import pytest
 from lowering.coverage import FAMILIES, check
 
 NOT_YET = {
-    ("gpt-neox-parallel-residual", "vllm"): "vLLM 0.32's GPTNeoX model class fails to build outside the engine",
 }
 
 
