@@ -1,11 +1,14 @@
 """Paged attention in MLX: write this step's K/V through the slot mapping, gather each sequence's
 K/V through its block table, attend with `mx.fast.scaled_dot_product_attention`.
 
+The cache is head-major, [KVH, blocks, block_size, D] per layer: gathering a group's block table
+gives [KVH, S, Lk, D] at once, which SDPA reads as [S, KVH, Lk, D] through strides (no transpose
+copy; a token-major cache needs one per layer and step, which measured 4-7x slower at decode).
 The batch (runtime/batch.py) splits sequences into groups (decodes, the rest); each group lays its
 queries out as [S, Lq] (sequence, query position; padded rows point at token 0 and are dropped
-again) and its keys as [S, Lk] cache slots in position order. The mask
-follows from positions alone: key j is visible to a query at position p iff j <= p (and j > p - window),
-which is exactly causal prefill, chunked prefill over earlier context, and decode.
+again) and its keys as [S, Lk] positions covered by whole blocks. The mask follows from positions
+alone: key j is visible to a query at position p iff j <= p (and j > p - window), which is exactly
+causal prefill, chunked prefill over earlier context, and decode.
 """
 
 from __future__ import annotations
@@ -14,38 +17,46 @@ import mlx.core as mx
 
 
 def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim, scale, window=-1, cap=0.0):
-    """q: [T, H*D]; k, v: [T, KVH*D]; cache: (k_cache, v_cache) each [blocks, block_size, KVH, D].
+    """q: [T, H*D]; k, v: [T, KVH*D]; cache: (k_cache, v_cache) each [KVH, blocks, block_size, D].
 
     Returns (out [T, H*D], updated cache). GQA is handled by SDPA without repeating K/V.
     """
     k_cache, v_cache = cache
     shape = k_cache.shape
-    k_flat = k_cache.reshape(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.reshape(-1, num_kv_heads, head_dim)
+    k_flat = k_cache.reshape(num_kv_heads, -1, head_dim)  # [KVH, slots, D]
+    v_flat = v_cache.reshape(num_kv_heads, -1, head_dim)
     slots = batch["slot_mapping"]
-    k_flat[slots] = k.reshape(-1, num_kv_heads, head_dim).astype(k_flat.dtype)
-    v_flat[slots] = v.reshape(-1, num_kv_heads, head_dim).astype(v_flat.dtype)
+    k_flat[:, slots] = k.reshape(-1, num_kv_heads, head_dim).swapaxes(0, 1).astype(k_flat.dtype)
+    v_flat[:, slots] = v.reshape(-1, num_kv_heads, head_dim).swapaxes(0, 1).astype(v_flat.dtype)
+    k_cache, v_cache = k_flat.reshape(shape), v_flat.reshape(shape)
 
     q = q.reshape(-1, num_heads, head_dim)
     outs = [
-        _attend(q, k_flat, v_flat, group, scale, window, cap).reshape(-1, num_heads * head_dim)
+        _attend(q, k_cache, v_cache, group, scale, window, cap).reshape(-1, num_heads * head_dim)
         for group in batch["groups"]
     ]
     out = (outs[0] if len(outs) == 1 else mx.concatenate(outs))[batch["out_index"]]
-    return out, (k_flat.reshape(shape), v_flat.reshape(shape))
+    return out, (k_cache, v_cache)
 
 
-def _attend(q, k_flat, v_flat, group, scale, window, cap):
+def _attend(q, k_cache, v_cache, group, scale, window, cap):
     """One group of sequences: queries [S, H, Lq, D] against their gathered keys [S, KVH, Lk, D]."""
     queries = q[group["q_index"]].transpose(0, 2, 1, 3)
-    keys = k_flat[group["kv_slots"]].transpose(0, 2, 1, 3).astype(queries.dtype)
-    values = v_flat[group["kv_slots"]].transpose(0, 2, 1, 3).astype(queries.dtype)
+    keys = _gather(k_cache, group["blocks"]).astype(queries.dtype)
+    values = _gather(v_cache, group["blocks"]).astype(queries.dtype)
     mask = _mask(group["q_pos"], keys.shape[2], window)  # [S, 1, Lq, Lk]
     if cap > 0:
         out = _softcapped(queries, keys, values, scale, mask, cap)
     else:
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     return out.transpose(0, 2, 1, 3)  # [S, Lq, H, D]
+
+
+def _gather(cache, blocks):
+    """[KVH, blocks, block_size, D] cache, [S, n] block ids -> [S, KVH, n * block_size, D] (a view of one copy)."""
+    kvh, _, block_size, d = cache.shape
+    s, n = blocks.shape
+    return cache[:, blocks].reshape(kvh, s, n * block_size, d).transpose(1, 0, 2, 3)
 
 
 def _mask(q_pos, kv_len: int, window: int):

@@ -22,6 +22,10 @@ class CacheLayout:
         """K and V of every layer for one block of tokens."""
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.size
 
+    def cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """One layer's K (or V) cache: head-major, see runtime/attention.py."""
+        return (self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
+
 
 class LoweredModel:
     def __init__(self, step_fn, weights: dict[str, mx.array], layout: CacheLayout, num_blocks: int):
@@ -29,7 +33,7 @@ class LoweredModel:
         self.weights = weights
         self.layout = layout
         self.num_blocks = num_blocks
-        shape = (num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        shape = layout.cache_shape(num_blocks)
         self.kv = [(mx.zeros(shape, layout.dtype), mx.zeros(shape, layout.dtype)) for _ in range(layout.num_layers)]
         mx.eval(self.kv)
 

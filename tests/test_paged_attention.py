@@ -86,8 +86,10 @@ def test_paged_attention_matches_dense(case):
         logits_indices=np.array([0]),
     )
     batch = to_mlx(attention_arrays(step, block_size))
-    shape = (num_blocks, block_size, kv_heads, HEAD_DIM)
-    cache = (mx.array(k_cache.reshape(shape)), mx.array(v_cache.reshape(shape)))
+    def head_major(c):  # the runtime's layout: [KVH, blocks, block_size, D]
+        return mx.array(np.ascontiguousarray(c.reshape(num_blocks, block_size, kv_heads, HEAD_DIM).transpose(2, 0, 1, 3)))
+
+    cache = (head_major(k_cache), head_major(v_cache))
     scale = HEAD_DIM**-0.5
     out, (kc, vc) = paged_attention(
         mx.array(q), mx.array(k), mx.array(v), cache, batch,
@@ -111,5 +113,5 @@ def test_paged_attention_matches_dense(case):
         assert err <= 1e-5, f"sequence {s} (cached {c}, new {n}): max abs error {err}"
         start += n
     # the new K/V landed in their slots
-    written = np.array(kc).reshape(-1, kv_heads, HEAD_DIM)[step.slot_mapping]
+    written = np.array(kc).transpose(1, 2, 0, 3).reshape(-1, kv_heads, HEAD_DIM)[step.slot_mapping]
     assert np.array_equal(written, k.reshape(-1, kv_heads, HEAD_DIM))

@@ -4,7 +4,6 @@ env-var configuration and the KV memory plan. Real MLX, torch and weights; no mo
 
 import runtime  # noqa: F401  (fast BLAS before mlx)
 
-import logging
 import math
 
 import mlx.core as mx
@@ -73,30 +72,19 @@ def test_defaults(clean_env, tmp_path):
         assert RuntimeConfig.from_env().block_size == size
 
 
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 def test_device_selection(clean_env):
     clean_env.setenv("VLLM_MLX_DEVICE", "cpu")
     assert RuntimeConfig.from_env().device == "cpu"
     clean_env.setenv("VLLM_MLX_DEVICE", "gpu")
-    seen, logger = _Records(), logging.getLogger("runtime.config")  # a handler of our own: works under -p no:logging
-    logger.addHandler(seen)
-    try:
-        cfg = RuntimeConfig.from_env()
-    finally:
-        logger.removeHandler(seen)
     if gpu_available():
-        assert cfg.device == "gpu" and not seen.records
-    else:  # no GPU backend: one warning, then CPU
+        cfg = RuntimeConfig.from_env()
+        assert cfg.device == "gpu"
+    else:  # asked for explicitly where MLX has none: refused (tests/test_gpu_device.py checks the message)
+        with pytest.raises(ConfigError):
+            RuntimeConfig.from_env()
+        clean_env.delenv("VLLM_MLX_DEVICE")
+        cfg = RuntimeConfig.from_env()
         assert cfg.device == "cpu"
-        assert len(seen.records) == 1 and "VLLM_MLX_DEVICE" in seen.records[0].getMessage()
     assert select_device(cfg) == cfg.device
     assert mx.default_device() == (mx.gpu if cfg.device == "gpu" else mx.cpu)
 
@@ -199,11 +187,11 @@ def test_prefix_sharing(built, smollm2):
     shared.add(0, prefix)
     shared.step({0: 48})
     prefix_blocks = list(shared.seqs[0].blocks)
-    before = [np.array(k[mx.array(prefix_blocks)]) for k, _ in model.kv]
+    before = [np.array(k[:, mx.array(prefix_blocks)]) for k, _ in model.kv]
     for seq_id, tail in tails.items():
         shared.add(seq_id, prefix + tail, share_from=0, shared_tokens=48)
     got = shared.step({seq_id: len(tail) for seq_id, tail in tails.items()})  # both tails in one step
-    after = [np.array(k[mx.array(prefix_blocks)]) for k, _ in model.kv]
+    after = [np.array(k[:, mx.array(prefix_blocks)]) for k, _ in model.kv]
     assert all(np.array_equal(x, y) for x, y in zip(before, after)), "a shared block was rewritten"
     assert all(shared.seqs[s].blocks[:3] == prefix_blocks for s in tails)
     assert shared.ref[prefix_blocks].tolist() == [3, 3, 3]
@@ -214,7 +202,9 @@ def test_prefix_sharing(built, smollm2):
     for seq_id, tail in tails.items():
         unshared.add(seq_id, prefix + tail)
         want = unshared.step({seq_id: 48 + len(tail)})[seq_id]
-        np.testing.assert_allclose(np.array(got[seq_id]), np.array(want), atol=1e-5, rtol=0)
+        # f32 rounding only: the two steps have different shapes (2 tails vs one 59-token prefill), so
+        # SDPA and the matmuls sum in different orders; 1e-4 abs is ~3e-6 of these logits (|max| ~30).
+        np.testing.assert_allclose(np.array(got[seq_id]), np.array(want), atol=1e-4, rtol=0)
     assert unshared.blocks_written == 2 * math.ceil((48 + 11) / bs)
 
     shared.release(1)
