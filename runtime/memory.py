@@ -23,7 +23,8 @@ MiB, GiB = 1 << 20, 1 << 30
 # ~76 KB/token for a 512-token prefill and ~134 KB/token at 2048 tokens, the rest being attention scores.
 FIXED_HEADROOM = 128 * MiB  # compiled-graph buffers, allocator slack, logits rows, batch arrays
 LIVE_TENSORS = 32  # hidden-sized f32 tensors alive per token within one layer (q/k/v, MLP, residual ...)
-AUTO_SEQS = 4  # `auto` keeps room for this many max_model_len sequences ...
+AUTO_SEQS = 32  # `auto` keeps room for this many max_model_len sequences (vLLM admits a request only
+# when its blocks fit, so this bounds concurrency: 4 held a 32-request batch to ~14 running) ...
 AUTO_KV_CAP = 0.25  # ... but never more KV cache than this fraction of device memory
 
 

@@ -237,9 +237,10 @@ def test_plan_kv_blocks(built, smollm2):
     plan = memory.plan_kv_blocks(layout, wb, 0.1, device, max_model_len=8192, **dims)
     assert plan.num_blocks * layout.bytes_per_block() + wb + plan.headroom_bytes <= 0.1 * device
     assert (plan.num_blocks + 1) * layout.bytes_per_block() + wb + plan.headroom_bytes > 0.1 * device
-    auto = memory.plan_kv_blocks(layout, wb, "auto", device, max_model_len=8192, **dims)
-    assert auto.num_blocks == memory.AUTO_SEQS * 8192 // 16
-    assert auto.kv_bytes <= memory.AUTO_KV_CAP * device
+    auto = memory.plan_kv_blocks(layout, wb, "auto", device, max_model_len=2048, **dims)
+    assert auto.num_blocks == memory.AUTO_SEQS * 2048 // 16  # room for AUTO_SEQS full-length sequences
+    capped = memory.plan_kv_blocks(layout, wb, "auto", device, max_model_len=8192, **dims)
+    assert capped.num_blocks == int(memory.AUTO_KV_CAP * device) // layout.bytes_per_block()  # ... within the cap
     small = memory.plan_kv_blocks(layout, wb, "auto", device, max_model_len=8192, max_num_seqs=1, **dims)
     assert small.num_blocks == 8192 // 16
 
