@@ -119,8 +119,15 @@ class MetalAttentionImpl(AttentionImpl):
             mask = kpos <= qpos
             if self.sliding_window:
                 mask &= kpos > qpos - self.sliding_window
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale, enable_gqa=True
-            )
+            if self.logits_soft_cap:  # Gemma 2: cap * tanh(scores / cap) before the mask (SDPA has no cap)
+                rep = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(rep, 0).to(q.dtype), v.repeat_interleave(rep, 0).to(q.dtype)
+                scores = (q @ k.transpose(1, 2)).float() * self.scale
+                scores = torch.tanh(scores / self.logits_soft_cap) * self.logits_soft_cap
+                out = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype) @ v
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale, enable_gqa=True
+                )
             output[s:e] = out.transpose(0, 1).to(output.dtype)
         return output

@@ -43,6 +43,14 @@ class MetalPlatform(CpuPlatform):
         return "vllm_metal_plugin.attention.MetalAttentionBackend"
 
     @classmethod
+    def support_hybrid_kv_cache(cls) -> bool:
+        # The lowered step reads ONE block table for every layer. vLLM's hybrid KV cache manager gives
+        # sliding-window layers their own table and drops their out-of-window blocks, which broke the
+        # full-attention layers of mixed models (Gemma 2: greedy tokens diverged once a window slid
+        # past a block). Without it every layer keeps every block; the window is applied by the mask.
+        return False
+
+    @classmethod
     def opaque_attention_op(cls) -> bool:
         return True  # one vllm.unified_attention_with_output node per layer: the attention pass's anchor
 
