@@ -4,6 +4,8 @@ Covers the residual-add form too: `add` then norm leaves the add in place and fu
 a (1 + weight) scale (Gemma) is just another weight expression, folded by cleanup.
 """
 
+import sys
+
 import torch
 
 from passes.manager import PatternPass
@@ -80,9 +82,16 @@ class RMSNormPass(PatternPass):
     def run(self, program) -> int:
         from passes.cleanup import canonicalize
 
+        self._add_ir_patterns()
         fused = _split_fused_add(program)
         canonicalize(program.graph)  # same-dtype casts of the split vanish
         return fused + super().run(program)
 
+    def _add_ir_patterns(self) -> None:
+        """vLLM's IR pattern joins once vLLM is loaded: only a graph captured from vLLM's model can hold
+        its ops, and the HF front end must run (and import nothing of vLLM) where vLLM is absent."""
+        if "vllm" in sys.modules and not any(p.name == "vllm_ir_rms_norm" for p in self.patterns):
+            self.patterns.extend(_ir_patterns())
 
-PASS = RMSNormPass("rms_norm", [rms_norm, *_ir_patterns()], expect=lambda p: p.meta.get("expected_norms"))
+
+PASS = RMSNormPass("rms_norm", [rms_norm], expect=lambda p: p.meta.get("expected_norms"))

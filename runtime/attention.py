@@ -23,14 +23,21 @@ def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim,
     """
     k_cache, v_cache = cache
     shape = k_cache.shape
-    k_flat = k_cache.reshape(num_kv_heads, -1, head_dim)  # [KVH, slots, D]
-    v_flat = v_cache.reshape(num_kv_heads, -1, head_dim)
-    slots = batch["slot_mapping"]
-    k_flat[:, slots] = k.reshape(-1, num_kv_heads, head_dim).swapaxes(0, 1).astype(k_flat.dtype)
-    v_flat[:, slots] = v.reshape(-1, num_kv_heads, head_dim).swapaxes(0, 1).astype(v_flat.dtype)
-    k_cache, v_cache = k_flat.reshape(shape), v_flat.reshape(shape)
+    if "kv_rows" in batch:  # rows built once per step (runtime.model.device_batch): no per-layer index math
+        k_cache = _write_rows(k_cache, k, batch["kv_rows"], num_kv_heads, head_dim)
+        v_cache = _write_rows(v_cache, v, batch["kv_rows"], num_kv_heads, head_dim)
+    else:
+        k_flat = k_cache.reshape(num_kv_heads, -1, head_dim)  # [KVH, slots, D]
+        v_flat = v_cache.reshape(num_kv_heads, -1, head_dim)
+        slots = batch["slot_mapping"]
+        k_flat[:, slots] = k.reshape(-1, num_kv_heads, head_dim).swapaxes(0, 1).astype(k_flat.dtype)
+        v_flat[:, slots] = v.reshape(-1, num_kv_heads, head_dim).swapaxes(0, 1).astype(v_flat.dtype)
+        k_cache, v_cache = k_flat.reshape(shape), v_flat.reshape(shape)
 
     q = q.reshape(-1, num_heads, head_dim)
+    groups = batch["groups"]
+    if len(groups) == 1 and groups[0]["q_index"].shape == (q.shape[0], 1):  # static: shapes only
+        return _attend_decode(q, k_cache, v_cache, groups[0], scale, window, cap), (k_cache, v_cache)
     outs = [
         _attend(q, k_cache, v_cache, group, scale, window, cap).reshape(-1, num_heads * head_dim)
         for group in batch["groups"]
@@ -44,7 +51,7 @@ def _attend(q, k_cache, v_cache, group, scale, window, cap):
     queries = q[group["q_index"]].transpose(0, 2, 1, 3)
     keys = _gather(k_cache, group["blocks"]).astype(queries.dtype)
     values = _gather(v_cache, group["blocks"]).astype(queries.dtype)
-    mask = _mask(group["q_pos"], keys.shape[2], window)  # [S, 1, Lq, Lk]
+    mask = _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))  # [S, 1, Lq, Lk]
     if cap > 0:
         out = _softcapped(queries, keys, values, scale, mask, cap)
     else:
@@ -52,15 +59,42 @@ def _attend(q, k_cache, v_cache, group, scale, window, cap):
     return out.transpose(0, 2, 1, 3)  # [S, Lq, H, D]
 
 
+def _attend_decode(q, k_cache, v_cache, group, scale, window, cap):
+    """A pure decode step (every token is its sequence's only query; GPU work, issue 10): the queries
+    are q itself as [T, H, 1, D] and the output goes straight back to [T, H*D], so the per-layer query
+    gather, the padded-row gather and two transposes drop out (q_index and out_index are aranges here)."""
+    t, h, d = q.shape
+    queries = q.reshape(t, h, 1, d)
+    keys = _gather(k_cache, group["blocks"]).astype(queries.dtype)
+    values = _gather(v_cache, group["blocks"]).astype(queries.dtype)
+    mask = _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))  # [T, 1, 1, Lk]
+    if cap > 0:
+        out = _softcapped(queries, keys, values, scale, mask, cap)
+    else:
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    return out.reshape(t, h * d)  # [T, H, 1, D] is [T, 1, H, D] in memory
+
+
+def _write_rows(cache, new, rows, num_kv_heads, head_dim):
+    """Scatter this step's K (or V) [T, KVH*D] into the cache viewed as [KVH * slots, D] rows; `rows`
+    [KVH * T] lists them head-major. One index array and no slice: MLX's `cache[:, slots] = ...` builds
+    an arange index per call, a kernel per layer and tensor that the GPU profile showed (issue 10)."""
+    flat = cache.reshape(-1, head_dim)
+    flat[rows] = new.reshape(-1, num_kv_heads, head_dim).swapaxes(0, 1).reshape(-1, head_dim).astype(flat.dtype)
+    return flat.reshape(cache.shape)
+
+
 def _gather(cache, blocks):
-    """[KVH, blocks, block_size, D] cache, [S, n] block ids -> [S, KVH, n * block_size, D] (a view of one copy)."""
+    """[KVH, blocks, block_size, D] cache, [S, n] block ids -> [S, KVH, n * block_size, D] (a view of one copy).
+    `take` along the block axis: `cache[:, blocks]` would add an arange index kernel per call."""
     kvh, _, block_size, d = cache.shape
     s, n = blocks.shape
-    return cache[:, blocks].reshape(kvh, s, n * block_size, d).transpose(1, 0, 2, 3)
+    return mx.take(cache, blocks, axis=1).reshape(kvh, s, n * block_size, d).transpose(1, 0, 2, 3)
 
 
-def _mask(q_pos, kv_len: int, window: int):
-    key_pos = mx.arange(kv_len, dtype=mx.int32)
+def _mask(q_pos, kv_len: int, window: int, key_pos=None):
+    if key_pos is None:  # runtime.model.device_batch passes it in, made once per step
+        key_pos = mx.arange(kv_len, dtype=mx.int32)
     qp = q_pos[:, None, :, None]
     visible = key_pos <= qp
     if window > 0:

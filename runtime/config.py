@@ -88,9 +88,14 @@ def _device(env: Mapping[str, str]) -> str:
     if v not in ("gpu", "cpu"):
         raise _bad(name, raw, "gpu or cpu")
     if v == "gpu" and not has_gpu:
-        # A config written for a Mac should still run on a Linux box: degrade, but say so once.
-        log.warning("VLLM_MLX_DEVICE=gpu but this MLX build has no GPU backend (Metal/CUDA): using cpu")
-        return "cpu"
+        # Asked for explicitly: running on the CPU instead would be silently 10-100x slower. Refuse.
+        import mlx.core as mx
+
+        raise ConfigError(
+            f"{name}={raw!r} but this MLX build ({mx.__version__}) has no GPU backend "
+            "(mx.metal / mx.cuda unavailable; on Linux install mlx-cuda-13 or mlx-cuda-12); "
+            f"unset {name} or set it to cpu"
+        )
     return v
 
 

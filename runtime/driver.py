@@ -59,6 +59,12 @@ class Driver:
 
     def step(self, work: dict[int, int]) -> dict[int, mx.array]:
         """Feed `work[seq_id]` more tokens of each sequence; returns logits of each one's last token."""
+        logits = self.model.step(self.prepare(work))
+        return {seq_id: logits[i] for i, seq_id in enumerate(work)}
+
+    def prepare(self, work: dict[int, int]) -> StepInput:
+        """The StepInput that feeds `work[seq_id]` more tokens of each sequence (allocating their
+        blocks and marking them computed); `LoweredModel.step` runs it. Logits rows follow `work`'s order."""
         ids, pos, slots, qsl, lens, tables = [], [], [], [0], [], []
         for seq_id, n in work.items():
             seq = self.seqs[seq_id]
@@ -76,13 +82,11 @@ class Driver:
             tables.append(seq.blocks)
             seq.computed = end
         width = max(len(t) for t in tables)
-        step = StepInput(
+        return StepInput(
             input_ids=np.concatenate(ids), positions=np.concatenate(pos), query_start_loc=np.array(qsl),
             seq_lens=np.array(lens), block_table=np.array([t + [0] * (width - len(t)) for t in tables]),
             slot_mapping=np.concatenate(slots), logits_indices=np.array(qsl[1:]) - 1,
         )
-        logits = self.model.step(step)
-        return {seq_id: logits[i] for i, seq_id in enumerate(work)}
 
     def generate(self, prompts: dict[int, list[int]], max_new: int, chunk: int | None = None) -> dict[int, list[int]]:
         """Greedy generation of all prompts batched together; prefill in chunks of `chunk` tokens."""

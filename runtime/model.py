@@ -39,13 +39,34 @@ class LoweredModel:
 
     def step(self, batch: StepInput) -> mx.array:
         """Run one step; returns logits [R, vocab] for `batch.logits_indices` (evaluated)."""
-        arrays = to_mlx(attention_arrays(batch, self.layout.block_size))
+        logits = self.step_lazy(batch)
+        mx.eval(logits, self.kv)
+        return logits
+
+    def step_lazy(self, batch: StepInput, input_ids: mx.array | None = None) -> mx.array:
+        """Record one step without waiting for it: returns lazy logits (the cache updates are lazy too,
+        and are evaluated with them). `input_ids` (int32, [T]) replaces `batch.input_ids` when given,
+        so a decode step can take the previous step's on-device argmax: the host builds step n+1
+        while the device still runs step n (`mx.async_eval`), as mlx-lm's generate loop does."""
+        arrays = to_mlx(device_batch(attention_arrays(batch, self.layout.block_size), self.layout, self.num_blocks))
+        ids = mx.array(batch.input_ids.astype(np.int32)) if input_ids is None else input_ids
         logits, kv = self.step_fn(
-            self.weights, self.kv, arrays,
-            mx.array(batch.input_ids.astype(np.int32)),
+            self.weights, self.kv, arrays, ids,
             mx.array(batch.positions.astype(np.int32)),
             mx.array(batch.logits_indices.astype(np.int32)),
         )
         self.kv = kv
-        mx.eval(logits, kv)
         return logits
+
+
+def device_batch(arrays: dict, layout: CacheLayout, num_blocks: int) -> dict:
+    """Index arrays every layer's paged attention shares, made once per step on the host (numpy):
+    `kv_rows` [KVH * T], the cache rows ([KVH * slots, D] view) of this step's K/V, head-major; and
+    per group `key_pos` [Lk]. Inside the step each layer would otherwise build them again, as small
+    arange kernels that cost more than the attention itself at decode on a GPU (issue 10's profile)."""
+    slots = arrays["slot_mapping"].astype(np.int64)
+    heads = np.arange(layout.num_kv_heads, dtype=np.int64)[:, None] * (num_blocks * layout.block_size)
+    arrays["kv_rows"] = (heads + slots[None, :]).reshape(-1).astype(np.int32)
+    for group in arrays["groups"]:
+        group["key_pos"] = np.arange(group["blocks"].shape[1] * layout.block_size, dtype=np.int32)
+    return arrays

@@ -1,0 +1,64 @@
+"""Tables of the GPU section of docs/benchmarks.md from benchmarks/gpu.py's JSON results.
+
+    .venv/bin/python benchmarks/gpu.py report benchmarks/results/gpu-r3-mlx.json \\
+        benchmarks/results/gpu-r2-torch-eager.json benchmarks/results/gpu-r1-torch.json
+
+Each file is one process's results (one system family); a table takes every system it finds, the
+first file that has it winning. Prints markdown; the prose around it is written by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SYSTEMS = ("ours", "mlx_lm", "torch_eager", "torch_compile")
+
+
+def _index(files: list[str]) -> dict:
+    """(system, model, kind, size, mode) -> (tok/s median, file label)."""
+    out = {}
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        for r in data["rows"]:
+            if r.get("kind") not in ("prefill", "decode"):
+                continue
+            size = r.get("tokens") if r["kind"] == "prefill" else r.get("batch")
+            key = (r["system"], r["model"], r["kind"], size, r.get("mode", "sync"))
+            out.setdefault(key, (r["tok_s"]["median"], Path(f).stem))
+    return out
+
+
+def _cell(v) -> str:
+    return "n/a" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.1f}")
+
+
+def _ratio(a, b) -> str:
+    return "n/a" if a is None or b is None else f"**{a / b:.2f}x**"
+
+
+def table(files: list[str], model: str) -> str:
+    idx = _index(files)
+    get = lambda s, kind, size, mode="sync": (idx.get((s, model, kind, size, mode)) or (None,))[0]  # noqa: E731
+    lines = ["| workload | ours tok/s | mlx-lm | ours / mlx-lm | torch eager | ours / eager | torch.compile | ours / compile |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in (512, 4096):
+        o, m, e, c = (get(s, "prefill", n) for s in SYSTEMS)
+        lines.append(f"| prefill {n} (batch 1) | {_cell(o)} | {_cell(m)} | {_ratio(o, m)} | {_cell(e)} | {_ratio(o, e)} "
+                     f"| {_cell(c)} | {_ratio(o, c)} |")
+    for b in (1, 8, 32, 128):
+        e, c = get("torch_eager", "decode", b), get("torch_compile", "decode", b)
+        for mode in ("sync", "async"):
+            o, m = get("ours", "decode", b, mode), get("mlx_lm", "decode", b, mode)
+            best_o = max(x for x in (get("ours", "decode", b, "sync"), get("ours", "decode", b, "async"), 0) if x is not None)
+            lines.append(f"| decode batch {b}, {mode} | {_cell(o)} | {_cell(m)} | {_ratio(o, m)} | "
+                         + (f"{_cell(e)} | {_ratio(best_o or None, e)} | {_cell(c)} | {_ratio(best_o or None, c)} |"
+                            if mode == "sync" else "| | | |"))
+    return "\n".join(lines)
+
+
+def report(files: list[str], write: bool = False) -> int:
+    for model in ("llama8b", "smollm2"):
+        print(f"\n### {model}\n")
+        print(table(files, model))
+    return 0
