@@ -197,7 +197,8 @@ def _moe_experts_as_mlx(model: torch.nn.Module):
             (f"activation {self.activation.value}", self.activation.value not in ("silu", "gelu", "gelu_tanh")),
         ] if bad]
         if problems:
-            raise NotImplementedError(f"MoE layer {layer_name}: {', '.join(problems)} not supported by the MLX lowering yet")
+            raise NotImplementedError(
+                f"MoE layer {layer_name}: {', '.join(problems)} not supported by the MLX lowering yet")
         if self.gate is not None:
             router_logits, _ = self.gate(hidden)
         topk_weights, topk_ids = _route(self.router, hidden, router_logits)
