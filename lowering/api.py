@@ -90,16 +90,20 @@ def lower_cached(identity: dict, capture, state: dict[str, torch.Tensor]):
     if hit is not None:
         source, meta, constants = hit
         weights = {p: mx.array(_mlx_ready(state[p])) for p in meta["state_paths"]}
+        for p, recipe in meta.get("derived", {}).items():  # merged projections: rebuilt, not stored
+            weights[p] = mx.array(_mlx_ready(torch.cat([state[s] for s in recipe["cat"]], recipe["dim"])))
         weights.update({p: constants[p] for p in meta["constant_paths"]})
         layers = [AttentionLayer(**layer) for layer in meta["layers"]]
         return source, weights, layers, {"cache": "hit", "key": key, "load_s": time.perf_counter() - start}
     program = capture()
     lowered = lower(program)
     weights = mlx_weights(program)
-    constant_paths = [p for p in weights if p not in state]
+    derived = {p: r for p, r in program.derived.items() if p in weights and all(s in state for s in r["cat"])}
+    constant_paths = [p for p in weights if p not in state and p not in derived]
     meta = {
         "identity": identity,
         "state_paths": [p for p in weights if p in state],
+        "derived": derived,
         "constant_paths": constant_paths,
         "layers": [asdict(layer) for layer in program.attention],
         "passes": [asdict(r) for r in lowered.passes],

@@ -7,6 +7,7 @@ from passes import ops  # noqa: F401  (registers torch.ops.mlx.*)
 from passes.attention import PASS as attention
 from passes.cleanup import cleanup as _cleanup
 from passes.manager import FunctionPass, PassManager, PassResult, PatternPass
+from passes.merge_projections import PASS as merge_projections
 from passes.program import AttentionLayer, Program, run_in_torch
 from passes.rms_norm import PASS as rms_norm
 from passes.rope import PASS as rope
@@ -17,8 +18,9 @@ cleanup = FunctionPass("cleanup", _cleanup)
 
 def default_passes() -> list:
     """Order matters: cleanup first so patterns see canonical ops; attention before rope so the
-    GQA/mask plumbing around HF attention is gone; a final cleanup folds what fusions left."""
-    return [cleanup, attention, rms_norm, rope, silu_mul, FunctionPass("final_cleanup", _cleanup)]
+    GQA/mask plumbing around HF attention is gone; merge_projections after the fusions (they match
+    on the separate linears, then read slices of the merged one); a final cleanup folds what fusions left."""
+    return [cleanup, attention, rms_norm, rope, silu_mul, merge_projections, FunctionPass("final_cleanup", _cleanup)]
 
 
 def default_manager() -> PassManager:

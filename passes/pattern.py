@@ -147,13 +147,14 @@ def record(graph: fx.Graph, fn: Callable, *args, **kwargs) -> fx.Node:
     """Call `fn` with graph nodes standing in for tensors; the ops it calls become new nodes.
 
     `fn` may only call torch ops (`torch.ops.aten.*`, `torch.ops.mlx.*`): that keeps the IR canonical.
-    Each new node gets `meta["val"]` by running its op on the fake values of its inputs.
+    Each new node gets `meta["val"]` by running its op on the fake values of its inputs. Returns the
+    node of fn's result, or a tuple of nodes when fn returns a tuple.
     """
     tracer = GraphAppendingTracer(graph)
     wrap = lambda a: Proxy(a, tracer) if isinstance(a, fx.Node) else a  # noqa: E731
     before = set(graph.nodes)
     out = fn(*[wrap(a) for a in args], **{k: wrap(v) for k, v in kwargs.items()})
-    node = out.node
+    node = tuple(o.node for o in out) if isinstance(out, (tuple, list)) else out.node
     mode = fake_mode_of(graph)
     for new in graph.nodes:
         if new not in before and new.op == "call_function":

@@ -8,6 +8,7 @@ described in `attention` so that the attention pass and the runtime agree on the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,9 @@ class Program:
     inputs: list[str]
     attention: list[AttentionLayer]
     meta: dict = field(default_factory=dict)
+    # weights a pass built from the model's own (by module path): path -> {"cat": [source paths], "dim": d}.
+    # A cached artefact rebuilds them from the model's state instead of storing a copy on disk.
+    derived: dict[str, dict] = field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
@@ -59,6 +63,24 @@ class Program:
         node.meta["val"] = _fake_like(value, self.graph)
         self.weights[name] = value
         self.weight_paths[name] = name
+        return node
+
+    def add_derived(self, path: str, value: torch.Tensor, sources: list[str], dim: int = 0) -> fx.Node:
+        """A weight placeholder at module path `path` holding `value` = the weights at `sources`
+        (module paths) concatenated along `dim`, made once here; the recipe goes in `derived`."""
+        name = base = re.sub(r"\W", "_", path)
+        n = 1
+        while name in self.weights:
+            n += 1
+            name = f"{base}_{n}"
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        where = next((n for n in placeholders if self.weight_paths.get(n.name) == sources[0]), placeholders[0])
+        with self.graph.inserting_before(where):  # where its first source is: graph text stays in model order
+            node = self.graph.placeholder(name)
+        node.meta["val"] = _fake_like(value, self.graph)
+        self.weights[node.name] = value
+        self.weight_paths[node.name] = path
+        self.derived[path] = {"cat": list(sources), "dim": dim}
         return node
 
     def node_count(self) -> int:
