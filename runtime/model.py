@@ -62,11 +62,14 @@ class LoweredModel:
 def device_batch(arrays: dict, layout: CacheLayout, num_blocks: int) -> dict:
     """Index arrays every layer's paged attention shares, made once per step on the host (numpy):
     `kv_rows` [KVH * T], the cache rows ([KVH * slots, D] view) of this step's K/V, head-major; and
-    per group `key_pos` [Lk]. Inside the step each layer would otherwise build them again, as small
-    arange kernels that cost more than the attention itself at decode on a GPU (issue 10's profile)."""
+    per group `key_pos` [Lk] and `block_rows` [KVH * S * n] (runtime/attention.py `_gather`). Inside
+    the step each layer would otherwise build them again, as small arange kernels that cost more than
+    the attention itself at decode on a GPU (issue 10's profile)."""
     slots = arrays["slot_mapping"].astype(np.int64)
     heads = np.arange(layout.num_kv_heads, dtype=np.int64)[:, None] * (num_blocks * layout.block_size)
     arrays["kv_rows"] = (heads + slots[None, :]).reshape(-1).astype(np.int32)
+    block_heads = np.arange(layout.num_kv_heads, dtype=np.int64)[:, None, None] * num_blocks
     for group in arrays["groups"]:
         group["key_pos"] = np.arange(group["blocks"].shape[1] * layout.block_size, dtype=np.int32)
+        group["block_rows"] = (block_heads + group["blocks"][None]).reshape(-1).astype(np.int32)
     return arrays

@@ -54,8 +54,8 @@ def _unary(fn):
 
 for _target, _fn in {
     aten.neg.default: "mx.negative", aten.rsqrt.default: "mx.rsqrt", aten.sqrt.default: "mx.sqrt",
-    aten.exp.default: "mx.exp", aten.log.default: "mx.log", aten.tanh.default: "mx.tanh",
-    aten.sigmoid.default: "mx.sigmoid", aten.cos.default: "mx.cos", aten.sin.default: "mx.sin",
+    aten.exp.default: "fm.exp", aten.log.default: "mx.log", aten.tanh.default: "mx.tanh",
+    aten.sigmoid.default: "fm.sigmoid", aten.cos.default: "mx.cos", aten.sin.default: "mx.sin",
     aten.abs.default: "mx.abs", aten.reciprocal.default: "mx.reciprocal", aten.erf.default: "mx.erf",
     aten.logical_not.default: "mx.logical_not",
 }.items():
@@ -64,7 +64,7 @@ for _target, _fn in {
 
 @register(aten.silu.default)
 def silu(e, node, x):
-    return f"{e.r(x)} * mx.sigmoid({e.r(x)})"
+    return f"{e.r(x)} * fm.sigmoid({e.r(x)})"
 
 
 @register(aten.relu.default)

@@ -1,0 +1,71 @@
+"""runtime/fastmath.py (exp, sigmoid, softmax, attention from fusable arithmetic on the CPU) against
+float64 numpy and MLX's own ops; runtime/batch.py's shape buckets."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from runtime import fastmath
+from runtime.batch import bucket
+
+pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU path of runtime/fastmath.py")
+
+
+def test_cpu_path_is_taken():
+    assert fastmath.on_cpu()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_exp_within_one_ulp_and_specials(compiled):
+    x = mx.concatenate([mx.random.normal((200_000,), key=mx.random.key(0)) * 30, mx.linspace(-87, 88.3, 10_000)])
+    exp = mx.compile(fastmath._exp_f32) if compiled else fastmath._exp_f32
+    got = np.array(exp(x)).astype(np.float64)
+    ref = np.exp(np.array(x).astype(np.float64))
+    normal = (ref > 1.2e-38) & (ref < 2.3e38)  # inf from 88.38 (exp(88.38) = 2.39e38)
+    rel = np.max(np.abs(got[normal] - ref[normal]) / ref[normal])
+    assert rel < 2e-7, f"max relative error {rel:.3g}"
+    special = np.array(exp(mx.array([-np.inf, -100.0, np.inf, 100.0, np.nan, 0.0])))
+    assert special[0] == 0 and special[1] == 0 and np.isposinf(special[2]) and np.isposinf(special[3])
+    assert np.isnan(special[4]) and special[5] == 1.0, special
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_sigmoid_and_softmax_match(dtype):
+    x = (mx.random.normal((64, 512), key=mx.random.key(1)) * 8).astype(dtype)
+    x64 = np.array(x.astype(mx.float32)).astype(np.float64)
+    tol = 2e-7 if dtype == mx.float32 else 8e-3  # bf16: one rounding of the result
+    soft_tol = 2e-6 if dtype == mx.float32 else 8e-3  # f32: the sum over 512 (MLX's own softmax: 1.2e-6)
+    sig = np.array(fastmath.sigmoid(x).astype(mx.float32))
+    err = np.max(np.abs(sig - 1 / (1 + np.exp(-x64))))
+    assert err < tol, f"sigmoid max abs error {err:.3g}"
+    e = np.exp(x64 - x64.max(-1, keepdims=True))
+    soft = np.array(mx.compile(fastmath.softmax)(x).astype(mx.float32))
+    err = np.max(np.abs(soft - e / e.sum(-1, keepdims=True)))
+    assert err < soft_tol, f"softmax max abs error {err:.3g}"
+    assert fastmath.softmax(x).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,lq,lk", [(9, 3, 1, 80), (4, 4, 7, 40), (8, 2, 16, 16)])
+def test_attention_matches_mlx_sdpa(dtype, heads, kv_heads, lq, lk):
+    """GQA without repeating K/V, a causal mask over earlier context, padded keys no query sees."""
+    keys = mx.random.split(mx.random.key(2), 3)
+    q = mx.random.normal((3, heads, lq, 64), key=keys[0]).astype(dtype)
+    k = mx.random.normal((3, kv_heads, lk, 64), key=keys[1]).astype(dtype)
+    v = mx.random.normal((3, kv_heads, lk, 64), key=keys[2]).astype(dtype)
+    q_pos = mx.array([[p + lk - lq - 3 * s for p in range(lq)] for s in range(3)])
+    mask = (mx.arange(lk) <= q_pos[:, None, :, None])
+    ref = mx.fast.scaled_dot_product_attention(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32),
+                                               scale=0.125, mask=mask)
+    got = fastmath.attention(q, k, v, scale=0.125, mask=mask)
+    assert got.dtype == dtype and got.shape == q.shape
+    err = mx.abs(got.astype(mx.float32) - ref).max().item()
+    assert err < (2e-6 if dtype == mx.float32 else 2e-2), f"max abs error {err:.3g}"
+
+
+def test_buckets_whole_powers_then_sixteenths():
+    assert [bucket(n) for n in (1, 3, 9, 200, 256)] == [1, 4, 16, 256, 256]
+    assert [bucket(n) for n in (257, 300, 513, 600, 1025)] == [288, 320, 576, 640, 1152]
+    assert [bucket(n, 16) for n in (1, 17, 100, 513)] == [16, 32, 128, 576]
+    assert all(bucket(n) >= n and bucket(n, 16) % 16 == 0 and bucket(n) <= max(n * 9 // 8 + 1, 256)
+               for n in range(1, 5000))
