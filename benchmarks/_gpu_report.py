@@ -57,8 +57,54 @@ def table(files: list[str], model: str) -> str:
     return "\n".join(lines)
 
 
+def kernel_ab(files: list[str], model: str) -> str | None:
+    """Ours with the fused paged decode kernel vs the same run's composed attention (`ours_composed`), decode."""
+    idx = _index(files)
+    get = lambda s, b, mode: (idx.get((s, model, "decode", b, mode)) or (None,))[0]  # noqa: E731
+    if not any(get("ours_composed", b, "sync") for b in (1, 8, 32, 128)):
+        return None
+    lines = ["| decode batch | ours, fused kernel (sync / async) | ours, composed attention | kernel / composed | mlx-lm |",
+             "|---|---|---|---|---|"]
+    for b in (1, 8, 32, 128):
+        o = [get("ours", b, m) for m in ("sync", "async")]
+        c = [get("ours_composed", b, m) for m in ("sync", "async")]
+        m = [get("mlx_lm", b, x) for x in ("sync", "async")]
+        lines.append(f"| {b} | {_cell(o[0])} / {_cell(o[1])} | {_cell(c[0])} / {_cell(c[1])} | "
+                     f"{_ratio(o[0], c[0])} / {_ratio(o[1], c[1])} | {_cell(m[0])} / {_cell(m[1])} |")
+    return "\n".join(lines)
+
+
+def profile_table(files: list[str]) -> str | None:
+    """Kernels and host/GPU time per decode step from `profile` results (any batch)."""
+    rows = []
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        if data.get("part") != "profile":
+            continue
+        for model, systems in data.get("profile", {}).items():
+            if not isinstance(systems, dict):
+                continue
+            for label, v in systems.items():
+                if not isinstance(v, dict) or "total" not in v:
+                    continue
+                k = v.get("kernels") or {}
+                rows.append(f"| {model}, batch {data.get('batch', 1)} | {label} | {k.get('per_step', 0):.0f} | "
+                            f"{k.get('gpu_ms_per_step', 0):.2f} ms | {v['record']:.2f} ms | {v['launch']:.2f} ms | "
+                            f"{v['wait']:.2f} ms | {v['total']:.2f} ms |")
+    if not rows:
+        return None
+    return "\n".join(["| model | system | kernels / step | GPU kernel time / step | host: record | host: launch | wait | step |",
+                      "|---|---|---|---|---|---|---|---|", *rows])
+
+
 def report(files: list[str], write: bool = False) -> int:
     for model in ("llama8b", "smollm2"):
         print(f"\n### {model}\n")
         print(table(files, model))
+        ab = kernel_ab(files, model)
+        if ab:
+            print(f"\n{model}: fused kernel vs composed attention, same run\n\n{ab}")
+    prof = profile_table(files)
+    if prof:
+        print(f"\n### profile\n\n{prof}")
     return 0

@@ -17,6 +17,8 @@ Subcommands (each a fresh process; MLX and torch never share the GPU in one proc
   mlx    --out FILE.json    bandwidth (MLX), ours and mlx-lm prefill + decode, weights made on the GPU
   profile --out FILE.json   where a decode step's time goes (host record / launch / wait; CUDA kernels per step
                             through CUPTI), ours vs mlx-lm; --batch B (default 1)
+  kernel --out FILE.json    the fused paged decode attention kernel alone: GPU time per (warps, unroll) vs the
+                            composed path and MLX's decode SDPA; prints the best "warps,unroll"
   check  --out FILE.json    correctness: lowered logits on MLX's default device vs transformers on the CPU,
                             same weights (SmolLM2 shape, f32 and bf16)
   report FILE.json ...      the GPU section of docs/benchmarks.md (between <!-- gpu:begin/end -->)
@@ -190,9 +192,11 @@ def save_artefact(folder: Path, model, source: str, program, info: dict) -> None
 
     params = dict(model.named_parameters(remove_duplicate=False))
     alias = aliases(model)
-    paths = sorted(set(program.weight_paths.values()))
+    derived = {p: r for p, r in getattr(program, "derived", {}).items() if p in set(program.weight_paths.values())}
+    # a merged projection (passes/merge_projections.py) is stored as its recipe; its sources go in params
+    paths = sorted((set(program.weight_paths.values()) - set(derived)) | {s for r in derived.values() for s in r["cat"]})
     meta = {"params": {}, "aliases": {}, "constants": [], "layers": [asdict(x) for x in program.attention],
-            "torch": torch.__version__, **info}
+            "derived": derived, "torch": torch.__version__, **info}
     tensors = {program.weight_paths[k]: v for k, v in program.weights.items()}
     constants = {}
     for path in paths:
@@ -219,9 +223,29 @@ def find_artefact(name: str) -> Path:
     raise FileNotFoundError(f"no lowered artefact {name} under {LOWERED} or {CARRIED}")
 
 
+def _lean_merged_weight(program, nodes):
+    """passes.merge_projections._merged_weight without the concatenation: for `lower` only, whose weights are
+    never used (the artefact stores the recipe; the GPU run makes random sources and concatenates them there).
+    The real one would hold a second copy of the 8B shape's q/k/v and gate/up weights (+9 GB) on this 24 GB box."""
+    import torch
+    from passes.merge_projections import _joined
+
+    parts = [program.weights[n.name] for n in nodes]
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    value = torch.zeros((1,) * len(shape), dtype=parts[0].dtype).expand(shape)  # one element, any shape
+    return program.add_derived(_joined([program.weight_paths[n.name] for n in nodes]), value,
+                               [program.weight_paths[n.name] for n in nodes], dim=0)
+
+
 def cmd_lower(args) -> int:
     import torch
 
+    try:
+        import passes.merge_projections as merge
+
+        merge._merged_weight = _lean_merged_weight
+    except ImportError:  # a tree without the pass
+        pass
     out = Path(args.out)
     report = {}
     for spec in args.models.split(","):
@@ -268,6 +292,16 @@ def mlx_random_weights(meta: dict, dtype, seed: int) -> dict:
         weights[path] = w
     for path, canon in meta["aliases"].items():
         weights[path] = weights[canon]
+    weights = with_derived(weights, meta, mx.concatenate)
+    mx.eval(list(weights.values()))
+    return weights
+
+
+def with_derived(weights: dict, meta: dict, cat) -> dict:
+    """Merged projections (meta["derived"]: path -> {"cat": sources, "dim"}) made from their sources, which
+    stay too: mlx-lm reads q/k/v and gate/up apart, ours the merged ones."""
+    for path, recipe in meta.get("derived", {}).items():
+        weights[path] = cat([weights[s] for s in recipe["cat"]], recipe["dim"])
     return weights
 
 
@@ -347,6 +381,33 @@ class Ours:
     def finish(self, state) -> None:
         for s in state["sids"]:
             self.driver.release(s)
+
+
+class OursComposed(Ours):
+    """Ours with the fused paged decode kernel off (VLLM_MLX_PAGED_KERNEL=0: runtime/paged_kernel.py), i.e. the
+    composed attention (block gather + masked SDPA), for an A/B in the same run. Needs its own compiled step:
+    the switch is read when the step is traced, and mx.compile keeps a trace per function and shape."""
+    name = "ours_composed"
+
+    def _off(self, fn, *args, **kw):
+        old = os.environ.get("VLLM_MLX_PAGED_KERNEL")
+        os.environ["VLLM_MLX_PAGED_KERNEL"] = "0"
+        try:
+            return fn(*args, **kw)
+        finally:
+            if old is None:
+                os.environ.pop("VLLM_MLX_PAGED_KERNEL")
+            else:
+                os.environ["VLLM_MLX_PAGED_KERNEL"] = old
+
+    def prefill_last(self, prompt) -> None:
+        return self._off(super().prefill_last, prompt)
+
+    def start(self, prompts):
+        return self._off(super().start, prompts)
+
+    def _record(self, state):
+        return self._off(super()._record, state)
 
 
 class MlxLm:
@@ -664,6 +725,9 @@ def cmd_mlx(args) -> int:
         ours, driver = build_ours(source, weights, meta["layers"], mx.bfloat16, blocks)
         ref = MlxLm(cfg, weights)
         systems = [Ours(ours, driver), ref]
+        wanted = args.systems.split(",")
+        if "ours_composed" in wanted:
+            systems.append(OursComposed(*build_ours(source, weights, meta["layers"], mx.bfloat16, blocks)))
         try:  # same weights in both: their last-token logits must agree (catches RoPE/config mismatches)
             prompt = prompts_for(cfg["vocab_size"], 1, 64, seed=5)[0]
             sid = systems[0]._new(prompt)
@@ -679,6 +743,8 @@ def cmd_mlx(args) -> int:
         except Exception as exc:  # noqa: BLE001
             res.error(f"{name} ours vs mlx-lm logits", exc)
         for system in systems:
+            if system.name not in wanted:
+                continue
             measure_decode(system, res, name, cfg["vocab_size"], batches, modes=("sync", "async"))
             measure_prefill(system, res, name, cfg["vocab_size"], prefills)
         res.data["models"][name]["peak_memory_gb"] = mx.get_peak_memory() / 1e9 if hasattr(mx, "get_peak_memory") else None
@@ -737,7 +803,7 @@ def cmd_profile(args) -> int:
     mlx_setup(args.device)
     import mlx.core as mx
 
-    res = Results(args.out, part="profile")
+    res = Results(args.out, part="profile", batch=args.batch)
     for name in args.models.split(","):
         cfg = load_config(name)
         folder = find_artefact(f"{name}-bfloat16")
@@ -751,10 +817,12 @@ def cmd_profile(args) -> int:
         plain = load_step(source, jit=False)
         ref = MlxLm(cfg, weights)
         out = {}
-        for label in ("ours", "ours_nojit", "mlx_lm"):
-            system = ref if label == "mlx_lm" else Ours(model, driver)
+        for label in args.systems.split(","):
+            system = ref if label == "mlx_lm" else (OursComposed if label == "ours_composed" else Ours)(model, driver)
             if label == "ours_nojit":
                 model.step_fn, compiled = plain, model.step_fn
+            if label == "ours_composed":  # a step traced afresh with the kernel off
+                model.step_fn, compiled = load_step(source, jit=True), model.step_fn
             state = system.start(prompts_for(cfg["vocab_size"], args.batch, PROMPT, seed=7))
             system.decode(state, WARMUP, pipelined=False)
             parts = {k: [] for k in ("record", "launch", "wait", "total")}
@@ -782,7 +850,7 @@ def cmd_profile(args) -> int:
             except Exception as exc:  # noqa: BLE001
                 res.error(f"{name} {label} cupti", exc)
             system.finish(state)
-            if label == "ours_nojit":
+            if label in ("ours_nojit", "ours_composed"):
                 model.step_fn = compiled
         res.data.setdefault("profile", {})[name] = out
         res.save()
@@ -805,6 +873,67 @@ def _cupti_kernels(fn, steps: int) -> dict:
     top = sorted(total.items(), key=lambda kv: -kv[1])[:15]
     return {"per_step": len(kernels) / steps, "gpu_ms_per_step": sum(total.values()) / steps,
             "top": [(n[:80], round(t / steps, 4)) for n, t in top]}
+
+
+def cmd_kernel(args) -> int:
+    """The fused paged decode kernel alone (runtime/paged_kernel.py), 8B attention shape (32 heads, 8 KV
+    heads, D 128, bf16, block 16): GPU time per call through CUPTI for each (warps, unroll), against the
+    composed path (block gather + masked SDPA) and MLX's own decode SDPA on a contiguous unmasked cache
+    (what mlx-lm runs). Prints the best (warps, unroll): the one whose worst ratio to the per-batch best is
+    smallest."""
+    mlx_setup(args.device)
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime import paged_kernel
+    from runtime.attention import _attend
+
+    res = Results(args.out, part="kernel")
+    kvh, h, d, bs, ctx = 8, 32, 128, BLOCK, args.context
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    times = {}
+    for t in [int(b) for b in args.batches.split(",")]:
+        rng = np.random.default_rng(t)
+        n_used = -(-ctx // bs)
+        width = 1 << (n_used - 1).bit_length()
+        num_blocks = t * n_used + 1
+        table = np.zeros((t, width), np.int32)
+        table[:, :n_used] = rng.permutation(np.arange(1, num_blocks)).reshape(t, n_used)
+        kc = (mx.random.normal((kvh, num_blocks, bs, d)) * 0.5).astype(mx.bfloat16)
+        vc = mx.random.normal((kvh, num_blocks, bs, d)).astype(mx.bfloat16)
+        q = mx.random.normal((t, h, d)).astype(mx.bfloat16)
+        group = {"q_index": mx.arange(t, dtype=mx.int32)[:, None], "q_pos": mx.full((t, 1), ctx - 1, mx.int32),
+                 "blocks": mx.array(table), "key_pos": mx.arange(width * bs, dtype=mx.int32)}
+        kd = mx.random.normal((t, kvh, ctx, d)).astype(mx.bfloat16)
+        mx.eval(kc, vc, q, kd, group)
+        runs = {f"{nw}x{u}": (lambda nw=nw, u=u: paged_kernel.paged_decode_attention(
+            q, kc, vc, group["blocks"], group["q_pos"], scale=d ** -0.5, warps=nw, unroll=u)) for nw, u in configs}
+        runs["composed"] = lambda: _attend(q, kc, vc, group, d ** -0.5, -1, 0.0)
+        runs["mlx_sdpa_contiguous"] = lambda: mx.fast.scaled_dot_product_attention(
+            q[:, :, None], kd, kd, scale=d ** -0.5)
+        want = runs["composed"]().reshape(t, -1).astype(mx.float32)
+        for label, fn in runs.items():
+            try:
+                if label[0].isdigit():  # a wrong kernel must not win on speed
+                    err = mx.abs(fn().astype(mx.float32) - want).max().item()
+                    assert err < 3e-2, f"{label}: max abs error {err}"
+                for _ in range(3):
+                    mx.eval(fn())
+                k = _cupti_kernels(lambda: [mx.eval(fn()) for _ in range(20)], steps=20)
+                us = k["gpu_ms_per_step"] * 1e3
+                times.setdefault(label, {})[t] = us
+                res.add(kind="attention_kernel", config=label, batch=t, context=ctx, gpu_us=us,
+                        kernels=k["per_step"], top=k["top"][:4])
+                log(f"kernel b={t} ctx={ctx} {label}: {us:.1f} us GPU, {k['per_step']:.0f} kernels")
+            except Exception as exc:  # noqa: BLE001
+                res.error(f"kernel {label} b={t}", exc)
+    tuned = {c: v for c, v in times.items() if c[0].isdigit() and len(v) == len(times["composed"])}
+    best = {t: min(v[t] for v in tuned.values()) for t in times["composed"]}
+    pick = min(tuned, key=lambda c: max(tuned[c][t] / best[t] for t in best))
+    res.data["best"] = pick
+    res.save()
+    print(pick.replace("x", ","))
+    return 0
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -841,6 +970,7 @@ def check(name: str, dtype_name: str, device: str) -> dict:
         from safetensors.torch import load_file
 
         weights.update({p: v for p, v in load_file(str(folder / "constants.safetensors")).items() if p in meta["constants"]})
+        weights = with_derived(weights, meta, torch.cat)
         how = f"artefact {folder} (lowered with torch {meta.get('torch')})"
     lower_s = time.perf_counter() - t
     mx_dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}[dtype_name]
@@ -908,11 +1038,19 @@ def main(argv=None) -> int:
             q.add_argument("--budget-s", type=float, default=480.0, help="skip torch.compile work started after this")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     q.add_argument("--profile", default="", help="also split a batch-1 decode step of this model")
+    q.add_argument("--systems", default="ours,mlx_lm", help="ours, ours_composed (fused decode kernel off), mlx_lm")
     q = sub.add_parser("profile")
     q.add_argument("--models", default="llama8b,smollm2")
     q.add_argument("--out")
+    q.add_argument("--systems", default="ours,ours_nojit,mlx_lm", help="also: ours_composed (fused decode kernel off)")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     q.add_argument("--batch", type=int, default=1)
+    q = sub.add_parser("kernel")
+    q.add_argument("--out")
+    q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
+    q.add_argument("--batches", default="1,8,32,128")
+    q.add_argument("--context", type=int, default=172)
+    q.add_argument("--configs", default="4x4,8x2,8x4,16x1,16x2,16x4,32x1,32x2")
     q = sub.add_parser("check")
     q.add_argument("--model", default="smollm2")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -927,7 +1065,7 @@ def main(argv=None) -> int:
 
         return report(args.files, args.write)
     return {"lower": cmd_lower, "torch": cmd_torch, "mlx": cmd_mlx, "check": cmd_check,
-            "profile": cmd_profile}[args.cmd](args)
+            "profile": cmd_profile, "kernel": cmd_kernel}[args.cmd](args)
 
 
 if __name__ == "__main__":

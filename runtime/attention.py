@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from runtime import fastmath
+from runtime import fastmath, paged_kernel
 
 
 def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim, scale, window=-1, cap=0.0):
@@ -65,8 +65,13 @@ def _attend(q, k_cache, v_cache, group, scale, window, cap):
 def _attend_decode(q, k_cache, v_cache, group, scale, window, cap):
     """A pure decode step (every token is its sequence's only query; GPU work, issue 10): the queries
     are q itself as [T, H, 1, D] and the output goes straight back to [T, H*D], so the per-layer query
-    gather, the padded-row gather and two transposes drop out (q_index and out_index are aranges here)."""
+    gather, the padded-row gather and two transposes drop out (q_index and out_index are aranges here).
+    On MLX's CUDA backend one fused kernel (runtime/paged_kernel.py) reads the cache through the block
+    table in place: no K/V gather copy, no mask, one launch instead of ~9 per layer."""
     t, h, d = q.shape
+    if paged_kernel.usable(d):
+        return paged_kernel.paged_decode_attention(
+            q, k_cache, v_cache, group["blocks"], group["q_pos"], scale=scale, window=window, cap=cap)
     queries = q.reshape(t, h, 1, d)
     keys = _gather(k_cache, group).astype(queries.dtype)
     values = _gather(v_cache, group).astype(queries.dtype)

@@ -49,3 +49,164 @@ def test_benchmark_check_on_cpu(dtype, monkeypatch, tmp_path):
     assert out["rel_err"] <= (1e-5 if dtype == "float32" else 2e-2)
     if not vllm_before:
         assert not out["vllm_imported"]  # the HF front end never imports vLLM
+
+
+# ----------------------------------------------------------------------------- the fused paged decode kernel
+def _cuda() -> bool:
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)
+    return cuda is not None and cuda.is_available() and mx.default_device().type == mx.gpu
+
+
+def test_paged_kernel_off_on_cpu():
+    """The CPU path stays the composed one: the kernel only ever serves a CUDA default device."""
+    import mlx.core as mx
+
+    from runtime import paged_kernel
+
+    with mx.stream(mx.cpu):
+        assert not paged_kernel.usable(128)
+    assert paged_kernel.usable(128) == _cuda()
+
+
+def _decode_case(batch, kv_heads, groups, head_dim, contexts, dtype, block_size=16, num_blocks=None, seed=0):
+    """Random head-major caches and a shuffled block table per sequence, as runtime.batch lays a decode
+    group out (table width = the Lk bucket, unused entries block 0)."""
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    need = [-(-c // block_size) for c in contexts]
+    width = 1 << max(0, (max(need) - 1).bit_length())
+    num_blocks = num_blocks or sum(need) + 3
+    pool = rng.permutation(np.arange(1, num_blocks))  # block 0: the padding block, never a context block
+    table = np.zeros((batch, width), np.int32)
+    at = 0
+    for i, n in enumerate(need):
+        table[i, :n] = pool[at:at + n]
+        at += n
+    h = kv_heads * groups
+    shape = (kv_heads, num_blocks, block_size, head_dim)
+    k = mx.array(rng.standard_normal(shape, np.float32)).astype(dtype)
+    v = mx.array(rng.standard_normal(shape, np.float32)).astype(dtype)
+    q = mx.array(rng.standard_normal((batch, h, head_dim), np.float32)).astype(dtype)
+    q_pos = np.array(contexts, np.int32)[:, None] - 1
+    group = {"q_index": mx.arange(batch, dtype=mx.int32)[:, None], "q_pos": mx.array(q_pos),
+             "blocks": mx.array(table), "key_pos": mx.arange(width * block_size, dtype=mx.int32)}
+    return q, k, v, group
+
+
+def _reference(q, k, v, group, scale, window, cap):
+    """The composed path (`_attend`: gather + masked SDPA) in float32."""
+    import mlx.core as mx
+
+    from runtime.attention import _attend
+
+    f32 = mx.float32
+    out = _attend(q.astype(f32), k.astype(f32), v.astype(f32), group, scale, window, cap)
+    return out.reshape(q.shape[0], -1)
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("batch,kv_heads,groups,head_dim", [
+    (1, 8, 4, 128), (8, 8, 4, 128), (32, 8, 4, 128), (8, 2, 1, 64), (32, 4, 1, 128), (1, 3, 4, 64)])
+def test_paged_kernel_matches_composed(dtype_name, batch, kv_heads, groups, head_dim):
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime import paged_kernel
+
+    dtype = getattr(mx, dtype_name)
+    rng = np.random.default_rng(batch * 1000 + head_dim + groups)
+    # contexts: 1 key, a block edge, non-multiples of the block, one long enough for 8 warps (> 256 keys)
+    contexts = ([1, 16, 17, 100, 171, 255, 256, 300] * 4)[:batch] if batch > 1 else [171]
+    if batch >= 8:
+        contexts[-1] = 700
+    contexts = [int(c) for c in rng.permutation(contexts)]
+    q, k, v, group = _decode_case(batch, kv_heads, groups, head_dim, contexts, dtype, seed=batch + head_dim)
+    scale = head_dim ** -0.5
+    want = _reference(q, k, v, group, scale, -1, 0.0)
+    got = paged_kernel.paged_decode_attention(q, k, v, group["blocks"], group["q_pos"], scale=scale)
+    assert got.shape == (batch, kv_heads * groups * head_dim) and got.dtype == dtype
+    err = mx.abs(got.astype(mx.float32) - want).max().item()
+    # same inputs in both: f32 differs by summation order, f16/bf16 by rounding the output (half an ulp)
+    tol = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}[dtype_name] * max(1.0, mx.abs(want).max().item())
+    assert err <= tol, (dtype_name, err, tol)
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("warps,unroll", [(8, 2), (4, 4), (32, 1), (16, 4)])
+def test_paged_kernel_block_shapes(warps, unroll):
+    """Every (warps, unroll) the sweep and the size rule pick from gives the composed result."""
+    import mlx.core as mx
+
+    from runtime import paged_kernel
+
+    q, k, v, group = _decode_case(8, 8, 4, 128, [1, 2, 15, 16, 17, 171, 256, 700], mx.float32, seed=7)
+    want = _reference(q, k, v, group, 128 ** -0.5, -1, 0.0)
+    got = paged_kernel.paged_decode_attention(q, k, v, group["blocks"], group["q_pos"], scale=128 ** -0.5,
+                                              warps=warps, unroll=unroll)
+    assert mx.abs(got - want).max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("window,cap", [(33, 0.0), (8, 0.0), (-1, 2.0), (40, 3.0)])
+def test_paged_kernel_window_and_cap(window, cap):
+    import mlx.core as mx
+
+    from runtime import paged_kernel
+
+    q, k, v, group = _decode_case(8, 4, 2, 64, [5, 16, 33, 34, 100, 200, 257, 9], mx.float32, seed=3)
+    want = _reference(q * 4, k, v, group, 0.125, window, cap)  # q * 4: logits large enough for the cap to bite
+    got = paged_kernel.paged_decode_attention(q * 4, k, v, group["blocks"], group["q_pos"], scale=0.125,
+                                              window=window, cap=cap)
+    assert mx.abs(got - want).max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_paged_attention_decode_compiled_kernel_vs_composed(dtype_name, monkeypatch):
+    """The whole layer (`paged_attention`: K/V write + decode attention) under mx.compile, the fused kernel
+    against the composed path (VLLM_MLX_PAGED_KERNEL=0), including the caches it returns."""
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime import paged_kernel
+    from runtime.attention import paged_attention
+
+    dtype = getattr(mx, dtype_name)
+    kvh, g, d, bs = 8, 4, 128, 16
+    contexts = [3, 16, 17, 64, 90, 129, 200, 256]
+    q, kc, vc, group = _decode_case(len(contexts), kvh, g, d, contexts, dtype, seed=11)
+    t = len(contexts)
+    table = np.array(group["blocks"])
+    pos = np.array(group["q_pos"])[:, 0]
+    slots = table[np.arange(t), pos // bs] * bs + pos % bs  # this step's token is the context's last key
+    rows = (np.arange(kvh)[:, None] * (kc.shape[1] * bs) + slots[None, :]).reshape(-1).astype(np.int32)
+    batch = {"slot_mapping": mx.array(slots.astype(np.int32)), "kv_rows": mx.array(rows),
+             "out_index": mx.arange(t, dtype=mx.int32), "groups": [group]}
+    rng = np.random.default_rng(5)
+    new_k = mx.array(rng.standard_normal((t, kvh * d), np.float32)).astype(dtype)
+    new_v = mx.array(rng.standard_normal((t, kvh * d), np.float32)).astype(dtype)
+
+    def make_layer():  # a new function per trace: mx.compile caches traces by function
+        def layer(q, k, v, kc, vc):
+            out, (kc, vc) = paged_attention(q.reshape(t, -1), k, v, (kc, vc), batch, num_heads=kvh * g,
+                                            num_kv_heads=kvh, head_dim=d, scale=d ** -0.5)
+            return out, kc, vc
+        return layer
+
+    assert paged_kernel.usable(d)
+    fused_fn = mx.compile(make_layer())
+    fused = fused_fn(q, new_k, new_v, kc, vc)
+    mx.eval(fused)
+    monkeypatch.setenv("VLLM_MLX_PAGED_KERNEL", "0")
+    assert not paged_kernel.usable(d)
+    composed_fn = mx.compile(make_layer())
+    composed = composed_fn(q, new_k, new_v, kc, vc)
+    mx.eval(fused, composed)
+    err = mx.abs(fused[0].astype(mx.float32) - composed[0].astype(mx.float32)).max().item()
+    assert err <= (1e-5 if dtype_name == "float32" else 2e-2), err
+    assert mx.array_equal(fused[1], composed[1]).item() and mx.array_equal(fused[2], composed[2]).item()

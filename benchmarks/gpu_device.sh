@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# benchmarks/gpu.py on the lent GPU machine (issue 10), in stages, from the repo root there:
+#   stage1   copy the first half of the MLX CUDA wheel (.gpuwhl/p1, carried) to /root/whl
+#   test     (.gpuwhl/p2 carried) join + check + install the wheels if MLX-CUDA is missing; the GPU tests
+#            (tests/test_gpu_device.py: fused paged decode kernel vs the composed path), then the
+#            correctness check (SmolLM2 shape f32 + bf16 vs transformers on the CPU), a batch-1 profile
+#   bench    sweep the kernel's (warps, unroll) unless MLX_PAGED_KERNEL_TUNE is set, the GPU tests again with
+#            the pick, profiles at batch 1 and 128, ours vs ours_composed (kernel off) vs mlx-lm, both models
+# A call carries at most 64 MiB, so the 86 MiB wheel travels in two parts on two calls to a warm machine
+# (../shared/ENVIRONMENT.md). Results go to $OUT (what comes back).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+W=/root/whl
+R=${RUN:-r4}
+mkdir -p "$W"
+git_state() { echo "HEAD $(git rev-parse HEAD 2>/dev/null)"; git status --short 2>/dev/null; }
+
+ensure_mlx() {
+    python3 -c "import mlx.core as mx; assert mx.cuda.is_available()" 2>/dev/null && return 0
+    [ -f .gpuwhl/p2/part.ab ] && cp .gpuwhl/p2/part.ab "$W/"
+    [ -f "$W/part.aa" ] && [ -f "$W/part.ab" ] || { echo "wheel parts missing: run stage1 first"; return 3; }
+    cat "$W/part.aa" "$W/part.ab" > "$W/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl"
+    (cd "$W" && sha256sum -c cuda.sha256) || return 3
+    python3 -m pip install -q --no-deps --no-index "$W"/mlx-0.32.4-*.whl "$W"/mlx_cuda_13-*.whl "$W"/mlx_lm-*.whl || return 4
+    python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), mx.cuda.is_available())"
+}
+
+case "${1:-}" in
+stage1)
+    cp .gpuwhl/p1/* "$W/" && ls -la "$W" && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    ;;
+test)
+    ensure_mlx || exit $?
+    git_state > "$OUT/tree.txt"
+    set -o pipefail
+    python3 -m pytest -q -x -p no:cacheprovider -k paged tests/test_gpu_device.py 2>&1 | tee "$OUT/pytest.log" || exit 5
+    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
+    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
+    python3 benchmarks/gpu.py profile --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-profile.json"
+    ;;
+bench)
+    ensure_mlx || exit $?
+    git_state > "$OUT/tree-bench.txt"
+    if [ -z "${MLX_PAGED_KERNEL_TUNE:-}" ]; then  # sweep the kernel's (warps, unroll); measure with the best
+        tune=$(python3 benchmarks/gpu.py kernel --out "$OUT/gpu-$R-kernel.json" | tail -1)
+        [[ "$tune" =~ ^[0-9]+,[0-9]+$ ]] || { echo "kernel sweep failed: $tune"; exit 6; }
+        export MLX_PAGED_KERNEL_TUNE=$tune
+    fi
+    echo "MLX_PAGED_KERNEL_TUNE=$MLX_PAGED_KERNEL_TUNE" | tee -a "$OUT/tree-bench.txt"
+    set -o pipefail
+    python3 -m pytest -q -x -p no:cacheprovider -k "paged and (bfloat16 or compiled or window)" tests/test_gpu_device.py \
+        2>&1 | tee "$OUT/pytest-bench.log" || exit 5
+    set +o pipefail
+    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
+    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
+    python3 benchmarks/gpu.py profile --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-profile.json"
+    python3 benchmarks/gpu.py mlx --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-mlx.json"
+    python3 benchmarks/gpu.py profile --models llama8b --batch 128 --systems ours,ours_composed,mlx_lm \
+        --out "$OUT/gpu-$R-profile-b128.json"
+    ;;
+repeat)  # the measurements again on this machine, with the code's own kernel shape rule
+    ensure_mlx || exit $?
+    git_state > "$OUT/tree-repeat.txt"
+    set -o pipefail
+    python3 -m pytest -q -x -p no:cacheprovider -k "paged and (block_shapes or compiled)" tests/test_gpu_device.py \
+        2>&1 | tee "$OUT/pytest-repeat.log" || exit 5
+    set +o pipefail
+    python3 benchmarks/gpu.py mlx --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-mlx.json"
+    python3 benchmarks/gpu.py profile --systems ours,mlx_lm --out "$OUT/gpu-$R-profile.json"
+    python3 benchmarks/gpu.py profile --models llama8b --batch 128 --systems ours,mlx_lm \
+        --out "$OUT/gpu-$R-profile-b128.json"
+    ;;
+*)
+    echo "usage: $0 stage1|test|bench|repeat"; exit 2
+    ;;
+esac

@@ -1,0 +1,176 @@
+"""Fused paged decode attention for MLX's CUDA backend (issue 10): one kernel launch per layer.
+
+The composed decode path (runtime/attention.py `_attend_decode`) gathers each sequence's K and V
+through the block table (two copies) and, because the padded keys of the last block need a mask,
+falls back from MLX's one-kernel decode SDPA to the composed one (~6 kernels). On MLX-CUDA each
+kernel costs ~9.5 us of host time, more than the attention's GPU work at decode. This kernel reads
+the head-major cache [KVH, blocks, block_size, D] in place through the block table and stops at the
+sequence's own length (context = q_pos + 1), so it needs neither the gather nor a mask.
+
+One CUDA block per (query head, sequence), NW warps splitting the keys; a lane holds D/32 elements of
+the head dim; online softmax in f32 (exp2, log2(e) folded into the scale), warps merged through shared
+memory at the end. GQA: query head h reads KV head h // (H / KVH); the q heads of one KV head are
+neighbouring blocks, so their repeated K/V reads hit L2. Sliding window and logit soft-capping are
+template constants. Row-contiguous inputs (MLX copies others first).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import mlx.core as mx
+
+_SOURCE = r"""
+    constexpr int E = D / 32;                      // head-dim elements per lane
+    const int h = blockIdx.x;                      // query head
+    const int t = blockIdx.y;                      // sequence: its one query token
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int n = blocks_shape[1];                 // block-table width of this group
+    const int kvh = h / G;
+    const int p = q_pos[t];                        // keys 0..p are this sequence's context
+    const int lo = WINDOW > 0 ? max(0, p - WINDOW + 1) : 0;
+    const float scale = __int_as_float(SCALE_BITS);
+    const float cap = __int_as_float(CAP_BITS);
+    const float log2e = 1.4426950408889634f;
+    const float NEG_INF = -__int_as_float(0x7f800000);  // MLX 0.32.4's kernel header has no `inf`
+
+    float qv[E];
+    const size_t qo = ((size_t)t * gridDim.x + h) * D + lane * E;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        // no cap: scores go straight to the log2 domain; with one, tanh needs the scaled logit first
+        qv[e] = static_cast<float>(q[qo + e]) * (CAP ? scale : scale * log2e);
+    }
+    const int* table = blocks + (size_t)t * n;
+    const size_t head = (size_t)kvh * k_cache_shape[1] * BS * D + lane * E;
+
+    float m = NEG_INF, l = 0.f, acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = 0.f;
+
+    // U keys per warp per iteration: their loads are independent, so they overlap
+    for (int base = lo + warp * U; base <= p; base += NW * U) {
+        float s[U];
+        size_t off[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j = min(base + u, p);        // past p: recompute key p, dropped below
+            off[u] = head + ((size_t)table[j / BS] * BS + j % BS) * D;
+            float dot = 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) dot += qv[e] * static_cast<float>(k_cache[off[u] + e]);
+            s[u] = dot;
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffff, s[u], o);
+            if (CAP) s[u] = tanhf(s[u] / cap) * cap * log2e;
+            if (base + u > p) s[u] = NEG_INF;
+        }
+        float mx_ = m;
+#pragma unroll
+        for (int u = 0; u < U; ++u) mx_ = fmaxf(mx_, s[u]);
+        const float corr = exp2f(m - mx_);         // m = NEG_INF on the first keys: 0
+        l *= corr;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] *= corr;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const float w = exp2f(s[u] - mx_);     // a dropped key: exp2(-inf) = 0
+            l += w;
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[e] += w * static_cast<float>(v_cache[off[u] + e]);
+        }
+        m = mx_;
+    }
+
+    __shared__ float sm_m[NW], sm_l[NW], sm_acc[NW][D];
+    if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
+#pragma unroll
+    for (int e = 0; e < E; ++e) sm_acc[warp][lane * E + e] = acc[e];
+    __syncthreads();
+    float big = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) big = fmaxf(big, sm_m[w]);
+    for (int d = threadIdx.x; d < D; d += NW * 32) {
+        float total = 0.f, o = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {             // a warp that saw no key has m = NEG_INF: weight 0
+            const float c = exp2f(sm_m[w] - big);
+            total += sm_l[w] * c;
+            o += sm_acc[w][d] * c;
+        }
+        out[((size_t)t * gridDim.x + h) * D + d] = static_cast<OutT>(o / total);
+    }
+"""
+
+_KERNEL = None
+# Keys in flight per warp, and warps per (head, sequence) block: 16 while the grid is small (batch 1-32 of
+# the 8B shape: latency, few blocks), 8 from 2048 blocks. From the H200 sweep (`benchmarks/gpu.py kernel`,
+# gpu-r4-kernel.json; 32 heads, context 172, bf16): 16x2 10.4 / 7.6 / 22.4 / 91.9 us at batch 1 / 8 / 32 / 128,
+# 8x2 12.7 / 9.0 / 22.8 / 82.6; MLX's decode SDPA on a contiguous cache 6.0 / 9.7 / 32.5 / 126.6.
+# MLX_PAGED_KERNEL_TUNE="NW,U" fixes both (the sweep).
+UNROLL = 2
+_TUNE = os.environ.get("MLX_PAGED_KERNEL_TUNE")
+
+
+def _warps_unroll(blocks: int) -> tuple[int, int]:
+    if _TUNE:
+        nw, u = (int(x) for x in _TUNE.split(","))
+        return nw, u
+    return (16 if blocks < 2048 else 8), UNROLL
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is None:  # built on first use: mx.fast.cuda_kernel exists on every build, runs only on CUDA
+        _KERNEL = mx.fast.cuda_kernel(
+            name="paged_decode_attention",
+            input_names=["q", "k_cache", "v_cache", "blocks", "q_pos"],
+            output_names=["out"],
+            source=_SOURCE,
+        )
+    return _KERNEL
+
+
+def _float_bits(x: float) -> int:
+    """A positive float as an int template constant: templates take int/bool/dtype, and their values
+    name the compiled kernel, so two scales never share one (a negative int would put '-' in the name)."""
+    return struct.unpack("<i", struct.pack("<f", float(x)))[0]
+
+
+def usable(head_dim: int) -> bool:
+    """Whether the fused kernel serves this call: MLX's default device is a CUDA GPU and D splits over a
+    warp. VLLM_MLX_PAGED_KERNEL=0 turns it off (the composed path, for A/B measurements)."""
+    if os.environ.get("VLLM_MLX_PAGED_KERNEL", "1") == "0" or head_dim % 32 or head_dim > 256:
+        return False
+    if mx.default_device().type != mx.gpu:
+        return False
+    cuda = getattr(mx, "cuda", None)
+    return cuda is not None and cuda.is_available()
+
+
+def paged_decode_attention(q, k_cache, v_cache, blocks, q_pos, *, scale: float, window: int = -1, cap: float = 0.0,
+                           warps: int | None = None, unroll: int | None = None):
+    """q [T, H, D] (one query per sequence); k_cache, v_cache [KVH, blocks, block_size, D]; blocks [T, n]
+    int32 block table; q_pos [T] or [T, 1] int32 position of each query (its context is q_pos + 1 keys).
+    Returns [T, H * D] in q's dtype."""
+    t, h, d = q.shape
+    kvh, _, block_size, _ = k_cache.shape
+    nw, u = _warps_unroll(t * h)
+    nw, u = warps or nw, unroll or u
+    blocks = blocks if blocks.dtype == mx.int32 else blocks.astype(mx.int32)
+    q_pos = q_pos if q_pos.dtype == mx.int32 else q_pos.astype(mx.int32)
+    out = _kernel()(
+        inputs=[q, k_cache, v_cache, blocks, q_pos],
+        template=[("OutT", q.dtype), ("D", d), ("BS", block_size), ("G", h // kvh), ("NW", nw), ("U", u),
+                  ("WINDOW", max(int(window), 0)), ("CAP", bool(cap > 0)), ("SCALE_BITS", _float_bits(scale)),
+                  ("CAP_BITS", _float_bits(cap if cap > 0 else 1.0))],
+        grid=(h * nw * 32, t, 1),
+        threadgroup=(nw * 32, 1, 1),
+        output_shapes=[(t, h * d)],
+        output_dtypes=[q.dtype],
+    )
+    return out[0]
