@@ -1,7 +1,8 @@
 """Tables of the GPU section of docs/benchmarks.md from benchmarks/gpu.py's JSON results.
 
-    .venv/bin/python benchmarks/gpu.py report benchmarks/results/gpu-r3-mlx.json \\
-        benchmarks/results/gpu-r2-torch-eager.json benchmarks/results/gpu-r1-torch.json
+    .venv/bin/python benchmarks/gpu.py report benchmarks/results/gpu-r4-mlx.json benchmarks/results/gpu-r4b-mlx.json \\
+        benchmarks/results/gpu-r2-torch-eager.json benchmarks/results/gpu-r1-torch.json \\
+        benchmarks/results/gpu-r4-profile.json benchmarks/results/gpu-r4-profile-b128.json ...
 
 Each file is one process's results (one system family); a table takes every system it finds, the
 first file that has it winning. Prints markdown; the prose around it is written by hand.
@@ -88,19 +89,42 @@ def profile_table(files: list[str]) -> str | None:
                 if not isinstance(v, dict) or "total" not in v:
                     continue
                 k = v.get("kernels") or {}
-                rows.append(f"| {model}, batch {data.get('batch', 1)} | {label} | {k.get('per_step', 0):.0f} | "
+                rows.append(f"| {Path(f).stem} | {model}, batch {data.get('batch', 1)} | {label} | {k.get('per_step', 0):.0f} | "
                             f"{k.get('gpu_ms_per_step', 0):.2f} ms | {v['record']:.2f} ms | {v['launch']:.2f} ms | "
                             f"{v['wait']:.2f} ms | {v['total']:.2f} ms |")
     if not rows:
         return None
-    return "\n".join(["| model | system | kernels / step | GPU kernel time / step | host: record | host: launch | wait | step |",
-                      "|---|---|---|---|---|---|---|---|", *rows])
+    return "\n".join(["| run | model | system | kernels / step | GPU kernel time / step | host: record | host: launch | wait | step |",
+                      "|---|---|---|---|---|---|---|---|---|", *rows])
+
+
+def runs_table(files: list[str], model: str) -> str | None:
+    """ours / mlx-lm per `mlx` results file (one machine each): how much a ratio moves between runs."""
+    runs = [f for f in files if json.loads(Path(f).read_text()).get("part") == "mlx"]
+    if len(runs) < 2:
+        return None
+    idx = {f: _index([f]) for f in runs}
+    head = " | ".join(f"{Path(f).stem}: ours, mlx-lm, ratio" for f in runs)
+    lines = [f"| workload | {head} |", "|---|" + "---|" * len(runs)]
+    work = [("prefill", n, "sync") for n in (512, 4096)] + [("decode", b, m) for b in (1, 8, 32, 128) for m in ("sync", "async")]
+    for kind, size, mode in work:
+        cells = []
+        for f in runs:
+            o = (idx[f].get(("ours", model, kind, size, mode)) or (None,))[0]
+            m = (idx[f].get(("mlx_lm", model, kind, size, mode)) or (None,))[0]
+            cells.append(f"{_cell(o)}, {_cell(m)}, {_ratio(o, m)}")
+        name = f"prefill {size}" if kind == "prefill" else f"decode batch {size}, {mode}"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def report(files: list[str], write: bool = False) -> int:
     for model in ("llama8b", "smollm2"):
         print(f"\n### {model}\n")
         print(table(files, model))
+        runs = runs_table(files, model)
+        if runs:
+            print(f"\n{model}: ours / mlx-lm in each run\n\n{runs}")
         ab = kernel_ab(files, model)
         if ab:
             print(f"\n{model}: fused kernel vs composed attention, same run\n\n{ab}")

@@ -4,8 +4,8 @@
 #   test     (.gpuwhl/p2 carried) join + check + install the wheels if MLX-CUDA is missing; the GPU tests
 #            (tests/test_gpu_device.py: fused paged decode kernel vs the composed path), then the
 #            correctness check (SmolLM2 shape f32 + bf16 vs transformers on the CPU), a batch-1 profile
-#   bench    sweep the kernel's (warps, unroll) unless MLX_PAGED_KERNEL_TUNE is set, the GPU tests again with
-#            the pick, profiles at batch 1 and 128, ours vs ours_composed (kernel off) vs mlx-lm, both models
+#   bench    the GPU kernel tests, a sweep of the kernel's (warps, unroll) (USE_PICK=1: measure with its pick),
+#            the checks, profiles at batch 1 and 128, ours vs ours_composed (kernel off) vs mlx-lm, both models
 # A call carries at most 64 MiB, so the 86 MiB wheel travels in two parts on two calls to a warm machine
 # (../shared/ENVIRONMENT.md). Results go to $OUT (what comes back).
 set -u
@@ -42,15 +42,13 @@ test)
 bench)
     ensure_mlx || exit $?
     git_state > "$OUT/tree-bench.txt"
-    if [ -z "${MLX_PAGED_KERNEL_TUNE:-}" ]; then  # sweep the kernel's (warps, unroll); measure with the best
-        tune=$(python3 benchmarks/gpu.py kernel --out "$OUT/gpu-$R-kernel.json" | tail -1)
-        [[ "$tune" =~ ^[0-9]+,[0-9]+$ ]] || { echo "kernel sweep failed: $tune"; exit 6; }
-        export MLX_PAGED_KERNEL_TUNE=$tune
-    fi
-    echo "MLX_PAGED_KERNEL_TUNE=$MLX_PAGED_KERNEL_TUNE" | tee -a "$OUT/tree-bench.txt"
     set -o pipefail
-    python3 -m pytest -q -x -p no:cacheprovider -k "paged and (bfloat16 or compiled or window)" tests/test_gpu_device.py \
-        2>&1 | tee "$OUT/pytest-bench.log" || exit 5
+    python3 -m pytest -q -x -p no:cacheprovider -k paged tests/test_gpu_device.py 2>&1 | tee "$OUT/pytest-bench.log" || exit 5
+    # sweep the kernel's (warps, unroll); USE_PICK=1 measures with the best, else with the code's own rule
+    tune=$(python3 benchmarks/gpu.py kernel --out "$OUT/gpu-$R-kernel.json" | tail -1)
+    [[ "$tune" =~ ^[0-9]+,[0-9]+$ ]] || { echo "kernel sweep failed: $tune"; exit 6; }
+    [ "${USE_PICK:-0}" = 1 ] && export MLX_PAGED_KERNEL_TUNE=$tune
+    echo "sweep pick $tune; MLX_PAGED_KERNEL_TUNE=${MLX_PAGED_KERNEL_TUNE:-unset}" | tee -a "$OUT/tree-bench.txt"
     set +o pipefail
     python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
     python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"

@@ -42,24 +42,36 @@ _SOURCE = r"""
         // no cap: scores go straight to the log2 domain; with one, tanh needs the scaled logit first
         qv[e] = static_cast<float>(q[qo + e]) * (CAP ? scale : scale * log2e);
     }
+    // this sequence's block ids in shared memory: a key's address then costs no global round trip
+    constexpr int TABLE_CAP = 1024;
+    __shared__ int sm_table[TABLE_CAP];
     const int* table = blocks + (size_t)t * n;
+    const bool in_smem = p / BS < TABLE_CAP;
+    if (in_smem) {
+        for (int i = lo / BS + threadIdx.x; i <= p / BS; i += NW * 32) sm_table[i] = table[i];
+    }
+    __syncthreads();
     const size_t head = (size_t)kvh * k_cache_shape[1] * BS * D + lane * E;
+    using Vec = AlignedVector<KT, E>;              // a lane's E elements of one K (or V) row, one load
 
     float m = NEG_INF, l = 0.f, acc[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[e] = 0.f;
 
-    // U keys per warp per iteration: their loads are independent, so they overlap
+    // U keys per warp per iteration, K and V rows loaded together up front: one memory latency per iteration
     for (int base = lo + warp * U; base <= p; base += NW * U) {
         float s[U];
-        size_t off[U];
+        Vec vv[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int j = min(base + u, p);        // past p: recompute key p, dropped below
-            off[u] = head + ((size_t)table[j / BS] * BS + j % BS) * D;
+            const int blk = in_smem ? sm_table[j / BS] : table[j / BS];
+            const size_t off = head + ((size_t)blk * BS + j % BS) * D;
+            const Vec kk = *reinterpret_cast<const Vec*>(k_cache + off);
+            vv[u] = *reinterpret_cast<const Vec*>(v_cache + off);
             float dot = 0.f;
 #pragma unroll
-            for (int e = 0; e < E; ++e) dot += qv[e] * static_cast<float>(k_cache[off[u] + e]);
+            for (int e = 0; e < E; ++e) dot += qv[e] * static_cast<float>(kk[e]);
             s[u] = dot;
         }
 #pragma unroll
@@ -81,7 +93,7 @@ _SOURCE = r"""
             const float w = exp2f(s[u] - mx_);     // a dropped key: exp2(-inf) = 0
             l += w;
 #pragma unroll
-            for (int e = 0; e < E; ++e) acc[e] += w * static_cast<float>(v_cache[off[u] + e]);
+            for (int e = 0; e < E; ++e) acc[e] += w * static_cast<float>(vv[u][e]);
         }
         m = mx_;
     }
@@ -107,27 +119,19 @@ _SOURCE = r"""
 """
 
 _KERNEL = None
-# Keys in flight per warp, and warps per (head, sequence) block: 16 while the grid is small (batch 1-32 of
-# the 8B shape: latency, few blocks), 8 from 2048 blocks. From the H200 sweep (`benchmarks/gpu.py kernel`,
-# gpu-r4-kernel.json; 32 heads, context 172, bf16): 16x2 10.4 / 7.6 / 22.4 / 91.9 us at batch 1 / 8 / 32 / 128,
-# 8x2 12.7 / 9.0 / 22.8 / 82.6; MLX's decode SDPA on a contiguous cache 6.0 / 9.7 / 32.5 / 126.6.
-# MLX_PAGED_KERNEL_TUNE="NW,U" fixes both (the sweep).
-UNROLL = 2
-_TUNE = os.environ.get("MLX_PAGED_KERNEL_TUNE")
-
-
-def _warps_unroll(blocks: int) -> tuple[int, int]:
-    if _TUNE:
-        nw, u = (int(x) for x in _TUNE.split(","))
-        return nw, u
-    return (16 if blocks < 2048 else 8), UNROLL
+# Warps per (head, sequence) block and keys in flight per warp. The H200 sweep (`benchmarks/gpu.py kernel`,
+# gpu-r4c-kernel.json: 8B attention shape, 32 heads, context 172, bf16; GPU us per call at batch 1 / 8 / 32 / 128):
+# 8x4 9.6 / 7.0 / 19.0 / 68.6, within 4% of the best of 8 shapes at every batch (16x2: 9.6 / 7.4 / 21.4 / 82.7);
+# the composed path 35.8 / 79.1 / 241 / 861; MLX's decode SDPA on a contiguous unmasked cache 6.0 / 9.7 / 32.5 / 126.
+# MLX_PAGED_KERNEL_TUNE="NW,U" overrides both (the sweep).
+WARPS, UNROLL = (int(x) for x in os.environ.get("MLX_PAGED_KERNEL_TUNE", "8,4").split(","))
 
 
 def _kernel():
     global _KERNEL
     if _KERNEL is None:  # built on first use: mx.fast.cuda_kernel exists on every build, runs only on CUDA
         _KERNEL = mx.fast.cuda_kernel(
-            name="paged_decode_attention",
+            name="paged_decode_attention_v2",  # a new name per source change: MLX caches compiled kernels by name
             input_names=["q", "k_cache", "v_cache", "blocks", "q_pos"],
             output_names=["out"],
             source=_SOURCE,
@@ -159,13 +163,14 @@ def paged_decode_attention(q, k_cache, v_cache, blocks, q_pos, *, scale: float, 
     Returns [T, H * D] in q's dtype."""
     t, h, d = q.shape
     kvh, _, block_size, _ = k_cache.shape
-    nw, u = _warps_unroll(t * h)
-    nw, u = warps or nw, unroll or u
+    if v_cache.dtype != k_cache.dtype:
+        v_cache = v_cache.astype(k_cache.dtype)
+    nw, u = warps or WARPS, unroll or UNROLL
     blocks = blocks if blocks.dtype == mx.int32 else blocks.astype(mx.int32)
     q_pos = q_pos if q_pos.dtype == mx.int32 else q_pos.astype(mx.int32)
     out = _kernel()(
         inputs=[q, k_cache, v_cache, blocks, q_pos],
-        template=[("OutT", q.dtype), ("D", d), ("BS", block_size), ("G", h // kvh), ("NW", nw), ("U", u),
+        template=[("OutT", q.dtype), ("KT", k_cache.dtype), ("D", d), ("BS", block_size), ("G", h // kvh), ("NW", nw), ("U", u),
                   ("WINDOW", max(int(window), 0)), ("CAP", bool(cap > 0)), ("SCALE_BITS", _float_bits(scale)),
                   ("CAP_BITS", _float_bits(cap if cap > 0 else 1.0))],
         grid=(h * nw * 32, t, 1),
