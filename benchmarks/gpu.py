@@ -14,7 +14,8 @@ Subcommands (each a fresh process; MLX and torch never share the GPU in one proc
   lower  --out DIR          capture + passes + emit; writes DIR/<model>-<dtype>/{step.py, meta.json,
                             constants.safetensors} (needs torch, not mlx: runs where MLX is not installed)
   torch  --out FILE.json    bandwidth (torch copy), torch eager and torch.compile prefill + decode
-  mlx    --out FILE.json    bandwidth (MLX), ours and mlx-lm prefill + decode, weights made on the GPU
+  mlx    --out FILE.json    bandwidth (MLX), ours and mlx-lm prefill + decode, weights made on the GPU;
+                            --systems ours,ours_composed,mlx_lm adds ours with the fused decode kernel off
   profile --out FILE.json   where a decode step's time goes (host record / launch / wait; CUDA kernels per step
                             through CUPTI), ours vs mlx-lm; --batch B (default 1)
   kernel --out FILE.json    the fused paged decode attention kernel alone: GPU time per (warps, unroll) vs the

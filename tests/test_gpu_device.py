@@ -1,8 +1,9 @@
-"""The GPU device path without a GPU: VLLM_MLX_DEVICE=gpu is refused where MLX has no GPU backend, and
-benchmarks/gpu.py's correctness check (lowered logits vs transformers, same weights) runs on the CPU.
+"""The GPU device path. Without a GPU: VLLM_MLX_DEVICE=gpu is refused where MLX has no GPU backend,
+benchmarks/gpu.py's correctness check (lowered logits vs transformers, same weights) runs on the CPU, and the
+fused paged decode kernel stays off. With MLX's CUDA backend as the default device (the lent GPU machine:
+`bash benchmarks/gpu_device.sh test`): the kernel (runtime/paged_kernel.py) against the composed path.
 
-The same check runs on MLX's CUDA backend on a GPU machine (`python benchmarks/gpu.py check`; results in
-docs/benchmarks.md, GPU section)."""
+The check runs on the GPU too (`python benchmarks/gpu.py check`; results in docs/benchmarks.md, GPU section)."""
 
 from __future__ import annotations
 
