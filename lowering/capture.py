@@ -18,10 +18,12 @@ import time
 
 import torch
 
+from lowering import stamp
 from passes.program import AttentionLayer, Program, exported_weights
 
 CAPTURES = 0  # how many captures this process ran (tests assert one lowering serves all shapes)
 _MAX_TOKENS = 1 << 16
+STAMP = True  # HF front: export 2 of N identical layers and copy the rest (lowering/stamp.py); False: whole
 
 
 class _Step(torch.nn.Module):
@@ -94,7 +96,7 @@ def capture_hf(model: torch.nn.Module, name: str = "hf") -> Program:
     model = model.eval()
     if hasattr(model.config, "_attn_implementation"):
         model.config._attn_implementation = "sdpa"
-    gm, weights, paths = export_step(_Step(model, _hf_forward))
+    gm, weights, paths, stamped = _export_hf(model)
     layers = hf_attention_layers(model.config)
     meta = {
         "model": name,
@@ -102,9 +104,23 @@ def capture_hf(model: torch.nn.Module, name: str = "hf") -> Program:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "layers": len(layers),
         "capture_s": time.perf_counter() - start,
+        "stamped": stamped,
         **_expectations(model, len(layers)),
     }
     return _program(gm, weights, paths, layers, meta)
+
+
+def _export_hf(model: torch.nn.Module):
+    """Export the step; a stack of N > 2 interchangeable decoder layers is exported with two of them and
+    stamped to N (lowering/stamp.py: ~0.3 s of export per layer saved)."""
+    stack = stamp.uniform_layers(model) if STAMP else None
+    if stack is not None:
+        path, layers = stack
+        with stamp.two_layers(model, path, layers):
+            gm, weights, paths = export_step(_Step(model, _hf_forward))
+        if stamp.stamp(gm, weights, paths, model, path, len(layers)):
+            return gm, weights, paths, True
+    return *export_step(_Step(model, _hf_forward)), False
 
 
 def _expectations(model: torch.nn.Module, num_layers: int) -> dict:

@@ -348,11 +348,11 @@ def summary_text(data: dict) -> str:
     lines = [f"model    {data['model']}  ({data['source']['kind']}: {data['source']['path']})",
              f"front    {data['front']}    dtype {data['dtype']}    layers {data['layers']}",
              f"nodes    captured {data['nodes']['captured']} -> final {data['nodes']['final']}", "",
-             f"  {'pass':<16}{'matched':>9}{'expected':>10}{'before':>9}{'after':>8}{'ms':>10}"]
+             f"  {'pass':<18}{'matched':>9}{'expected':>10}{'before':>9}{'after':>8}{'ms':>10}"]
     for r in data["passes"]:
         mark = "  <-- MISSED" if r["missed"] else ""
         exp = "-" if r["expected"] is None else r["expected"]
-        lines.append(f"{'!' if r['missed'] else ' '} {r['name']:<16}{r['matched']:>9}{exp:>10}"
+        lines.append(f"{'!' if r['missed'] else ' '} {r['name']:<18}{r['matched']:>9}{exp:>10}"
                      f"{r['nodes_before']:>9}{r['nodes_after']:>8}{r['ms']:>10.1f}{mark}")
     lines += ["", "MLX ops (final graph):"]
     ops = list(data["ops"].items())

@@ -90,7 +90,7 @@ class Emitter:
     def __init__(self, program: Program):
         self.program = program
         self.names: dict[fx.Node, str] = {}
-        self.taken: set[str] = {"w", "kv", "batch", "mx", "paged_attention", "gather_mm"}
+        self.taken: set[str] = {"w", "kv", "batch", "mx", "fm", "paged_attention", "gather_mm"}
         self.lines: list[str] = []
         self.symbols: list[tuple[str, str]] = []
         for node in program.graph.nodes:

@@ -1,8 +1,8 @@
 """A small pattern language over ATen FX graphs: patterns are plain torch functions.
 
 A `Pattern` is data: a `search` function written in ordinary torch, traced to a graph (once per
-example-input variant, e.g. per dtype, through the same capture path models take, then cleaned the
-same way); a `replace` function called on the matched values, which records new graph nodes
+example-input variant, e.g. per dtype, to the same pre-dispatch ATen IR models are captured in, then
+cleaned the same way); a `replace` function called on the matched values, which records new graph nodes
 (usually one fused `torch.ops.mlx.*` call); optional `derive` that checks a match and computes extra
 arguments for `replace` (returning None rejects the match).
 
@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
 from passes.program import Program, fake_mode_of
@@ -56,11 +57,9 @@ def _trace(pattern: Pattern, tensors: tuple) -> fx.Graph:
 
     sentinels = [_SENTINELS[kind][i] for i, kind in enumerate(pattern.scalars.values())]
 
-    class Wrapper(torch.nn.Module):
-        def forward(self, *args):
-            return pattern.search(*args, *sentinels)
-
-    gm = torch.export.export(Wrapper(), tensors, strict=False).graph_module
+    # make_fx at pre-dispatch level is the tracer under torch.export (same ATen IR, compared op by op
+    # for every pattern) without export's fixed cost: 0.5 s for the 12 pattern variants instead of 2.9 s.
+    gm = make_fx(lambda *args: pattern.search(*args, *sentinels), tracing_mode="fake", pre_dispatch=True)(*tensors)
     canonicalize(gm.graph)
     gm.graph._anchor = _anchor(gm.graph)
     names = list(_tensor_arg_names(pattern.search, len(tensors)))
