@@ -41,20 +41,31 @@ def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim,
     groups = batch["groups"]
     if len(groups) == 1 and groups[0]["q_index"].shape == (q.shape[0], 1):  # static: shapes only
         return _attend_decode(q, k_cache, v_cache, groups[0], scale, window, cap), (k_cache, v_cache)
+    k, v = k.reshape(-1, num_kv_heads, head_dim), v.reshape(-1, num_kv_heads, head_dim)
     outs = [
-        _attend(q, k_cache, v_cache, group, scale, window, cap).reshape(-1, num_heads * head_dim)
+        _attend(q, k, v, k_cache, v_cache, group, scale, window, cap).reshape(-1, num_heads * head_dim)
         for group in batch["groups"]
     ]
     out = (outs[0] if len(outs) == 1 else mx.concatenate(outs))[batch["out_index"]]
     return out, (k_cache, v_cache)
 
 
-def _attend(q, k_cache, v_cache, group, scale, window, cap):
-    """One group of sequences: queries [S, H, Lq, D] against their gathered keys [S, KVH, Lk, D]."""
-    queries = q[group["q_index"]].transpose(0, 2, 1, 3)
-    keys = _gather(k_cache, group).astype(queries.dtype)
-    values = _gather(v_cache, group).astype(queries.dtype)
-    mask = _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))  # [S, 1, Lq, Lk]
+def _attend(q, k, v, k_cache, v_cache, group, scale, window, cap):
+    """One group of sequences: queries [S, H, Lq, D] against their keys [S, KVH, Lk, D]: gathered from
+    the cache, or, for prompts with no earlier context (no `blocks`, runtime/batch.py), this step's own
+    K/V laid out like the queries, under a causal mask (MLX's fused causal SDPA on a GPU; padded rows
+    sit after every real query, so causality hides them)."""
+    index = group["q_index"]
+    queries = q[index].transpose(0, 2, 1, 3)
+    if "blocks" not in group:
+        keys = k[index].transpose(0, 2, 1, 3).astype(queries.dtype)
+        values = v[index].transpose(0, 2, 1, 3).astype(queries.dtype)
+        pos = mx.arange(index.shape[1], dtype=mx.int32)
+        mask = "causal" if window <= 0 and cap <= 0 else _mask(pos[None], index.shape[1], window, pos)
+    else:
+        keys = _gather(k_cache, group).astype(queries.dtype)
+        values = _gather(v_cache, group).astype(queries.dtype)
+        mask = _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))  # [S, 1, Lq, Lk]
     if cap > 0:
         out = _softcapped(queries, keys, values, scale, mask, cap)
     else:

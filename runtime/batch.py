@@ -91,7 +91,8 @@ def _by_padded_shape(step: StepInput, block_size: int, q_lens, members) -> list[
     cores). Not by the finer buckets: every group costs its own attention ops in every layer."""
     if len(members) == 0:
         return []
-    key = _powers(q_lens[members]) * (1 << 32) + _powers(np.maximum(step.seq_lens[members], block_size))
+    key = _powers(q_lens[members]) * (1 << 32) + _powers(np.maximum(step.seq_lens[members], block_size)) * 2
+    key += step.seq_lens[members] == q_lens[members]  # fresh prompts (no earlier context) apart: no gather
     return [members[key == k] for k in np.unique(key)]
 
 
@@ -101,6 +102,7 @@ def _group_arrays(step: StepInput, block_size: int, qsl, q_lens, members) -> tup
     Keys are named by whole blocks (`blocks` [S, Lk / block_size]): a block-table gather copies
     contiguous blocks, where a per-slot gather moves one head-row at a time (4-7x slower here).
     Blocks past a sequence's length are block 0: their keys sit at positions no query can see.
+    A group of prompts with no earlier context gets no `blocks`: it attends to its own new K/V.
     """
     lens = q_lens[members]
     lq = bucket(lens.max())
@@ -109,11 +111,13 @@ def _group_arrays(step: StepInput, block_size: int, qsl, q_lens, members) -> tup
     valid = i[None, :] < lens[:, None]
     q_index = np.where(valid, qsl[members, None] + i[None, :], 0)
     q_pos = np.where(valid, step.positions[q_index], 0)
-    j = np.arange(lk // block_size)
-    table = step.block_table[members]
-    used = -(-step.seq_lens[members] // block_size)  # blocks holding each sequence's context
-    blocks = np.where(j[None, :] < used[:, None], table[:, np.minimum(j, table.shape[1] - 1)], 0)
-    group = {"q_index": q_index.astype(np.int32), "q_pos": q_pos.astype(np.int32), "blocks": blocks.astype(np.int32)}
+    group = {"q_index": q_index.astype(np.int32), "q_pos": q_pos.astype(np.int32)}
+    if lq == 1 or np.any(step.seq_lens[members] != lens):
+        j = np.arange(lk // block_size)
+        table = step.block_table[members]
+        used = -(-step.seq_lens[members] // block_size)  # blocks holding each sequence's context
+        blocks = np.where(j[None, :] < used[:, None], table[:, np.minimum(j, table.shape[1] - 1)], 0)
+        group["blocks"] = blocks.astype(np.int32)
     return group, lq
 
 

@@ -62,12 +62,14 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
 def attention(q, k, v, *, scale: float, mask) -> mx.array:
     """`mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)` for q [S, H, Lq, D],
     k and v [S, KVH, Lk, D] (GQA: query head h reads kv head h // (H / KVH)), boolean mask broadcast to
-    [S, 1, Lq, Lk]. On the CPU MLX composes that from its slow softmax; here: scores in f32 through BLAS,
+    [S, 1, Lq, Lk] or "causal". On the CPU MLX composes that from its slow softmax; here: scores in f32 through BLAS,
     the softmax above, and the query heads of one kv head stacked as rows of one product (no K/V repeat)."""
     if not on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     s, h, lq, d = q.shape
     kvh, lk = k.shape[1], k.shape[2]
+    if isinstance(mask, str):  # "causal" (queries and keys the same positions)
+        mask = (mx.arange(lk)[None, :] <= mx.arange(lq)[:, None])[None, None]
     g = h // kvh
     qg = (q.astype(mx.float32) * scale).reshape(s, kvh, g * lq, d)
     scores = (qg @ k.astype(mx.float32).swapaxes(-1, -2)).reshape(s, kvh, g, lq, lk)

@@ -69,7 +69,7 @@ def device_batch(arrays: dict, layout: CacheLayout, num_blocks: int) -> dict:
     heads = np.arange(layout.num_kv_heads, dtype=np.int64)[:, None] * (num_blocks * layout.block_size)
     arrays["kv_rows"] = (heads + slots[None, :]).reshape(-1).astype(np.int32)
     block_heads = np.arange(layout.num_kv_heads, dtype=np.int64)[:, None, None] * num_blocks
-    for group in arrays["groups"]:
+    for group in (g for g in arrays["groups"] if "blocks" in g):  # fresh prompts read no cache
         group["key_pos"] = np.arange(group["blocks"].shape[1] * layout.block_size, dtype=np.int32)
         group["block_rows"] = (block_heads + group["blocks"][None]).reshape(-1).astype(np.int32)
     return arrays
