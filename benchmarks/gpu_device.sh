@@ -69,7 +69,14 @@ repeat)  # the measurements again on this machine, with the code's own kernel sh
     python3 benchmarks/gpu.py profile --models llama8b --batch 128 --systems ours,mlx_lm \
         --out "$OUT/gpu-$R-profile-b128.json"
     ;;
+prefill)  # after the fresh-prompt causal path (runtime/attention.py): correctness, then prefill + batch-1 decode
+    ensure_mlx || exit $?
+    git_state > "$OUT/tree-prefill.txt"
+    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
+    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
+    python3 benchmarks/gpu.py mlx --systems ours,mlx_lm --batches 1 --out "$OUT/gpu-$R-mlx.json"
+    ;;
 *)
-    echo "usage: $0 stage1|test|bench|repeat"; exit 2
+    echo "usage: $0 stage1|test|bench|repeat|prefill"; exit 2
     ;;
 esac
