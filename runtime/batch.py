@@ -69,7 +69,7 @@ def attention_arrays(step: StepInput, block_size: int) -> dict:
             "groups": groups}
 
 
-_WHOLE_POWERS_UP_TO = 256  # short contexts stay in few shapes: a retrace every 32 decode steps costs more
+_WHOLE_POWERS_UP_TO = 256  # below this, sixteenths would be a new shape (a retrace) every block or two of decode
 
 
 def _powers(n: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""exp, sigmoid, softmax and attention for MLX's CPU backend, written in arithmetic that mx.compile fuses.
+"""exp, sigmoid, SiLU, softmax and attention for MLX's CPU backend, written in arithmetic that mx.compile fuses.
 
 MLX's CPU `exp` (and `sigmoid`, `softmax`, which use it) costs ~35-50 ns an element on x86 here,
 against ~1 ns for `negative` (docs/benchmarks.md): in a prefill the softmax of attention and the SiLU
@@ -48,6 +48,14 @@ def sigmoid(x: mx.array) -> mx.array:
     if not on_cpu():
         return mx.sigmoid(x)
     return (1.0 / (1.0 + _exp_f32(-x.astype(mx.float32)))).astype(x.dtype)
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x), computed in f32 and rounded once to x's dtype, as torch does for f16/bf16."""
+    if not on_cpu():
+        return x * mx.sigmoid(x)
+    x32 = x.astype(mx.float32)
+    return (x32 / (1.0 + _exp_f32(-x32))).astype(x.dtype)
 
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:

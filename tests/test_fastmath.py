@@ -38,6 +38,10 @@ def test_sigmoid_and_softmax_match(dtype):
     sig = np.array(fastmath.sigmoid(x).astype(mx.float32))
     err = np.max(np.abs(sig - 1 / (1 + np.exp(-x64))))
     assert err < tol, f"sigmoid max abs error {err:.3g}"
+    silu = np.array(fastmath.silu(x).astype(mx.float32))
+    ref = x64 / (1 + np.exp(-x64))
+    err = np.max(np.abs(silu - ref) / np.maximum(np.abs(ref), 1))
+    assert err < tol, f"silu max error {err:.3g} (relative above 1)"
     e = np.exp(x64 - x64.max(-1, keepdims=True))
     soft = np.array(mx.compile(fastmath.softmax)(x).astype(mx.float32))
     err = np.max(np.abs(soft - e / e.sum(-1, keepdims=True)))

@@ -8,5 +8,4 @@ from lowering.ops.registry import register
 
 @register(torch.ops.mlx.silu_mul.default)
 def silu_mul(e, node, gate, up):
-    g = e.r(gate)
-    return f"{g} * fm.sigmoid({g}) * {e.r(up)}"
+    return f"fm.silu({e.r(gate)}) * {e.r(up)}"

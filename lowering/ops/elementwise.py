@@ -64,7 +64,7 @@ for _target, _fn in {
 
 @register(aten.silu.default)
 def silu(e, node, x):
-    return f"{e.r(x)} * fm.sigmoid({e.r(x)})"
+    return f"fm.silu({e.r(x)})"
 
 
 @register(aten.relu.default)

@@ -45,7 +45,7 @@ def paged_attention(e, node, q, k, v, layer, num_heads, num_kv_heads, head_dim, 
 
 
 _ACTIVATIONS = {
-    "silu": "{g} * fm.sigmoid({g})",
+    "silu": "fm.silu({g})",
     "gelu": "0.5 * {g} * (1 + mx.erf({g} * 0.7071067811865476))",
     "gelu_tanh": "0.5 * {g} * (1 + mx.tanh(0.7978845608028654 * ({g} + 0.044715 * {g} * {g} * {g})))",
 }
