@@ -25,7 +25,7 @@ def on_cpu() -> bool:
 
 def _exp_f32(x: mx.array) -> mx.array:
     """exp of f32 x: x = n ln2 + r, exp(x) = 2^n exp(r), 2^n made in the exponent bits; within 1e-7
-    relative (1 ulp). Below -87.3 the result is 0 (no subnormals; -inf gives 0), from 88.38 it is inf
+    relative (1 ulp). Below -87.68 the result is 0 (-inf gives 0), from 88.38 it is inf
     (f32 overflows at 88.72); NaN stays NaN (through r)."""
     x = mx.clip(x, -88.0, 88.8)
     n = mx.round(x * 1.4426950408889634)
