@@ -21,6 +21,8 @@ import struct
 
 import mlx.core as mx
 
+from runtime.config import ConfigError
+
 _SOURCE = r"""
     constexpr int E = D / 32;                      // head-dim elements per lane
     const int h = blockIdx.x;                      // query head
@@ -124,7 +126,13 @@ _KERNEL = None
 # 8x4 9.6 / 7.0 / 19.0 / 68.6, within 4% of the best of 8 shapes at every batch (16x2: 9.6 / 7.4 / 21.4 / 82.7);
 # the composed path 35.8 / 79.1 / 241 / 861; MLX's decode SDPA on a contiguous unmasked cache 6.0 / 9.7 / 32.5 / 126.
 # MLX_PAGED_KERNEL_TUNE="NW,U" overrides both (the sweep).
-WARPS, UNROLL = (int(x) for x in os.environ.get("MLX_PAGED_KERNEL_TUNE", "8,4").split(","))
+_TUNE = os.environ.get("MLX_PAGED_KERNEL_TUNE", "8,4")
+try:
+    WARPS, UNROLL = (int(x) for x in _TUNE.split(","))
+    assert WARPS in (1, 2, 4, 8, 16, 32) and UNROLL in (1, 2, 4, 8)
+except (ValueError, AssertionError):
+    raise ConfigError(f"MLX_PAGED_KERNEL_TUNE={_TUNE!r} is invalid; accepted: 'WARPS,KEYS' with WARPS in "
+                      "1/2/4/8/16/32 and KEYS in 1/2/4/8 (default 8,4)") from None
 
 
 def _kernel():
@@ -148,7 +156,11 @@ def _float_bits(x: float) -> int:
 def usable(head_dim: int) -> bool:
     """Whether the fused kernel serves this call: MLX's default device is a CUDA GPU and D splits over a
     warp. VLLM_MLX_PAGED_KERNEL=0 turns it off (the composed path, for A/B measurements)."""
-    if os.environ.get("VLLM_MLX_PAGED_KERNEL", "1") == "0" or head_dim % 32 or head_dim > 256:
+    enabled = os.environ.get("VLLM_MLX_PAGED_KERNEL", "1")  # read at trace time: benchmarks/gpu.py A/Bs in one process
+    if enabled not in ("0", "1"):
+        raise ConfigError(f"VLLM_MLX_PAGED_KERNEL={enabled!r} is invalid; accepted: 1 (the fused kernel on CUDA, "
+                          "the default) or 0 (the composed attention)")
+    if enabled == "0" or head_dim % 32 or head_dim > 256:
         return False
     if mx.default_device().type != mx.gpu:
         return False
