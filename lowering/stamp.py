@@ -23,7 +23,7 @@ _INDEX_ATTRS = {"layer_idx", "layer_id", "layer_index", "idx"}  # a layer's own 
 
 def uniform_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
     """(module path, list) of the model's stack of N > 2 interchangeable decoder layers, or None."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     n = getattr(config, "num_hidden_layers", 0)
     if n <= 2 or len(set(getattr(config, "layer_types", None) or [None])) > 1:
         return None
@@ -32,6 +32,11 @@ def uniform_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | 
             first = _signature(module[0])
             return (path, module) if all(_signature(layer) == first for layer in module) else None
     return None
+
+
+def _text_config(model: torch.nn.Module):
+    """The config that holds the decoder stack's settings (a multimodal model nests it)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
 
 
 def _signature(layer: torch.nn.Module) -> list:
@@ -52,7 +57,7 @@ def two_layers(model: torch.nn.Module, path: str, layers: torch.nn.ModuleList):
     """The model with only its first two decoder layers, for the length of the block."""
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     n, types = config.num_hidden_layers, getattr(config, "layer_types", None)
     setattr(parent, attr, torch.nn.ModuleList(list(layers)[:2]))
     config.num_hidden_layers = 2

@@ -53,10 +53,7 @@ class Program:
             if have is not None and node.name.startswith(name.split("_")[0]) and have.shape == value.shape \
                     and have.dtype == value.dtype and torch.equal(have, value):
                 return node
-        base, n = name, 1
-        while name in self.weights:
-            n += 1
-            name = f"{base}_{n}"
+        name = self._free_name(name)
         first_input = next(n for n in self.graph.nodes if n.op == "placeholder")
         with self.graph.inserting_before(first_input):
             node = self.graph.placeholder(name)
@@ -68,11 +65,7 @@ class Program:
     def add_derived(self, path: str, value: torch.Tensor, sources: list[str], dim: int = 0) -> fx.Node:
         """A weight placeholder at module path `path` holding `value` = the weights at `sources`
         (module paths) concatenated along `dim`, made once here; the recipe goes in `derived`."""
-        name = base = re.sub(r"\W", "_", path)
-        n = 1
-        while name in self.weights:
-            n += 1
-            name = f"{base}_{n}"
+        name = self._free_name(re.sub(r"\W", "_", path))
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         where = next((n for n in placeholders if self.weight_paths.get(n.name) == sources[0]), placeholders[0])
         with self.graph.inserting_before(where):  # where its first source is: graph text stays in model order
@@ -82,6 +75,14 @@ class Program:
         self.weight_paths[node.name] = path
         self.derived[path] = {"cat": list(sources), "dim": dim}
         return node
+
+    def _free_name(self, base: str) -> str:
+        """`base`, or `base_2`, `base_3`, ... : the first no weight has."""
+        name, n = base, 1
+        while name in self.weights:
+            n += 1
+            name = f"{base}_{n}"
+        return name
 
     def node_count(self) -> int:
         return sum(1 for n in self.graph.nodes if n.op == "call_function")

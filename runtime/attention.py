@@ -63,14 +63,8 @@ def _attend(q, k, v, k_cache, v_cache, group, scale, window, cap):
         pos = mx.arange(index.shape[1], dtype=mx.int32)
         mask = "causal" if window <= 0 and cap <= 0 else _mask(pos[None], index.shape[1], window, pos)
     else:
-        keys = _gather(k_cache, group).astype(queries.dtype)
-        values = _gather(v_cache, group).astype(queries.dtype)
-        mask = _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))  # [S, 1, Lq, Lk]
-    if cap > 0:
-        out = _softcapped(queries, keys, values, scale, mask, cap)
-    else:
-        out = fastmath.attention(queries, keys, values, scale=scale, mask=mask)
-    return out.transpose(0, 2, 1, 3)  # [S, Lq, H, D]
+        keys, values, mask = _from_cache(k_cache, v_cache, group, window, queries.dtype)  # mask [S, 1, Lq, Lk]
+    return _sdpa(queries, keys, values, scale, mask, cap).transpose(0, 2, 1, 3)  # [S, Lq, H, D]
 
 
 def _attend_decode(q, k_cache, v_cache, group, scale, window, cap):
@@ -84,14 +78,22 @@ def _attend_decode(q, k_cache, v_cache, group, scale, window, cap):
         return paged_kernel.paged_decode_attention(
             q, k_cache, v_cache, group["blocks"], group["q_pos"], scale=scale, window=window, cap=cap)
     queries = q.reshape(t, h, 1, d)
-    keys = _gather(k_cache, group).astype(queries.dtype)
-    values = _gather(v_cache, group).astype(queries.dtype)
-    mask = _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))  # [T, 1, 1, Lk]
+    keys, values, mask = _from_cache(k_cache, v_cache, group, window, queries.dtype)  # mask [T, 1, 1, Lk]
+    return _sdpa(queries, keys, values, scale, mask, cap).reshape(t, h * d)  # [T, H, 1, D] is [T, 1, H, D]
+
+
+def _from_cache(k_cache, v_cache, group, window, dtype):
+    """The group's keys and values gathered from the cache (in `dtype`) and the mask of what each
+    query may see."""
+    keys = _gather(k_cache, group).astype(dtype)
+    values = _gather(v_cache, group).astype(dtype)
+    return keys, values, _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))
+
+
+def _sdpa(queries, keys, values, scale, mask, cap):
     if cap > 0:
-        out = _softcapped(queries, keys, values, scale, mask, cap)
-    else:
-        out = fastmath.attention(queries, keys, values, scale=scale, mask=mask)
-    return out.reshape(t, h * d)  # [T, H, 1, D] is [T, 1, H, D] in memory
+        return _softcapped(queries, keys, values, scale, mask, cap)
+    return fastmath.attention(queries, keys, values, scale=scale, mask=mask)
 
 
 def _write_rows(cache, new, rows, num_kv_heads, head_dim):
