@@ -210,20 +210,10 @@ def run_python(code: str, env: dict, timeout: float, log: Path) -> tuple[int, st
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
+            vh.kill_group(proc.pid)
             proc.wait(timeout=30)
             raise AssertionError(f"subprocess exceeded {timeout:.0f} s; output tail:\n"
                                  + log.read_text(errors="replace")[-4000:])
         finally:
-            _kill_group(proc.pid)  # what it left behind: a script that ends in os._exit orphans vLLM's EngineCore
+            vh.kill_group(proc.pid)  # what it left behind: a script that ends in os._exit orphans vLLM's EngineCore
     return rc, log.read_text(errors="replace"), time.monotonic() - start
-
-
-def _kill_group(pgid: int) -> None:
-    import os
-    import signal
-
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -83,6 +83,15 @@ def build_prompts(tokenizer) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Test side
 # --------------------------------------------------------------------------------------------------
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group (a subprocess started in its own session, and vLLM's engine core and
+    workers under it), if anything of it is left."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def clean_env(**overrides: str | None) -> dict:
     """os.environ without the platform switches, plus `overrides` (None removes)."""
     env = {k: v for k, v in os.environ.items() if k not in _SWITCHES}
@@ -127,10 +136,7 @@ class EngineRun:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the engine core and worker too
-            except ProcessLookupError:
-                pass
+            kill_group(self.proc.pid)  # its own session: the engine core and worker too
             self.proc.wait(timeout=30)
 
     def result(self) -> dict:
@@ -147,11 +153,7 @@ class EngineRun:
         finally:
             self._log.close()
         wall = time.monotonic() - self.started
-        # Sessions left behind by the engine (worker processes) go with it.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        kill_group(self.proc.pid)  # sessions left behind by the engine (worker processes) go with it
         if not self.out_path.exists():
             raise AssertionError(f"engine run {self.name!r} exited {self.proc.returncode} without a result; "
                                  "log tail:\n" + self.log()[-6000:])
@@ -285,10 +287,7 @@ class Server:
                 self.proc.wait(timeout=20)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left of the group (engine core, worker)
-        except (ProcessLookupError, PermissionError):
-            pass
+        kill_group(self.proc.pid)  # whatever is left of the group (engine core, worker)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
