@@ -331,13 +331,20 @@ class Ours:
         self.model, self.driver, self._next = model, driver, 0
 
     def prefill_last(self, prompt) -> None:
-        """One step over a whole batch-1 prompt; host waits for the last token's logits."""
+        """One step over a whole batch-1 prompt; host waits for the last token's argmax (one sync)."""
+        tok, sid = self.record_prefill(prompt)
+        tok.tolist()
+        self.driver.release(sid)
+
+    def record_prefill(self, prompt):
+        """The prompt's step recorded, not run: (its last token's argmax, which evaluates the cache writes
+        with it; the sequence id to release)."""
         import mlx.core as mx
 
         sid = self._new([int(x) for x in prompt])
-        logits = self.model.step(self.driver.prepare({sid: len(prompt)}))
-        mx.argmax(logits, axis=-1).tolist()
-        self.driver.release(sid)
+        logits = self.model.step_lazy(self.driver.prepare({sid: len(prompt)}))
+        tok = mx.argmax(logits, axis=-1)
+        return mx.depends(tok, [a for pair in self.model.kv for a in pair])[0], sid
 
     def _new(self, tokens) -> int:
         self._next += 1
@@ -804,7 +811,7 @@ def cmd_profile(args) -> int:
     mlx_setup(args.device)
     import mlx.core as mx
 
-    res = Results(args.out, part="profile", batch=args.batch)
+    res = Results(args.out, part="profile", batch=args.batch, prefill=args.prefill)
     for name in args.models.split(","):
         cfg = load_config(name)
         folder = find_artefact(f"{name}-bfloat16")
@@ -814,7 +821,8 @@ def cmd_profile(args) -> int:
         weights.update(mlx_constants(folder))
         from lowering.compile import load_step
 
-        model, driver = build_ours(source, weights, meta["layers"], mx.bfloat16, args.batch * (256 // BLOCK) + 64)
+        blocks = max(args.batch * (256 // BLOCK), args.prefill // BLOCK) + 64
+        model, driver = build_ours(source, weights, meta["layers"], mx.bfloat16, blocks)
         plain = load_step(source, jit=False)
         ref = MlxLm(cfg, weights)
         out = {}
@@ -824,6 +832,13 @@ def cmd_profile(args) -> int:
                 model.step_fn, compiled = plain, model.step_fn
             if label == "ours_composed":  # a step traced afresh with the kernel off
                 model.step_fn, compiled = load_step(source, jit=True), model.step_fn
+            if args.prefill:
+                out[label] = _profile_prefill(system, ref if label == "mlx_lm" else None,
+                                              prompts_for(cfg["vocab_size"], 1, args.prefill, seed=3)[0])
+                log(f"{name} {label} prefill {args.prefill}: {out[label]}")
+                if label in ("ours_nojit", "ours_composed"):
+                    model.step_fn = compiled
+                continue
             state = system.start(prompts_for(cfg["vocab_size"], args.batch, PROMPT, seed=7))
             system.decode(state, WARMUP, pipelined=False)
             parts = {k: [] for k in ("record", "launch", "wait", "total")}
@@ -858,6 +873,41 @@ def cmd_profile(args) -> int:
         del model, driver, ref, weights, plain
         mx.clear_cache()
     return 0
+
+
+def _profile_prefill(system, ref, prompt) -> dict:
+    """A batch-1 prefill's host split (record the graph, launch it, wait for the last token's argmax) and its
+    CUDA kernels; `ref` is the MlxLm system (a fresh prompt cache each time), None for ours."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    def record():
+        if ref is None:
+            return system.record_prefill(prompt)
+        return mx.argmax(ref._logits_last(mx.array(prompt)[None], make_prompt_cache(ref.model)), axis=-1), None
+
+    for _ in range(2):  # traces and cuDNN plans for this shape
+        system.prefill_last(prompt)
+    parts = {k: [] for k in ("record", "launch", "wait", "total")}
+    for _ in range(10):
+        t0 = time.perf_counter()
+        tok, sid = record()
+        t1 = time.perf_counter()
+        mx.async_eval(tok)
+        t2 = time.perf_counter()
+        tok.tolist()
+        t3 = time.perf_counter()
+        if sid is not None:
+            system.driver.release(sid)
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+            parts[k].append(v * 1e3)
+    out = {k: statistics.median(v) for k, v in parts.items()}
+    out["tokens"] = len(prompt)
+    try:
+        out["kernels"] = _cupti_kernels(lambda: system.prefill_last(prompt), steps=1)
+    except Exception as exc:  # noqa: BLE001  the split alone still says where the time goes
+        out["kernels_error"] = repr(exc)
+    return out
 
 
 def _cupti_kernels(fn, steps: int) -> dict:
@@ -1046,6 +1096,7 @@ def main(argv=None) -> int:
     q.add_argument("--systems", default="ours,ours_nojit,mlx_lm", help="also: ours_composed (fused decode kernel off)")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--prefill", type=int, default=0, help="profile a batch-1 prefill of this many tokens instead")
     q = sub.add_parser("kernel")
     q.add_argument("--out")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])

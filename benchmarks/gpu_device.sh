@@ -4,6 +4,7 @@
 #   test     (.gpuwhl/p2 carried) join + check + install the wheels if MLX-CUDA is missing; the GPU tests
 #            (tests/test_gpu_device.py: fused paged decode kernel vs the composed path), then the
 #            correctness check (SmolLM2 shape f32 + bf16 vs transformers on the CPU), a batch-1 profile
+#   sweep    prefill profiles; the batch-1 decode profile at several MLX_MAX_OPS_PER_BUFFER and without CUDA graphs
 #   bench    the GPU kernel tests, a sweep of the kernel's (warps, unroll) (USE_PICK=1: measure with its pick),
 #            the checks, profiles at batch 1 and 128, ours vs ours_composed (kernel off) vs mlx-lm, both models
 # A call carries at most 64 MiB, so the 86 MiB wheel travels in two parts on two calls to a warm machine
@@ -76,7 +77,24 @@ prefill)  # after the fresh-prompt causal path (runtime/attention.py): correctne
     python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
     python3 benchmarks/gpu.py mlx --systems ours,mlx_lm --batches 1 --out "$OUT/gpu-$R-mlx.json"
     ;;
+sweep)  # where a prefill's time goes, and MLX-CUDA's graph size (ops per CUDA graph) against the batch-1 decode step
+    ensure_mlx || exit $?
+    git_state > "$OUT/tree-sweep.txt"
+    set -o pipefail
+    python3 -m pytest -q -x -p no:cacheprovider -k "paged and (block_shapes or compiled)" tests/test_gpu_device.py \
+        2>&1 | tee "$OUT/pytest-sweep.log" || exit 5
+    set +o pipefail
+    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
+    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
+    python3 benchmarks/gpu.py profile --models smollm2 --prefill 512 --systems ours,mlx_lm --out "$OUT/gpu-$R-prefill-512.json"
+    python3 benchmarks/gpu.py profile --models llama8b --prefill 4096 --systems ours,mlx_lm --out "$OUT/gpu-$R-prefill-4096.json"
+    for ops in ${OPS:-20 60 120 250}; do
+        MLX_MAX_OPS_PER_BUFFER=$ops python3 benchmarks/gpu.py profile --models llama8b,smollm2 --systems ours,mlx_lm \
+            --out "$OUT/gpu-$R-ops$ops.json"
+    done
+    MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/gpu.py profile --models llama8b --systems ours,mlx_lm --out "$OUT/gpu-$R-nographs.json"
+    ;;
 *)
-    echo "usage: $0 stage1|test|bench|repeat|prefill"; exit 2
+    echo "usage: $0 stage1|test|bench|repeat|prefill|sweep"; exit 2
     ;;
 esac

@@ -42,24 +42,31 @@ def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim,
     if len(groups) == 1 and groups[0]["q_index"].shape == (q.shape[0], 1):  # static: shapes only
         return _attend_decode(q, k_cache, v_cache, groups[0], scale, window, cap), (k_cache, v_cache)
     k, v = k.reshape(-1, num_kv_heads, head_dim), v.reshape(-1, num_kv_heads, head_dim)
+    # One group whose [S, Lq] layout holds exactly the T tokens: every sequence has Lq of them, so the
+    # layout is the token order itself (q_index = arange(T) as [S, Lq], out_index = arange(T)) and
+    # reshapes replace the four gathers per layer (a batch-1 prefill, or equal prompts; static: shapes only)
+    in_order = len(groups) == 1 and groups[0]["q_index"].size == q.shape[0]
     outs = [
-        _attend(q, k, v, k_cache, v_cache, group, scale, window, cap).reshape(-1, num_heads * head_dim)
-        for group in batch["groups"]
+        _attend(q, k, v, k_cache, v_cache, group, scale, window, cap, in_order).reshape(-1, num_heads * head_dim)
+        for group in groups
     ]
+    if in_order:
+        return outs[0], (k_cache, v_cache)
     out = (outs[0] if len(outs) == 1 else mx.concatenate(outs))[batch["out_index"]]
     return out, (k_cache, v_cache)
 
 
-def _attend(q, k, v, k_cache, v_cache, group, scale, window, cap):
+def _attend(q, k, v, k_cache, v_cache, group, scale, window, cap, in_order=False):
     """One group of sequences: queries [S, H, Lq, D] against their keys [S, KVH, Lk, D]: gathered from
     the cache, or, for prompts with no earlier context (no `blocks`, runtime/batch.py), this step's own
     K/V laid out like the queries, under a causal mask (MLX's fused causal SDPA on a GPU; padded rows
-    sit after every real query, so causality hides them)."""
+    sit after every real query, so causality hides them). `in_order`: the layout is the token order."""
     index = group["q_index"]
-    queries = q[index].transpose(0, 2, 1, 3)
+    lay_out = (lambda x: x.reshape(*index.shape, *x.shape[1:])) if in_order else (lambda x: x[index])
+    queries = lay_out(q).transpose(0, 2, 1, 3)
     if "blocks" not in group:
-        keys = k[index].transpose(0, 2, 1, 3).astype(queries.dtype)
-        values = v[index].transpose(0, 2, 1, 3).astype(queries.dtype)
+        keys = lay_out(k).transpose(0, 2, 1, 3).astype(queries.dtype)
+        values = lay_out(v).transpose(0, 2, 1, 3).astype(queries.dtype)
         pos = mx.arange(index.shape[1], dtype=mx.int32)
         mask = "causal" if window <= 0 and cap <= 0 else _mask(pos[None], index.shape[1], window, pos)
     else:

@@ -6,7 +6,7 @@ import runtime  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from runtime.attention import paged_attention
@@ -27,7 +27,8 @@ def batches(draw):
     cached = [draw(st.integers(0, 70)) for _ in range(num_seqs)]
     if share:
         cached = [max(c, prefix) for c in cached]
-    new = [draw(st.sampled_from([1, 1, 2, 5, 17, 40])) for _ in range(num_seqs)]
+    # powers of two: a step whose prompts all fill their bucket takes the in-order layout (no gathers)
+    new = [draw(st.sampled_from([1, 1, 2, 5, 16, 17, 32, 40])) for _ in range(num_seqs)]
     window = draw(st.sampled_from([-1, -1, 8, 33]))
     seed = draw(st.integers(0, 2**16))
     return block_size, kv_heads, groups, cached, new, prefix, window, seed
@@ -52,6 +53,8 @@ def _layout(block_size, cached, new, prefix, rng):
 
 @settings(max_examples=60, deadline=None)
 @given(batches())
+@example((16, 2, 2, [0, 0], [16, 16], 0, -1, 1))  # in-order layout: fresh prompts (causal, no gathers)
+@example((16, 2, 2, [20], [32], 0, 8, 2))  # in-order layout: a chunk over earlier context, windowed
 def test_paged_attention_matches_dense(case):
     block_size, kv_heads, groups, cached, new, prefix, window, seed = case
     rng = np.random.default_rng(seed)
