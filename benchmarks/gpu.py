@@ -411,11 +411,32 @@ class OursComposed(Ours):
     def prefill_last(self, prompt) -> None:
         return self._off(super().prefill_last, prompt)
 
+    def record_prefill(self, prompt):
+        return self._off(super().record_prefill, prompt)
+
     def start(self, prompts):
         return self._off(super().start, prompts)
 
     def _record(self, state):
         return self._off(super()._record, state)
+
+
+class OursNormOff(OursComposed):
+    """Ours with runtime/norm.py's fused residual-add + RMSNorm kernel off (MLX's add and mx.fast.rms_norm, two
+    kernels), the paged decode kernel on: the norm kernel's A/B. A benchmark-only switch, applied at trace time."""
+    name = "ours_norm_off"
+
+    def _off(self, fn, *args, **kw):
+        import runtime.norm
+
+        usable, runtime.norm.usable = runtime.norm.usable, lambda *a: False
+        try:
+            return fn(*args, **kw)
+        finally:
+            runtime.norm.usable = usable
+
+
+_VARIANTS = {"ours_composed": OursComposed, "ours_norm_off": OursNormOff}  # ours with one kernel off, own trace
 
 
 class MlxLm:
@@ -734,8 +755,9 @@ def cmd_mlx(args) -> int:
         ref = MlxLm(cfg, weights)
         systems = [Ours(ours, driver), ref]
         wanted = args.systems.split(",")
-        if "ours_composed" in wanted:
-            systems.append(OursComposed(*build_ours(source, weights, meta["layers"], mx.bfloat16, blocks)))
+        for label, variant in _VARIANTS.items():
+            if label in wanted:
+                systems.append(variant(*build_ours(source, weights, meta["layers"], mx.bfloat16, blocks)))
         try:  # same weights in both: their last-token logits must agree (catches RoPE/config mismatches)
             prompt = prompts_for(cfg["vocab_size"], 1, 64, seed=5)[0]
             sid = systems[0]._new(prompt)
@@ -827,16 +849,16 @@ def cmd_profile(args) -> int:
         ref = MlxLm(cfg, weights)
         out = {}
         for label in args.systems.split(","):
-            system = ref if label == "mlx_lm" else (OursComposed if label == "ours_composed" else Ours)(model, driver)
+            system = ref if label == "mlx_lm" else _VARIANTS.get(label, Ours)(model, driver)
             if label == "ours_nojit":
                 model.step_fn, compiled = plain, model.step_fn
-            if label == "ours_composed":  # a step traced afresh with the kernel off
+            if label in _VARIANTS:  # a step traced afresh with the kernel off
                 model.step_fn, compiled = load_step(source, jit=True), model.step_fn
             if args.prefill:
                 out[label] = _profile_prefill(system, ref if label == "mlx_lm" else None,
                                               prompts_for(cfg["vocab_size"], 1, args.prefill, seed=3)[0])
                 log(f"{name} {label} prefill {args.prefill}: {out[label]}")
-                if label in ("ours_nojit", "ours_composed"):
+                if label == "ours_nojit" or label in _VARIANTS:
                     model.step_fn = compiled
                 continue
             state = system.start(prompts_for(cfg["vocab_size"], args.batch, PROMPT, seed=7))
@@ -866,7 +888,7 @@ def cmd_profile(args) -> int:
             except Exception as exc:  # noqa: BLE001
                 res.error(f"{name} {label} cupti", exc)
             system.finish(state)
-            if label in ("ours_nojit", "ours_composed"):
+            if label == "ours_nojit" or label in _VARIANTS:
                 model.step_fn = compiled
         res.data.setdefault("profile", {})[name] = out
         res.save()
@@ -1089,11 +1111,11 @@ def main(argv=None) -> int:
             q.add_argument("--budget-s", type=float, default=480.0, help="skip torch.compile work started after this")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     q.add_argument("--profile", default="", help="also split a batch-1 decode step of this model")
-    q.add_argument("--systems", default="ours,mlx_lm", help="ours, ours_composed (fused decode kernel off), mlx_lm")
+    q.add_argument("--systems", default="ours,mlx_lm", help="ours, ours_composed (fused decode kernel off), ours_norm_off (fused add+RMSNorm off), mlx_lm")
     q = sub.add_parser("profile")
     q.add_argument("--models", default="llama8b,smollm2")
     q.add_argument("--out")
-    q.add_argument("--systems", default="ours,ours_nojit,mlx_lm", help="also: ours_composed (fused decode kernel off)")
+    q.add_argument("--systems", default="ours,ours_nojit,mlx_lm", help="also: ours_composed (fused decode kernel off), ours_norm_off (fused add+RMSNorm off)")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--prefill", type=int, default=0, help="profile a batch-1 prefill of this many tokens instead")

@@ -4,6 +4,7 @@
 #   test     (.gpuwhl/p2 carried) join + check + install the wheels if MLX-CUDA is missing; the GPU tests
 #            (tests/test_gpu_device.py: fused paged decode kernel vs the composed path), then the
 #            correctness check (SmolLM2 shape f32 + bf16 vs transformers on the CPU), a batch-1 profile
+#   full     kernel tests, checks, profiles, ours vs ours_norm_off (fused add+RMSNorm off) vs mlx-lm
 #   sweep    prefill profiles; the batch-1 decode profile at several MLX_MAX_OPS_PER_BUFFER and without CUDA graphs
 #   bench    the GPU kernel tests, a sweep of the kernel's (warps, unroll) (USE_PICK=1: measure with its pick),
 #            the checks, profiles at batch 1 and 128, ours vs ours_composed (kernel off) vs mlx-lm, both models
@@ -94,7 +95,22 @@ sweep)  # where a prefill's time goes, and MLX-CUDA's graph size (ops per CUDA g
     done
     MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/gpu.py profile --models llama8b --systems ours,mlx_lm --out "$OUT/gpu-$R-nographs.json"
     ;;
+full)  # GPU kernel tests, checks, profiles (decode at batch 1 and 128, prefill), the benchmark with the norm kernel's A/B
+    ensure_mlx || exit $?
+    git_state > "$OUT/tree-full.txt"
+    set -o pipefail
+    python3 -m pytest -q -x -p no:cacheprovider -k "(paged and (block_shapes or compiled)) or add_rms_norm or off_on_cpu" \
+        tests/test_gpu_device.py 2>&1 | tee "$OUT/pytest-full.log" || exit 5
+    set +o pipefail
+    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
+    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
+    python3 benchmarks/gpu.py profile --systems ours,ours_norm_off,mlx_lm --out "$OUT/gpu-$R-profile.json"
+    python3 benchmarks/gpu.py mlx --systems ${SYSTEMS:-ours,ours_norm_off,mlx_lm} --out "$OUT/gpu-$R-mlx.json"
+    python3 benchmarks/gpu.py profile --models llama8b --batch 128 --systems ours,mlx_lm --out "$OUT/gpu-$R-profile-b128.json"
+    python3 benchmarks/gpu.py profile --models smollm2 --prefill 512 --systems ours,mlx_lm --out "$OUT/gpu-$R-prefill-512.json"
+    python3 benchmarks/gpu.py profile --models llama8b --prefill 4096 --systems ours,mlx_lm --out "$OUT/gpu-$R-prefill-4096.json"
+    ;;
 *)
-    echo "usage: $0 stage1|test|bench|repeat|prefill|sweep"; exit 2
+    echo "usage: $0 stage1|test|bench|repeat|prefill|sweep|full"; exit 2
     ;;
 esac

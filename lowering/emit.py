@@ -90,7 +90,8 @@ class Emitter:
     def __init__(self, program: Program):
         self.program = program
         self.names: dict[fx.Node, str] = {}
-        self.taken: set[str] = {"w", "kv", "batch", "mx", "fm", "paged_attention", "gather_mm"}
+        self.taken: set[str] = {"w", "kv", "batch", "mx", "fm", "paged_attention", "gather_mm", "add_rms_norm"}
+        self.bound: set[fx.Node] = set()  # values an earlier multi-output statement defines (`bind`)
         self.lines: list[str] = []
         self.symbols: list[tuple[str, str]] = []
         for node in program.graph.nodes:
@@ -125,33 +126,37 @@ class Emitter:
     def shape(self, node: fx.Node) -> str:
         return "(" + "".join(self.r(d) + ", " for d in node.meta["val"].shape) + ")"
 
-    def name(self, node: fx.Node) -> str:
+    def name(self, node: fx.Node, op: str | None = None) -> str:
+        """The node's variable: its module path and op (`op` overrides the op's own name)."""
         if node not in self.names:
             path = module_path(node).removeprefix("model.")
-            op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+            op = op or getattr(node.target, "__name__", str(node.target)).split(".")[0]
             base = re.sub(r"\W", "_", path) if path else op
             if path and not any(s in op for s in ("linear", "embedding")):
                 base = f"{base}_{op.strip('_')}"
-            name, n = base, 1
-            while name in self.taken:
-                n += 1
-                name = f"{base}_{n}"
-            self.taken.add(name)
-            self.names[node] = name
+            self.names[node] = self._fresh(base)
         return self.names[node]
+
+    def bind(self, node: fx.Node, op: str) -> str:
+        """Name a value that the current statement defines with others (`a, b = f(...)`): the walk then
+        emits nothing for `node` itself (a getitem of a multi-output op)."""
+        self.bound.add(node)
+        return self.name(node, op)
+
+    def _fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self.taken:
+            n += 1
+            name = f"{base}_{n}"
+        self.taken.add(name)
+        return name
 
     def line(self, text: str) -> None:
         self.lines.append(text)
 
     def temp(self, node: fx.Node, suffix: str) -> str:
         """A fresh name for an intermediate value of a multi-statement lowering (`<node>_<suffix>`)."""
-        base, n = f"{self.name(node)}_{suffix}", 1
-        name = base
-        while name in self.taken:
-            n += 1
-            name = f"{base}_{n}"
-        self.taken.add(name)
-        return name
+        return self._fresh(f"{self.name(node)}_{suffix}")
 
     # -- the walk ------------------------------------------------------------------------------
     def emit(self, fn_name: str = "step") -> str:
@@ -164,7 +169,7 @@ class Emitter:
             if node.op == "output":
                 outputs = node.args[0]
                 continue
-            if node.op != "call_function":
+            if node.op != "call_function" or node in self.bound:
                 continue
             here = re.match(r"(?:model\.)?layers\.(\d+)", module_path(node))
             if here and here.group(1) != layer:

@@ -4,6 +4,7 @@ This package never imports mlx: it rewrites torch graphs into graphs of fused `t
 """
 
 from passes import ops  # noqa: F401  (registers torch.ops.mlx.*)
+from passes.add_rms_norm import PASS as add_rms_norm
 from passes.attention import PASS as attention
 from passes.cleanup import cleanup as _cleanup
 from passes.manager import FunctionPass, PassManager, PassResult, PatternPass
@@ -19,8 +20,10 @@ cleanup = FunctionPass("cleanup", _cleanup)
 def default_passes() -> list:
     """Order matters: cleanup first so patterns see canonical ops; attention before rope so the
     GQA/mask plumbing around HF attention is gone; merge_projections after the fusions (they match
-    on the separate linears, then read slices of the merged one); a final cleanup folds what fusions left."""
-    return [cleanup, attention, rms_norm, rope, silu_mul, merge_projections, FunctionPass("final_cleanup", _cleanup)]
+    on the separate linears, then read slices of the merged one); add_rms_norm on the norms rms_norm
+    made; a final cleanup folds what fusions left."""
+    return [cleanup, attention, rms_norm, rope, silu_mul, merge_projections, add_rms_norm,
+            FunctionPass("final_cleanup", _cleanup)]
 
 
 def default_manager() -> PassManager:

@@ -1,5 +1,5 @@
-"""The fused ops that passes put into graphs: `torch.ops.mlx.rms_norm`, `.rope`, `.paged_attention`,
-`.moe_experts`.
+"""The fused ops that passes put into graphs: `torch.ops.mlx.rms_norm`, `.add_rms_norm`, `.rope`,
+`.paged_attention`, `.moe_experts`.
 
 Each is a real torch op with a reference implementation, so a rewritten graph still runs in torch
 (pass tests compare it with the original), and a fake implementation for shape propagation. The
@@ -24,6 +24,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
 @rms_norm.register_fake
 def _(x, weight, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("mlx::add_rms_norm", mutates_args=())
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, rms_norm(x + residual) * weight): a residual add and the norm that reads it, all in x's dtype."""
+    h = x + residual
+    return h, rms_norm(h, weight, eps, h.dtype)
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 @torch.library.custom_op("mlx::rope", mutates_args=())

@@ -136,3 +136,14 @@ def select_device(config: RuntimeConfig) -> str:
     elif _selected != config.device:
         log.warning("MLX device already set to %s; ignoring request for %s", _selected, config.device)
     return _selected
+
+
+def on_cuda() -> bool:
+    """Whether MLX's default device (at trace time) is a CUDA GPU: where runtime/paged_kernel.py's and
+    runtime/norm.py's `mx.fast.cuda_kernel`s run (they exist on every MLX build, run only there)."""
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.gpu:
+        return False
+    cuda = getattr(mx, "cuda", None)
+    return cuda is not None and cuda.is_available()

@@ -21,7 +21,7 @@ import struct
 
 import mlx.core as mx
 
-from runtime.config import ConfigError
+from runtime.config import ConfigError, on_cuda
 
 _SOURCE = r"""
     constexpr int E = D / 32;                      // head-dim elements per lane
@@ -160,12 +160,7 @@ def usable(head_dim: int) -> bool:
     if enabled not in ("0", "1"):
         raise ConfigError(f"VLLM_MLX_PAGED_KERNEL={enabled!r} is invalid; accepted: 1 (the fused kernel on CUDA, "
                           "the default) or 0 (the composed attention)")
-    if enabled == "0" or head_dim % 32 or head_dim > 256:
-        return False
-    if mx.default_device().type != mx.gpu:
-        return False
-    cuda = getattr(mx, "cuda", None)
-    return cuda is not None and cuda.is_available()
+    return enabled == "1" and head_dim % 32 == 0 and head_dim <= 256 and on_cuda()
 
 
 def paged_decode_attention(q, k_cache, v_cache, blocks, q_pos, *, scale: float, window: int = -1, cap: float = 0.0,

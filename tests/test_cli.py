@@ -55,7 +55,8 @@ def test_json_contract(tiny, capsys):
         assert {"name", "matched", "nodes_before", "nodes_after", "ms", "expected", "missed"} <= set(p)
     by_name = {p["name"]: p for p in data["passes"]}
     assert by_name["rms_norm"]["matched"] == 7 and by_name["rope"]["matched"] == 6 and not by_name["rope"]["missed"]
-    assert data["ops"]["mlx.rms_norm"] == 7 and data["unsupported"] == []
+    # the first norm reads the embedding; the other 6 read a residual add and fuse with it (add_rms_norm)
+    assert data["ops"]["mlx.rms_norm"] == 1 and data["ops"]["mlx.add_rms_norm"] == 6 and data["unsupported"] == []
     assert "check" not in data
 
 
@@ -269,6 +270,6 @@ def test_smollm2_summary(smollm2_path, capsys):
     code, out, _ = run(capsys, "smollm2", "--format", "json")
     data = json.loads(out)
     assert code == 0 and data["layers"] == 30 and data["unsupported"] == []
-    assert data["ops"]["mlx.rms_norm"] == 61 and data["ops"]["mlx.rope"] == 60
+    assert data["ops"]["mlx.rms_norm"] == 1 and data["ops"]["mlx.add_rms_norm"] == 60 and data["ops"]["mlx.rope"] == 60
     assert data["ops"]["mlx.paged_attention"] == 30
     assert not any(p["missed"] for p in data["passes"])

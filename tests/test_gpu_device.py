@@ -61,14 +61,15 @@ def _cuda() -> bool:
 
 
 def test_paged_kernel_off_on_cpu():
-    """The CPU path stays the composed one: the kernel only ever serves a CUDA default device."""
+    """The CPU path stays the composed one: the kernels only ever serve a CUDA default device."""
     import mlx.core as mx
 
-    from runtime import paged_kernel
+    from runtime import norm, paged_kernel
 
+    x = mx.zeros((2, 64))
     with mx.stream(mx.cpu):
-        assert not paged_kernel.usable(128)
-    assert paged_kernel.usable(128) == _cuda()
+        assert not paged_kernel.usable(128) and not norm.usable(x, x, x[0])
+    assert paged_kernel.usable(128) == _cuda() == norm.usable(x, x, x[0])
 
 
 def _decode_case(batch, kv_heads, groups, head_dim, contexts, dtype, block_size=16, num_blocks=None, seed=0):
@@ -99,14 +100,15 @@ def _decode_case(batch, kv_heads, groups, head_dim, contexts, dtype, block_size=
 
 
 def _reference(q, k, v, group, scale, window, cap):
-    """The composed path (`_attend`: gather + masked SDPA) in float32."""
+    """The composed decode path (runtime/attention.py: block gather + masked SDPA) in float32."""
     import mlx.core as mx
 
-    from runtime.attention import _attend
+    from runtime.attention import _from_cache, _sdpa
 
     f32 = mx.float32
-    out = _attend(q.astype(f32), k.astype(f32), v.astype(f32), group, scale, window, cap)
-    return out.reshape(q.shape[0], -1)
+    t, h, d = q.shape
+    keys, values, mask = _from_cache(k.astype(f32), v.astype(f32), group, window, f32)
+    return _sdpa(q.astype(f32).reshape(t, h, 1, d), keys, values, scale, mask, cap).reshape(t, h * d)
 
 
 @pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
@@ -211,3 +213,32 @@ def test_paged_attention_decode_compiled_kernel_vs_composed(dtype_name, monkeypa
     err = mx.abs(fused[0].astype(mx.float32) - composed[0].astype(mx.float32)).max().item()
     assert err <= (1e-5 if dtype_name == "float32" else 2e-2), err
     assert mx.array_equal(fused[1], composed[1]).item() and mx.array_equal(fused[2], composed[2]).item()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("rows,n", [(1, 4096), (3, 576), (64, 4096), (5, 100), (2, 8192), (4096, 576)])
+def test_add_rms_norm_kernel_matches_mlx(dtype_name, rows, n):
+    """runtime/norm.py's kernel vs MLX's own add + mx.fast.rms_norm: the sum bit for bit, the norm within its
+    two roundings (T(h * inv), then T(w * .)): the f32 sum of squares is added up in another order, which
+    can move inv by an f32 ulp and flip the first rounding."""
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime import norm
+
+    dtype = getattr(mx, dtype_name)
+    rng = np.random.default_rng(rows * 7 + n)
+    x, r = (mx.array(rng.standard_normal((1, rows, n), np.float32) * 3).astype(dtype) for _ in range(2))
+    w = mx.array(1 + rng.standard_normal(n, np.float32) / 4).astype(dtype)
+    assert norm.usable(x, r, w) and not norm.usable(*(mx.zeros((1, 8200), dtype),) * 2, mx.ones(8200, dtype))
+    h, normed = norm.add_rms_norm_kernel(x, r, w, 1e-5)
+    want_h = x + r
+    want = mx.fast.rms_norm(want_h, w, 1e-5)
+    assert mx.array_equal(h, want_h).item(), f"sum differs: max {mx.abs(h - want_h).max().item()}"
+    ulp = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -22}[dtype_name]
+    err = mx.abs(normed.astype(mx.float32) - want.astype(mx.float32))
+    bound = 2 * ulp * mx.abs(want.astype(mx.float32)) + 1e-6
+    assert mx.all(err <= bound).item(), f"max abs error {err.max().item()} (max |out| {mx.abs(want).max().item()})"
+    compiled = mx.compile(lambda a, b, c: norm.add_rms_norm(a, b, c, 1e-5))(x, r, w)  # the emitted step's form
+    assert mx.array_equal(compiled[0], h).item() and mx.array_equal(compiled[1], normed).item()

@@ -1,5 +1,7 @@
 """The fused ops that passes create: straight onto MLX's fast kernels and the runtime's paged attention."""
 
+import operator
+
 import torch
 
 import passes.ops  # noqa: F401  (defines torch.ops.mlx.*)
@@ -12,6 +14,15 @@ def rms_norm(e, node, x, weight, eps, out_dtype):
     w = e.r(weight) if w_dtype == x_dtype else f"{e.r(weight)}.astype({e.dtype(x_dtype)})"
     out = f"mx.fast.rms_norm({e.r(x)}, {w}, {eps!r})"
     return out if out_dtype == x_dtype else f"{out}.astype({e.dtype(out_dtype)})"
+
+
+@register(torch.ops.mlx.add_rms_norm.default)
+def add_rms_norm(e, node, x, residual, weight, eps):
+    """`h, normed = add_rms_norm(...)`, named as the add and the norm were (`<layer>_add`, `<norm>_rms_norm`)."""
+    parts = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+    h, normed = (e.bind(parts[i], op) if i in parts else "_" for i, op in ((0, "add"), (1, "rms_norm")))
+    e.line(f"{h}, {normed} = add_rms_norm({e.r(x)}, {e.r(residual)}, {e.r(weight)}, {eps!r})  # fused: add_rms_norm")
+    return None  # the statement above defines both values
 
 
 def _heads(node, head_dim: int) -> int:
