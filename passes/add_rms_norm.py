@@ -31,8 +31,8 @@ def _val(node):
 
 
 def candidates(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
-    """(norm, add) pairs that fuse, in graph order."""
-    found = []
+    """(norm, add) pairs that fuse, in graph order; an add that two norms read fuses with the first."""
+    found, taken = [], set()
     order = {n: i for i, n in enumerate(graph.nodes)}
     for norm in graph.nodes:
         if norm.target != torch.ops.mlx.rms_norm.default:
@@ -44,8 +44,9 @@ def candidates(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
         if h is None or any(v is None or v.shape != h.shape or v.dtype != h.dtype for v in vals):
             continue  # a broadcast or a scalar: not a residual add
         w = _val(weight)
-        if w is None or w.dtype != h.dtype or out_dtype != h.dtype or order[weight] > order[add]:
+        if w is None or w.dtype != h.dtype or out_dtype != h.dtype or order[weight] > order[add] or add in taken:
             continue
+        taken.add(add)
         found.append((norm, add))
     return found
 

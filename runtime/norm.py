@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from runtime.config import on_cuda
-from runtime.paged_kernel import _float_bits
+from runtime.paged_kernel import float_bits
 
 _SOURCE = r"""
     constexpr int PER = (N + BLOCK - 1) / BLOCK;   // elements of the row per thread
@@ -93,7 +93,7 @@ def add_rms_norm_kernel(x, residual, weight, eps):
     block = min(_MAX_BLOCK, max(32, 1 << (max(n // _PER, 1) - 1).bit_length()))  # <= 16 elements a thread: 4096 -> 256
     return tuple(_kernel()(
         inputs=[x, residual, weight],
-        template=[("T", x.dtype), ("N", n), ("BLOCK", block), ("EPS_BITS", _float_bits(eps))],
+        template=[("T", x.dtype), ("N", n), ("BLOCK", block), ("EPS_BITS", float_bits(eps))],
         grid=(rows * block, 1, 1),
         threadgroup=(block, 1, 1),
         output_shapes=[x.shape, x.shape],

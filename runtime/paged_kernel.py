@@ -147,7 +147,7 @@ def _kernel():
     return _KERNEL
 
 
-def _float_bits(x: float) -> int:
+def float_bits(x: float) -> int:
     """A positive float as an int template constant: templates take int/bool/dtype, and their values
     name the compiled kernel, so two scales never share one (a negative int would put '-' in the name)."""
     return struct.unpack("<i", struct.pack("<f", float(x)))[0]
@@ -178,8 +178,8 @@ def paged_decode_attention(q, k_cache, v_cache, blocks, q_pos, *, scale: float, 
     out = _kernel()(
         inputs=[q, k_cache, v_cache, blocks, q_pos],
         template=[("OutT", q.dtype), ("KT", k_cache.dtype), ("D", d), ("BS", block_size), ("G", h // kvh), ("NW", nw), ("U", u),
-                  ("WINDOW", max(int(window), 0)), ("CAP", bool(cap > 0)), ("SCALE_BITS", _float_bits(scale)),
-                  ("CAP_BITS", _float_bits(cap if cap > 0 else 1.0))],
+                  ("WINDOW", max(int(window), 0)), ("CAP", bool(cap > 0)), ("SCALE_BITS", float_bits(scale)),
+                  ("CAP_BITS", float_bits(cap if cap > 0 else 1.0))],
         grid=(h * nw * 32, t, 1),
         threadgroup=(nw * 32, 1, 1),
         output_shapes=[(t, h * d)],

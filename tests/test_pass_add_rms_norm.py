@@ -62,3 +62,17 @@ def test_broadcast_add_and_mixed_dtype_norm_stay_apart(check_pass):
                lambda dt, n: (torch.randn(n, 16, dtype=torch.bfloat16), torch.randn(n, 16, dtype=torch.bfloat16),
                               torch.randn(16, dtype=torch.float32)),
                pre=("cleanup", RMS_NORM), expect_matched=0, ops_after={"mlx.rms_norm", "add.Tensor"}, sizes=(3,))
+
+
+def test_an_add_two_norms_read_fuses_once(check_pass):
+    """Parallel sublayers (GPT-J, Phi): two norms of one residual; the first takes the add, the second
+    reads the fused node's sum."""
+    def parallel(x, residual, w1, w2):  # the fused norms as the rms_norm pass leaves them (decomposed, CSE shares them)
+        h = x + residual
+        norm = torch.ops.mlx.rms_norm.default
+        return norm(h, w1, 1e-6, h.dtype) + norm(h, w2, 1e-5, h.dtype), h
+
+    check_pass(ADD_RMS_NORM, parallel,
+               lambda dt, n: (torch.randn(n, 16, dtype=dt), torch.randn(n, 16, dtype=dt),
+                              1 + torch.randn(16, dtype=dt) / 10, 1 + torch.randn(16, dtype=dt) / 10),
+               expect_matched=1, ops_after={"mlx.add_rms_norm", "mlx.rms_norm"}, dtypes=ALL, sizes=(3,))
