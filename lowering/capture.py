@@ -23,7 +23,7 @@ from passes.program import AttentionLayer, Program, exported_weights
 
 CAPTURES = 0  # how many captures this process ran (tests assert one lowering serves all shapes)
 _MAX_TOKENS = 1 << 16
-STAMP = True  # HF front: export 2 of N identical layers and copy the rest (lowering/stamp.py); False: whole
+STAMP = True  # export 2 of N identical layers and copy the rest (lowering/stamp.py); False: the whole model
 
 
 class _Step(torch.nn.Module):
@@ -96,7 +96,7 @@ def capture_hf(model: torch.nn.Module, name: str = "hf") -> Program:
     model = model.eval()
     if hasattr(model.config, "_attn_implementation"):
         model.config._attn_implementation = "sdpa"
-    gm, weights, paths, stamped = _export_hf(model)
+    gm, weights, paths, stamped = _export(model, _hf_forward)
     layers = hf_attention_layers(model.config)
     meta = {
         "model": name,
@@ -110,17 +110,18 @@ def capture_hf(model: torch.nn.Module, name: str = "hf") -> Program:
     return _program(gm, weights, paths, layers, meta)
 
 
-def _export_hf(model: torch.nn.Module):
-    """Export the step; a stack of N > 2 interchangeable decoder layers is exported with two of them and
-    stamped to N (lowering/stamp.py: ~0.3 s of export per layer saved)."""
+def _export(model: torch.nn.Module, forward, template: int = 1):
+    """Export the step (either front); a stack of N > template + 1 interchangeable decoder layers is exported
+    with layers 0..template and stamped to N (lowering/stamp.py: ~0.3 s of export per layer saved). Returns
+    (graph module, weights, paths, stamped)."""
     stack = stamp.uniform_layers(model) if STAMP else None
-    if stack is not None:
+    if stack is not None and len(stack[1]) > template + 1:
         path, layers = stack
-        with stamp.two_layers(model, path, layers):
-            gm, weights, paths = export_step(_Step(model, _hf_forward))
-        if stamp.stamp(gm, weights, paths, model, path, len(layers)):
+        with stamp.first_layers(model, path, layers, template + 1):
+            gm, weights, paths = export_step(_Step(model, forward))
+        if stamp.stamp(gm, weights, paths, model, path, len(layers), template=template):
             return gm, weights, paths, True
-    return *export_step(_Step(model, _hf_forward)), False
+    return *export_step(_Step(model, forward)), False
 
 
 def _expectations(model: torch.nn.Module, num_layers: int) -> dict:
@@ -264,7 +265,7 @@ def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -
     layers = vllm_attention_layers(vllm_config)
     with set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config, num_tokens=8), \
             _norm_weights_as_parameters(model), _moe_experts_as_mlx(model):
-        gm, weights, paths = export_step(_Step(model, _vllm_forward))
+        gm, weights, paths, stamped = _export(model, _vllm_forward, template=2)  # layer 0 has no residual input
     dtype = vllm_config.model_config.dtype
     meta = {
         "model": name or vllm_config.model_config.model,
@@ -272,6 +273,7 @@ def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -
         "dtype": str(dtype).removeprefix("torch."),
         "layers": len(layers),
         "capture_s": time.perf_counter() - start,
+        "stamped": stamped,
         **_expectations(model, len(layers)),
     }
     return _program(gm, weights, paths, layers, meta)

@@ -15,9 +15,9 @@ from lowering.vllm_build import build_vllm_model
 from test_lowering_hf import check_against_eager
 
 
-def tiny_llama_dir(path, dtype=torch.float32, seed=0):
+def tiny_llama_dir(path, dtype=torch.float32, seed=0, layers=2):
     """A tiny random Llama checkpoint directory (head_dim 32: vLLM's attention needs >= 32)."""
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                       rope_theta=10000.0, tie_word_embeddings=False)
     cfg.architectures = ["LlamaForCausalLM"]

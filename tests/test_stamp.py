@@ -50,3 +50,22 @@ def test_a_layer_that_differs_is_not_stamped(monkeypatch):
     assert not stamped.meta["stamped"]
     assert lower(stamped).source == lower(whole).source
     assert any("layers.2.mlp.down_proj.bias" in p for p in stamped.weight_paths.values())
+
+
+def test_vllm_front_is_stamped_too(tmp_path, monkeypatch):
+    """vLLM's layers differ only in strings naming themselves (the attention's `layer_name`, which its op
+    carries): they stamp, and each copy's attention op names its own layer."""
+    from lowering.vllm_build import build_vllm_model
+    from test_lowering_vllm import tiny_llama_dir
+
+    model, config = build_vllm_model(str(tiny_llama_dir(tmp_path, layers=LAYERS)), max_model_len=512)
+    stamped = capture.capture_vllm(model, config)
+    monkeypatch.setattr(capture, "STAMP", False)
+    whole = capture.capture_vllm(model, config)
+    assert stamped.meta["stamped"] and not whole.meta["stamped"]
+    names = [getattr(a, "value", a) for n in stamped.graph.nodes if "unified_attention" in str(n.target)
+             for a in n.args if isinstance(getattr(a, "value", a), str)]  # vLLM wraps it: LayerName(value)
+    assert names == [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)], names
+    assert sorted(stamped.weight_paths.values()) == sorted(whole.weight_paths.values())
+    a, b = lower(stamped), lower(whole)
+    assert a.source == b.source
