@@ -391,22 +391,12 @@ class Ours:
             self.driver.release(s)
 
 
-class OursComposed(Ours):
-    """Ours with the fused paged decode kernel off (VLLM_MLX_PAGED_KERNEL=0: runtime/paged_kernel.py), i.e. the
-    composed attention (block gather + masked SDPA), for an A/B in the same run. Needs its own compiled step:
-    the switch is read when the step is traced, and mx.compile keeps a trace per function and shape."""
-    name = "ours_composed"
+class _KernelOff(Ours):
+    """Ours with one of our CUDA kernels off, for an A/B in the same run. Needs its own compiled step: the
+    switch (`_off`) is applied while the step is traced, and mx.compile keeps a trace per function and shape."""
 
     def _off(self, fn, *args, **kw):
-        old = os.environ.get("VLLM_MLX_PAGED_KERNEL")
-        os.environ["VLLM_MLX_PAGED_KERNEL"] = "0"
-        try:
-            return fn(*args, **kw)
-        finally:
-            if old is None:
-                os.environ.pop("VLLM_MLX_PAGED_KERNEL")
-            else:
-                os.environ["VLLM_MLX_PAGED_KERNEL"] = old
+        raise NotImplementedError
 
     def prefill_last(self, prompt) -> None:
         return self._off(super().prefill_last, prompt)
@@ -421,9 +411,26 @@ class OursComposed(Ours):
         return self._off(super()._record, state)
 
 
-class OursNormOff(OursComposed):
-    """Ours with runtime/norm.py's fused residual-add + RMSNorm kernel off (MLX's add and mx.fast.rms_norm, two
-    kernels), the paged decode kernel on: the norm kernel's A/B. A benchmark-only switch, applied at trace time."""
+class OursComposed(_KernelOff):
+    """The fused paged decode kernel off (VLLM_MLX_PAGED_KERNEL=0: runtime/paged_kernel.py), i.e. the composed
+    attention (block gather + masked SDPA)."""
+    name = "ours_composed"
+
+    def _off(self, fn, *args, **kw):
+        old = os.environ.get("VLLM_MLX_PAGED_KERNEL")
+        os.environ["VLLM_MLX_PAGED_KERNEL"] = "0"
+        try:
+            return fn(*args, **kw)
+        finally:
+            if old is None:
+                os.environ.pop("VLLM_MLX_PAGED_KERNEL")
+            else:
+                os.environ["VLLM_MLX_PAGED_KERNEL"] = old
+
+
+class OursNormOff(_KernelOff):
+    """runtime/norm.py's fused residual-add + RMSNorm kernel off (MLX's add and mx.fast.rms_norm, two kernels),
+    the paged decode kernel on. A benchmark-only switch."""
     name = "ours_norm_off"
 
     def _off(self, fn, *args, **kw):

@@ -17,6 +17,15 @@ W=/root/whl
 R=${RUN:-r4}
 mkdir -p "$W"
 git_state() { echo "HEAD $(git rev-parse HEAD 2>/dev/null)"; git status --short 2>/dev/null; }
+# gpu_tests LOG "-k EXPR": tests/test_gpu_device.py (the CUDA kernels vs MLX's own ops), stop the stage on a failure
+gpu_tests() {
+    python3 -m pytest -q -x -p no:cacheprovider -k "$2" tests/test_gpu_device.py 2>&1 | tee "$OUT/$1"
+    [ "${PIPESTATUS[0]}" = 0 ] || exit 5
+}
+# the lowered SmolLM2 shape on the GPU vs transformers on the CPU, f32 and bf16
+checks() {
+    checks
+}
 
 ensure_mlx() {
     python3 -c "import mlx.core as mx; assert mx.cuda.is_available()" 2>/dev/null && return 0
@@ -35,25 +44,22 @@ stage1)
 test)
     ensure_mlx || exit $?
     git_state > "$OUT/tree.txt"
-    set -o pipefail
-    python3 -m pytest -q -x -p no:cacheprovider -k paged tests/test_gpu_device.py 2>&1 | tee "$OUT/pytest.log" || exit 5
-    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
-    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
+    gpu_tests pytest.log paged
+    checks
     python3 benchmarks/gpu.py profile --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-profile.json"
     ;;
 bench)
     ensure_mlx || exit $?
     git_state > "$OUT/tree-bench.txt"
+    gpu_tests pytest-bench.log paged
     set -o pipefail
-    python3 -m pytest -q -x -p no:cacheprovider -k paged tests/test_gpu_device.py 2>&1 | tee "$OUT/pytest-bench.log" || exit 5
     # sweep the kernel's (warps, unroll); USE_PICK=1 measures with the best, else with the code's own rule
     tune=$(python3 benchmarks/gpu.py kernel --out "$OUT/gpu-$R-kernel.json" | tail -1)
     [[ "$tune" =~ ^[0-9]+,[0-9]+$ ]] || { echo "kernel sweep failed: $tune"; exit 6; }
     [ "${USE_PICK:-0}" = 1 ] && export MLX_PAGED_KERNEL_TUNE=$tune
     echo "sweep pick $tune; MLX_PAGED_KERNEL_TUNE=${MLX_PAGED_KERNEL_TUNE:-unset}" | tee -a "$OUT/tree-bench.txt"
     set +o pipefail
-    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
-    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
+    checks
     python3 benchmarks/gpu.py profile --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-profile.json"
     python3 benchmarks/gpu.py mlx --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-mlx.json"
     python3 benchmarks/gpu.py profile --models llama8b --batch 128 --systems ours,ours_composed,mlx_lm \
@@ -62,10 +68,7 @@ bench)
 repeat)  # the measurements again on this machine, with the code's own kernel shape rule
     ensure_mlx || exit $?
     git_state > "$OUT/tree-repeat.txt"
-    set -o pipefail
-    python3 -m pytest -q -x -p no:cacheprovider -k "paged and (block_shapes or compiled)" tests/test_gpu_device.py \
-        2>&1 | tee "$OUT/pytest-repeat.log" || exit 5
-    set +o pipefail
+    gpu_tests pytest-repeat.log "paged and (block_shapes or compiled)"
     python3 benchmarks/gpu.py mlx --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-mlx.json"
     python3 benchmarks/gpu.py profile --systems ours,mlx_lm --out "$OUT/gpu-$R-profile.json"
     python3 benchmarks/gpu.py profile --models llama8b --batch 128 --systems ours,mlx_lm \
@@ -74,19 +77,14 @@ repeat)  # the measurements again on this machine, with the code's own kernel sh
 prefill)  # after the fresh-prompt causal path (runtime/attention.py): correctness, then prefill + batch-1 decode
     ensure_mlx || exit $?
     git_state > "$OUT/tree-prefill.txt"
-    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
-    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
+    checks
     python3 benchmarks/gpu.py mlx --systems ours,mlx_lm --batches 1 --out "$OUT/gpu-$R-mlx.json"
     ;;
 sweep)  # where a prefill's time goes, and MLX-CUDA's graph size (ops per CUDA graph) against the batch-1 decode step
     ensure_mlx || exit $?
     git_state > "$OUT/tree-sweep.txt"
-    set -o pipefail
-    python3 -m pytest -q -x -p no:cacheprovider -k "paged and (block_shapes or compiled)" tests/test_gpu_device.py \
-        2>&1 | tee "$OUT/pytest-sweep.log" || exit 5
-    set +o pipefail
-    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
-    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
+    gpu_tests pytest-sweep.log "paged and (block_shapes or compiled)"
+    checks
     python3 benchmarks/gpu.py profile --models smollm2 --prefill 512 --systems ours,mlx_lm --out "$OUT/gpu-$R-prefill-512.json"
     python3 benchmarks/gpu.py profile --models llama8b --prefill 4096 --systems ours,mlx_lm --out "$OUT/gpu-$R-prefill-4096.json"
     for ops in ${OPS:-20 60 120 250}; do
@@ -98,12 +96,8 @@ sweep)  # where a prefill's time goes, and MLX-CUDA's graph size (ops per CUDA g
 full)  # GPU kernel tests, checks, profiles (decode at batch 1 and 128, prefill), the benchmark with the norm kernel's A/B
     ensure_mlx || exit $?
     git_state > "$OUT/tree-full.txt"
-    set -o pipefail
-    python3 -m pytest -q -x -p no:cacheprovider -k "(paged and (block_shapes or compiled)) or add_rms_norm or off_on_cpu" \
-        tests/test_gpu_device.py 2>&1 | tee "$OUT/pytest-full.log" || exit 5
-    set +o pipefail
-    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check.json"
-    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check.json"
+    gpu_tests pytest-full.log "(paged and (block_shapes or compiled)) or add_rms_norm or off_on_cpu"
+    checks
     python3 benchmarks/gpu.py profile --systems ours,ours_norm_off,mlx_lm --out "$OUT/gpu-$R-profile.json"
     python3 benchmarks/gpu.py mlx --systems ${SYSTEMS:-ours,ours_norm_off,mlx_lm} --out "$OUT/gpu-$R-mlx.json"
     python3 benchmarks/gpu.py profile --models llama8b --batch 128 --systems ours,mlx_lm --out "$OUT/gpu-$R-profile-b128.json"

@@ -23,7 +23,7 @@ from passes.program import AttentionLayer, Program, exported_weights
 
 CAPTURES = 0  # how many captures this process ran (tests assert one lowering serves all shapes)
 _MAX_TOKENS = 1 << 16
-STAMP = True  # export 2 of N identical layers and copy the rest (lowering/stamp.py); False: the whole model
+STAMP = True  # export the first layers of N identical ones and copy the rest (lowering/stamp.py); False: the whole model
 
 
 class _Step(torch.nn.Module):
