@@ -443,7 +443,23 @@ class OursNormOff(_KernelOff):
             runtime.norm.usable = usable
 
 
-_VARIANTS = {"ours_composed": OursComposed, "ours_norm_off": OursNormOff}  # ours with one kernel off, own trace
+class OursRopeOff(_KernelOff):
+    """runtime/rope_kernel.py's RoPE + K/V-rows kernel off (mx.fast.rope on q and k, MLX's concatenation for
+    the rows), the other kernels on. A benchmark-only switch."""
+    name = "ours_rope_off"
+
+    def _off(self, fn, *args, **kw):
+        import runtime.rope_kernel
+
+        usable, runtime.rope_kernel.usable = runtime.rope_kernel.usable, lambda *a: False
+        try:
+            return fn(*args, **kw)
+        finally:
+            runtime.rope_kernel.usable = usable
+
+
+_VARIANTS = {"ours_composed": OursComposed, "ours_norm_off": OursNormOff,  # ours with one kernel off, own trace
+             "ours_rope_off": OursRopeOff}
 
 
 class MlxLm:
@@ -1118,11 +1134,11 @@ def main(argv=None) -> int:
             q.add_argument("--budget-s", type=float, default=480.0, help="skip torch.compile work started after this")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     q.add_argument("--profile", default="", help="also split a batch-1 decode step of this model")
-    q.add_argument("--systems", default="ours,mlx_lm", help="ours, ours_composed (fused decode kernel off), ours_norm_off (fused add+RMSNorm off), mlx_lm")
+    q.add_argument("--systems", default="ours,mlx_lm", help="ours, ours_composed (fused decode kernel off), ours_norm_off (fused add+RMSNorm off), ours_rope_off (RoPE + K/V rows kernel off), mlx_lm")
     q = sub.add_parser("profile")
     q.add_argument("--models", default="llama8b,smollm2")
     q.add_argument("--out")
-    q.add_argument("--systems", default="ours,ours_nojit,mlx_lm", help="also: ours_composed (fused decode kernel off), ours_norm_off (fused add+RMSNorm off)")
+    q.add_argument("--systems", default="ours,ours_nojit,mlx_lm", help="also: ours_composed (fused decode kernel off), ours_norm_off (fused add+RMSNorm off), ours_rope_off (RoPE + K/V rows kernel off)")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--prefill", type=int, default=0, help="profile a batch-1 prefill of this many tokens instead")

@@ -4,7 +4,8 @@
 #   test     (.gpuwhl/p2 carried) join + check + install the wheels if MLX-CUDA is missing; the GPU tests
 #            (tests/test_gpu_device.py: fused paged decode kernel vs the composed path), then the
 #            correctness check (SmolLM2 shape f32 + bf16 vs transformers on the CPU), a batch-1 profile
-#   full     kernel tests, checks, profiles, ours vs ours_norm_off (fused add+RMSNorm off) vs mlx-lm
+#   full     kernel tests, checks, profiles (decode batch 1 with AB=ours_rope_off by default, 128; prefills)
+#   compare  (after full) the benchmark: ours vs AB (one kernel off) vs mlx-lm, each model in its own process
 #   sweep    prefill profiles; the batch-1 decode profile at several MLX_MAX_OPS_PER_BUFFER and without CUDA graphs
 #   bench    the GPU kernel tests, a sweep of the kernel's (warps, unroll) (USE_PICK=1: measure with its pick),
 #            the checks, profiles at batch 1 and 128, ours vs ours_composed (kernel off) vs mlx-lm, both models
@@ -24,7 +25,8 @@ gpu_tests() {
 }
 # the lowered SmolLM2 shape on the GPU vs transformers on the CPU, f32 and bf16
 checks() {
-    checks
+    python3 benchmarks/gpu.py check --dtype float32 --out "$OUT/gpu-$R-check-f32.json"
+    python3 benchmarks/gpu.py check --dtype bfloat16 --out "$OUT/gpu-$R-check-bf16.json"
 }
 
 ensure_mlx() {
@@ -93,18 +95,25 @@ sweep)  # where a prefill's time goes, and MLX-CUDA's graph size (ops per CUDA g
     done
     MLX_USE_CUDA_GRAPHS=0 python3 benchmarks/gpu.py profile --models llama8b --systems ours,mlx_lm --out "$OUT/gpu-$R-nographs.json"
     ;;
-full)  # GPU kernel tests, checks, profiles (decode at batch 1 and 128, prefill), the benchmark with the norm kernel's A/B
+full)  # GPU kernel tests, checks, profiles: decode at batch 1 (with the A/B) and 128, prefills (one call, < 10 min)
     ensure_mlx || exit $?
     git_state > "$OUT/tree-full.txt"
-    gpu_tests pytest-full.log "(paged and (block_shapes or compiled)) or add_rms_norm or off_on_cpu"
+    gpu_tests pytest-full.log "(paged and (block_shapes or compiled)) or add_rms_norm or rope or off_on_cpu"
     checks
-    python3 benchmarks/gpu.py profile --systems ours,ours_norm_off,mlx_lm --out "$OUT/gpu-$R-profile.json"
-    python3 benchmarks/gpu.py mlx --systems ${SYSTEMS:-ours,ours_norm_off,mlx_lm} --out "$OUT/gpu-$R-mlx.json"
+    python3 benchmarks/gpu.py profile --systems ours,${AB:-ours_rope_off},mlx_lm --out "$OUT/gpu-$R-profile.json"
     python3 benchmarks/gpu.py profile --models llama8b --batch 128 --systems ours,mlx_lm --out "$OUT/gpu-$R-profile-b128.json"
-    python3 benchmarks/gpu.py profile --models smollm2 --prefill 512 --systems ours,mlx_lm --out "$OUT/gpu-$R-prefill-512.json"
+    python3 benchmarks/gpu.py profile --models smollm2 --batch 128 --systems ours,mlx_lm --out "$OUT/gpu-$R-profile-smollm2-b128.json"
+    python3 benchmarks/gpu.py profile --models smollm2 --prefill 4096 --systems ours,mlx_lm --out "$OUT/gpu-$R-prefill-smollm2-4096.json"
     python3 benchmarks/gpu.py profile --models llama8b --prefill 4096 --systems ours,mlx_lm --out "$OUT/gpu-$R-prefill-4096.json"
     ;;
+compare)  # the benchmark table: ours, ours with one kernel off (AB), mlx-lm, both models, each in its own process
+    ensure_mlx || exit $?
+    git_state > "$OUT/tree-compare.txt"
+    for model in llama8b smollm2; do
+        python3 benchmarks/gpu.py mlx --models $model --systems ours,${AB:-ours_rope_off},mlx_lm --out "$OUT/gpu-$R-mlx-$model.json"
+    done
+    ;;
 *)
-    echo "usage: $0 stage1|test|bench|repeat|prefill|sweep|full"; exit 2
+    echo "usage: $0 stage1|test|bench|repeat|prefill|sweep|full|compare"; exit 2
     ;;
 esac

@@ -12,6 +12,7 @@ from passes.merge_projections import PASS as merge_projections
 from passes.program import AttentionLayer, Program, run_in_torch
 from passes.rms_norm import PASS as rms_norm
 from passes.rope import PASS as rope
+from passes.rope_attention import PASS as rope_attention
 from passes.silu_mul import PASS as silu_mul
 
 cleanup = FunctionPass("cleanup", _cleanup)
@@ -21,9 +22,10 @@ def default_passes() -> list:
     """Order matters: cleanup first so patterns see canonical ops; attention before rope so the
     GQA/mask plumbing around HF attention is gone; merge_projections after the fusions (they match
     on the separate linears, then read slices of the merged one); add_rms_norm on the norms rms_norm
-    made; a final cleanup folds what fusions left."""
+    made; a final cleanup folds what fusions left (the transposes between a rope and its attention), and
+    rope_attention, last, folds those ropes into the attentions."""
     return [cleanup, attention, rms_norm, rope, silu_mul, merge_projections, add_rms_norm,
-            FunctionPass("final_cleanup", _cleanup)]
+            FunctionPass("final_cleanup", _cleanup), rope_attention]
 
 
 def default_manager() -> PassManager:

@@ -1,5 +1,5 @@
 """The fused ops that passes put into graphs: `torch.ops.mlx.rms_norm`, `.add_rms_norm`, `.rope`,
-`.paged_attention`, `.moe_experts`.
+`.paged_attention`, `.rope_paged_attention`, `.moe_experts`.
 
 Each is a real torch op with a reference implementation, so a rewritten graph still runs in torch
 (pass tests compare it with the original), and a fake implementation for shape propagation. The
@@ -112,6 +112,36 @@ def _(q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window, 
     return q.new_empty((q.shape[0], num_heads * head_dim))
 
 
+@torch.library.custom_op("mlx::rope_paged_attention", mutates_args=())
+def rope_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    traditional: bool,
+    mscale: float,
+    layer: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    scale: float,
+    sliding_window: int,
+    logit_cap: float,
+) -> torch.Tensor:
+    """`paged_attention` of q and k rotated by `rope` first (passes/rope_attention.py): q [T, H*D] and
+    k [T, KVH*D] come un-rotated, so a backend can rotate them where it writes the cache."""
+    q = rope(q, positions, inv_freq, head_dim, traditional, mscale)
+    k = rope(k, positions, inv_freq, head_dim, traditional, mscale)
+    return paged_attention(q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_cap)
+
+
+@rope_paged_attention.register_fake
+def _(q, k, v, positions, inv_freq, traditional, mscale, layer, num_heads, num_kv_heads, head_dim, scale,
+      sliding_window, logit_cap):
+    return q.new_empty((q.shape[0], num_heads * head_dim))
+
+
 _GATED = {
     "silu": torch.nn.functional.silu,
     "gelu": torch.nn.functional.gelu,
@@ -152,5 +182,6 @@ FUSED_OPS = {
     "rms_norm": torch.ops.mlx.rms_norm.default,
     "rope": torch.ops.mlx.rope.default,
     "paged_attention": torch.ops.mlx.paged_attention.default,
+    "rope_paged_attention": torch.ops.mlx.rope_paged_attention.default,
     "moe_experts": torch.ops.mlx.moe_experts.default,
 }

@@ -2,9 +2,11 @@
 K/V through its block table, attend with `mx.fast.scaled_dot_product_attention` (on the CPU with
 runtime/fastmath.py's equivalent: MLX's CPU softmax was most of a prefill).
 
-The cache is head-major, [KVH, blocks, block_size, D] per layer: gathering a group's block table
-gives [KVH, S, Lk, D] at once, which SDPA reads as [S, KVH, Lk, D] through strides (no transpose
-copy; a token-major cache needs one per layer and step, which measured 4-7x slower at decode).
+A layer's cache is one array, K then V, head-major: [2, KVH, blocks, block_size, D]. One scatter
+writes this step's K and V; gathering a group's block table gives [2, KVH, S, Lk, D] in one copy,
+which SDPA reads as [S, KVH, Lk, D] through strides (no transpose copy; a token-major cache needs one
+per layer and step, which measured 4-7x slower at decode). With `rope`, q and k arrive un-rotated
+(passes/rope_attention.py) and the rotation happens here, on CUDA in the kernel that lays out the rows.
 The batch (runtime/batch.py) splits sequences into groups (decodes, the rest); each group lays its
 queries out as [S, Lq] (sequence, query position; padded rows point at token 0 and are dropped
 again) and its keys as [S, Lk] positions covered by whole blocks. The mask follows from positions
@@ -16,47 +18,82 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from runtime import fastmath, paged_kernel
+from runtime import fastmath, paged_kernel, rope_kernel
 
 
-def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim, scale, window=-1, cap=0.0):
-    """q: [T, H*D]; k, v: [T, KVH*D]; cache: (k_cache, v_cache) each [KVH, blocks, block_size, D].
+def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim, scale, window=-1, cap=0.0,
+                    rope=None):
+    """q: [T, H*D]; k, v: [T, KVH*D]; cache: [2, KVH, blocks, block_size, D], K then V.
+    rope: None, or (positions [T], inv_freq [R/2], traditional, mscale) when q and k come un-rotated
+    (passes/rope_attention.py): they are rotated here, as `mx.fast.rope` would.
 
     Returns (out [T, H*D], updated cache). GQA is handled by SDPA without repeating K/V.
     """
-    k_cache, v_cache = cache
-    shape = k_cache.shape
-    if "kv_rows" in batch:  # rows built once per step (runtime.model.device_batch): no per-layer index math
-        k_cache = _write_rows(k_cache, k, batch["kv_rows"], num_kv_heads, head_dim)
-        v_cache = _write_rows(v_cache, v, batch["kv_rows"], num_kv_heads, head_dim)
-    else:
-        k_flat = k_cache.reshape(num_kv_heads, -1, head_dim)  # [KVH, slots, D]
-        v_flat = v_cache.reshape(num_kv_heads, -1, head_dim)
-        slots = batch["slot_mapping"]
-        k_flat[:, slots] = k.reshape(-1, num_kv_heads, head_dim).swapaxes(0, 1).astype(k_flat.dtype)
-        v_flat[:, slots] = v.reshape(-1, num_kv_heads, head_dim).swapaxes(0, 1).astype(v_flat.dtype)
-        k_cache, v_cache = k_flat.reshape(shape), v_flat.reshape(shape)
-
-    q = q.reshape(-1, num_heads, head_dim)
+    t = q.shape[0]
+    q, k, v, rows = _new_kv(q, k, v, rope, num_heads, num_kv_heads, head_dim)
+    cache = _write(cache, rows, batch)
     groups = batch["groups"]
-    if len(groups) == 1 and groups[0]["q_index"].shape == (q.shape[0], 1):  # static: shapes only
-        return _attend_decode(q, k_cache, v_cache, groups[0], scale, window, cap), (k_cache, v_cache)
-    k, v = k.reshape(-1, num_kv_heads, head_dim), v.reshape(-1, num_kv_heads, head_dim)
+    if len(groups) == 1 and groups[0]["q_index"].shape == (t, 1):  # static: shapes only
+        return _attend_decode(q, cache, groups[0], scale, window, cap), cache
     # One group whose [S, Lq] layout holds exactly the T tokens: every sequence has Lq of them, so the
     # layout is the token order itself (q_index = arange(T) as [S, Lq], out_index = arange(T)) and
     # reshapes replace the four gathers per layer (a batch-1 prefill, or equal prompts; static: shapes only)
-    in_order = len(groups) == 1 and groups[0]["q_index"].size == q.shape[0]
+    in_order = len(groups) == 1 and groups[0]["q_index"].size == t
     outs = [
-        _attend(q, k, v, k_cache, v_cache, group, scale, window, cap, in_order).reshape(-1, num_heads * head_dim)
+        _attend(q, k, v, cache, group, scale, window, cap, in_order).reshape(-1, num_heads * head_dim)
         for group in groups
     ]
     if in_order:
-        return outs[0], (k_cache, v_cache)
+        return outs[0], cache
     out = (outs[0] if len(outs) == 1 else mx.concatenate(outs))[batch["out_index"]]
-    return out, (k_cache, v_cache)
+    return out, cache
 
 
-def _attend(q, k, v, k_cache, v_cache, group, scale, window, cap, in_order=False):
+def _new_kv(q, k, v, rope, num_heads, num_kv_heads, head_dim):
+    """q [T, H, D], k and v [T, KVH, D], and `rows` [2 * KVH * T, D]: this step's K then V as the cache
+    writes them (head-major), rotated first when `rope` is given. On MLX's CUDA backend one kernel
+    (runtime/rope_kernel.py) rotates q and k and lays out the rows, k and v being views of them;
+    elsewhere `mx.fast.rope` rotates and a concatenation lays out the rows."""
+    t = q.shape[0]
+    if rope is not None and rope_kernel.usable(q, k, v, rope, head_dim):
+        q, rows = rope_kernel.rope_qkv(q, k, v, *rope, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                       head_dim=head_dim)
+        k, v = rows.reshape(2, num_kv_heads, t, head_dim).transpose(0, 2, 1, 3)  # views, [T, KVH, D] each
+        return q, k, v, rows
+    if rope is not None:
+        q, k = _rotate(q, num_heads, head_dim, *rope), _rotate(k, num_kv_heads, head_dim, *rope)
+    q = q.reshape(t, num_heads, head_dim)
+    k, v = k.reshape(t, num_kv_heads, head_dim), v.reshape(t, num_kv_heads, head_dim)
+    rows = mx.concatenate([k.swapaxes(0, 1), v.swapaxes(0, 1)]).reshape(-1, head_dim)
+    return q, k, v, rows
+
+
+def _rotate(x, heads, head_dim, positions, inv_freq, traditional, mscale):
+    """RoPE of x [T, heads * D] at per-token positions (one token per "sequence" so that each gets its
+    own offset); the first 2 * len(inv_freq) dims of each head rotate."""
+    rot = 2 * inv_freq.shape[0]
+    out = mx.fast.rope(x.reshape(-1, heads, 1, head_dim), rot, traditional=traditional, base=None, scale=1.0,
+                       offset=positions, freqs=mx.reciprocal(inv_freq)).reshape(-1, heads, head_dim)
+    if mscale != 1.0:  # scales the rotated dims (YaRN), as passes/ops.py's reference does
+        out = out * mscale if rot == head_dim else mx.concatenate([out[..., :rot] * mscale, out[..., rot:]], axis=-1)
+    return out.reshape(-1, heads * head_dim)
+
+
+def _write(cache, rows, batch):
+    """Scatter `rows` [2 * KVH * T, D] into the cache viewed as [2 * KVH * slots, D] rows, at
+    `batch["kv_rows"]` (made once per step by runtime.model.device_batch) or, without it, at the rows
+    of `slot_mapping`: one scatter writes K and V (MLX's `cache[:, slots] = ...` would build an arange
+    index per call, a kernel per layer and tensor in the GPU profile, issue 10)."""
+    index = batch.get("kv_rows")
+    if index is None:
+        planes, blocks, block_size = cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3]
+        index = (mx.arange(planes, dtype=mx.int32)[:, None] * (blocks * block_size) + batch["slot_mapping"]).reshape(-1)
+    flat = cache.reshape(-1, cache.shape[-1])
+    flat[index] = rows.astype(flat.dtype)
+    return flat.reshape(cache.shape)
+
+
+def _attend(q, k, v, cache, group, scale, window, cap, in_order=False):
     """One group of sequences: queries [S, H, Lq, D] against their keys [S, KVH, Lk, D]: gathered from
     the cache, or, for prompts with no earlier context (no `blocks`, runtime/batch.py), this step's own
     K/V laid out like the queries, under a causal mask (MLX's fused causal SDPA on a GPU; padded rows
@@ -70,11 +107,11 @@ def _attend(q, k, v, k_cache, v_cache, group, scale, window, cap, in_order=False
         pos = mx.arange(index.shape[1], dtype=mx.int32)
         mask = "causal" if window <= 0 and cap <= 0 else _mask(pos[None], index.shape[1], window, pos)
     else:
-        keys, values, mask = _from_cache(k_cache, v_cache, group, window, queries.dtype)  # mask [S, 1, Lq, Lk]
+        keys, values, mask = _from_cache(cache, group, window, queries.dtype)  # mask [S, 1, Lq, Lk]
     return _sdpa(queries, keys, values, scale, mask, cap).transpose(0, 2, 1, 3)  # [S, Lq, H, D]
 
 
-def _attend_decode(q, k_cache, v_cache, group, scale, window, cap):
+def _attend_decode(q, cache, group, scale, window, cap):
     """A pure decode step (every token is its sequence's only query; GPU work, issue 10): the queries
     are q itself as [T, H, 1, D] and the output goes straight back to [T, H*D], so the per-layer query
     gather, the padded-row gather and two transposes drop out (q_index and out_index are aranges here).
@@ -82,18 +119,18 @@ def _attend_decode(q, k_cache, v_cache, group, scale, window, cap):
     table in place: no K/V gather copy, no mask, one launch instead of ~9 per layer."""
     t, h, d = q.shape
     if paged_kernel.usable(d):
-        return paged_kernel.paged_decode_attention(
-            q, k_cache, v_cache, group["blocks"], group["q_pos"], scale=scale, window=window, cap=cap)
+        return paged_kernel.paged_decode_attention(q, cache, group["blocks"], group["q_pos"], scale=scale,
+                                                   window=window, cap=cap)
     queries = q.reshape(t, h, 1, d)
-    keys, values, mask = _from_cache(k_cache, v_cache, group, window, queries.dtype)  # mask [T, 1, 1, Lk]
+    keys, values, mask = _from_cache(cache, group, window, queries.dtype)  # mask [T, 1, 1, Lk]
     return _sdpa(queries, keys, values, scale, mask, cap).reshape(t, h * d)  # [T, H, 1, D] is [T, 1, H, D]
 
 
-def _from_cache(k_cache, v_cache, group, window, dtype):
+def _from_cache(cache, group, window, dtype):
     """The group's keys and values gathered from the cache (in `dtype`) and the mask of what each
     query may see."""
-    keys = _gather(k_cache, group).astype(dtype)
-    values = _gather(v_cache, group).astype(dtype)
+    both = _gather(cache, group).astype(dtype)
+    keys, values = both[0], both[1]
     return keys, values, _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))
 
 
@@ -103,28 +140,20 @@ def _sdpa(queries, keys, values, scale, mask, cap):
     return fastmath.attention(queries, keys, values, scale=scale, mask=mask)
 
 
-def _write_rows(cache, new, rows, num_kv_heads, head_dim):
-    """Scatter this step's K (or V) [T, KVH*D] into the cache viewed as [KVH * slots, D] rows; `rows`
-    [KVH * T] lists them head-major. One index array and no slice: MLX's `cache[:, slots] = ...` builds
-    an arange index per call, a kernel per layer and tensor that the GPU profile showed (issue 10)."""
-    flat = cache.reshape(-1, head_dim)
-    flat[rows] = new.reshape(-1, num_kv_heads, head_dim).swapaxes(0, 1).reshape(-1, head_dim).astype(flat.dtype)
-    return flat.reshape(cache.shape)
-
-
 def _gather(cache, group):
-    """[KVH, blocks, block_size, D] cache -> [S, KVH, n * block_size, D] keys of the group's [S, n] block
-    table (a view of one copy). The cache is taken as [KVH * blocks] rows of block_size * D: MLX's CPU
-    `take` copies whole contiguous rows along axis 0 ~12x faster than it gathers along axis 1
-    (0.05 vs 0.59 ms for 3 x 64 blocks of 16 x 64 f32). `block_rows` ([KVH * S * n], head-major) comes
-    from runtime.model.device_batch, once per step; without it, it is made here."""
-    kvh, num_blocks, block_size, d = cache.shape
+    """[2, KVH, blocks, block_size, D] cache -> [2, S, KVH, n * block_size, D]: the keys and values of the
+    group's [S, n] block table (views of one copy). The cache is taken as [2 * KVH * blocks] rows of
+    block_size * D: MLX's CPU `take` copies whole contiguous rows along axis 0 ~12x faster than it
+    gathers along axis 1 (0.05 vs 0.59 ms for 3 x 64 blocks of 16 x 64 f32). `block_rows`
+    ([2 * KVH * S * n], head-major) comes from runtime.model.device_batch, once per step; without it,
+    it is made here."""
+    two, kvh, num_blocks, block_size, d = cache.shape
     s, n = group["blocks"].shape
     rows = group.get("block_rows")
     if rows is None:
-        rows = (mx.arange(kvh, dtype=mx.int32)[:, None, None] * num_blocks + group["blocks"][None]).reshape(-1)
-    flat = cache.reshape(kvh * num_blocks, block_size * d)
-    return mx.take(flat, rows, axis=0).reshape(kvh, s, n * block_size, d).transpose(1, 0, 2, 3)
+        rows = (mx.arange(two * kvh, dtype=mx.int32)[:, None, None] * num_blocks + group["blocks"][None]).reshape(-1)
+    flat = cache.reshape(two * kvh * num_blocks, block_size * d)
+    return mx.take(flat, rows, axis=0).reshape(two, kvh, s, n * block_size, d).transpose(0, 2, 1, 3, 4)
 
 
 def _mask(q_pos, kv_len: int, window: int, key_pos=None):

@@ -122,9 +122,36 @@ def _group_arrays(step: StepInput, block_size: int, qsl, q_lens, members) -> tup
 
 
 def to_mlx(arrays):
-    """numpy arrays (in dicts and lists) -> MLX arrays, same structure."""
+    """numpy arrays (in dicts and lists) -> MLX arrays, same structure. The int32 ones (every index array
+    of a step) travel as one MLX array that they are views of: each array made from host memory is an
+    allocation and a copy, and on MLX's CUDA backend managed memory that the GPU then faults in (a step
+    has ~10 of them; mlx-lm's decode step has none)."""
+    leaves = list(_leaves(arrays))
+    ints = [a for a in leaves if a.dtype == np.int32]
+    views = {}
+    if len(ints) > 1:
+        flat = mx.array(np.concatenate([a.ravel() for a in ints]))
+        at = 0
+        for a in ints:
+            views[id(a)] = flat[at:at + a.size].reshape(a.shape)
+            at += a.size
+    return _rebuild(arrays, lambda a: views[id(a)] if id(a) in views else mx.array(a))
+
+
+def _leaves(arrays):
     if isinstance(arrays, dict):
-        return {k: to_mlx(v) for k, v in arrays.items()}
+        for v in arrays.values():
+            yield from _leaves(v)
+    elif isinstance(arrays, list):
+        for v in arrays:
+            yield from _leaves(v)
+    else:
+        yield np.asarray(arrays)
+
+
+def _rebuild(arrays, make):
+    if isinstance(arrays, dict):
+        return {k: _rebuild(v, make) for k, v in arrays.items()}
     if isinstance(arrays, list):
-        return [to_mlx(v) for v in arrays]
-    return mx.array(arrays)
+        return [_rebuild(v, make) for v in arrays]
+    return make(arrays)

@@ -23,8 +23,8 @@ class CacheLayout:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.size
 
     def cache_shape(self, num_blocks: int) -> tuple[int, ...]:
-        """One layer's K (or V) cache: head-major, see runtime/attention.py."""
-        return (self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
+        """One layer's cache, K then V, head-major: [2, KVH, blocks, block_size, D] (runtime/attention.py)."""
+        return (2, self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
 
 
 class LoweredModel:
@@ -34,7 +34,7 @@ class LoweredModel:
         self.layout = layout
         self.num_blocks = num_blocks
         shape = layout.cache_shape(num_blocks)
-        self.kv = [(mx.zeros(shape, layout.dtype), mx.zeros(shape, layout.dtype)) for _ in range(layout.num_layers)]
+        self.kv = [mx.zeros(shape, layout.dtype) for _ in range(layout.num_layers)]
         mx.eval(self.kv)
 
     def step(self, batch: StepInput) -> mx.array:
@@ -48,12 +48,17 @@ class LoweredModel:
         and are evaluated with them). `input_ids` (int32, [T]) replaces `batch.input_ids` when given,
         so a decode step can take the previous step's on-device argmax: the host builds step n+1
         while the device still runs step n (`mx.async_eval`), as mlx-lm's generate loop does."""
-        arrays = to_mlx(device_batch(attention_arrays(batch, self.layout.block_size), self.layout, self.num_blocks))
-        ids = mx.array(batch.input_ids.astype(np.int32)) if input_ids is None else input_ids
+        host = {
+            "batch": device_batch(attention_arrays(batch, self.layout.block_size), self.layout, self.num_blocks),
+            "positions": batch.positions.astype(np.int32),
+            "logits_indices": batch.logits_indices.astype(np.int32),
+        }
+        if input_ids is None:
+            host["input_ids"] = batch.input_ids.astype(np.int32)
+        arrays = to_mlx(host)  # one host-to-device array for all of them
         logits, kv = self.step_fn(
-            self.weights, self.kv, arrays, ids,
-            mx.array(batch.positions.astype(np.int32)),
-            mx.array(batch.logits_indices.astype(np.int32)),
+            self.weights, self.kv, arrays["batch"], arrays.get("input_ids", input_ids),
+            arrays["positions"], arrays["logits_indices"],
         )
         self.kv = kv
         return logits
@@ -61,14 +66,15 @@ class LoweredModel:
 
 def device_batch(arrays: dict, layout: CacheLayout, num_blocks: int) -> dict:
     """Index arrays every layer's paged attention shares, made once per step on the host (numpy):
-    `kv_rows` [KVH * T], the cache rows ([KVH * slots, D] view) of this step's K/V, head-major; and
-    per group `key_pos` [Lk] and `block_rows` [KVH * S * n] (runtime/attention.py `_gather`). Inside
-    the step each layer would otherwise build them again, as small arange kernels that cost more than
-    the attention itself at decode on a GPU (issue 10's profile)."""
+    `kv_rows` [2 * KVH * T], the cache rows ([2 * KVH * slots, D] view) of this step's K, then V,
+    head-major; and per group `key_pos` [Lk] and `block_rows` [2 * KVH * S * n] (runtime/attention.py
+    `_gather`). Inside the step each layer would otherwise build them again, as small arange kernels
+    that cost more than the attention itself at decode on a GPU (issue 10's profile)."""
     slots = arrays["slot_mapping"].astype(np.int64)
-    heads = np.arange(layout.num_kv_heads, dtype=np.int64)[:, None] * (num_blocks * layout.block_size)
+    planes = 2 * layout.num_kv_heads  # K heads, then V heads
+    heads = np.arange(planes, dtype=np.int64)[:, None] * (num_blocks * layout.block_size)
     arrays["kv_rows"] = (heads + slots[None, :]).reshape(-1).astype(np.int32)
-    block_heads = np.arange(layout.num_kv_heads, dtype=np.int64)[:, None, None] * num_blocks
+    block_heads = np.arange(planes, dtype=np.int64)[:, None, None] * num_blocks
     for group in (g for g in arrays["groups"] if "blocks" in g):  # fresh prompts read no cache
         group["key_pos"] = np.arange(group["blocks"].shape[1] * layout.block_size, dtype=np.int32)
         group["block_rows"] = (block_heads + group["blocks"][None]).reshape(-1).astype(np.int32)

@@ -4,8 +4,9 @@ The composed decode path (runtime/attention.py `_attend_decode`) gathers each se
 through the block table (two copies) and, because the padded keys of the last block need a mask,
 falls back from MLX's one-kernel decode SDPA to the composed one (~6 kernels). On MLX-CUDA each
 kernel costs ~9.5 us of host time, more than the attention's GPU work at decode. This kernel reads
-the head-major cache [KVH, blocks, block_size, D] in place through the block table and stops at the
+the head-major cache in place through the block table and stops at the
 sequence's own length (context = q_pos + 1), so it needs neither the gather nor a mask.
+The cache is a layer's one array [2, KVH, blocks, block_size, D]: K, then V a plane further.
 
 One CUDA block per (query head, sequence), NW warps splitting the keys; a lane holds D/32 elements of
 the head dim; online softmax in f32 (exp2, log2(e) folded into the scale), warps merged through shared
@@ -53,7 +54,10 @@ _SOURCE = r"""
         for (int i = lo / BS + threadIdx.x; i <= p / BS; i += NW * 32) sm_table[i] = table[i];
     }
     __syncthreads();
-    const size_t head = (size_t)kvh * k_cache_shape[1] * BS * D + lane * E;
+    const size_t plane = (size_t)cache_shape[1] * cache_shape[2] * BS * D;  // K heads, then V heads
+    const size_t head = (size_t)kvh * cache_shape[2] * BS * D + lane * E;
+    const KT* k_cache = cache;
+    const KT* v_cache = cache + plane;
     using Vec = AlignedVector<KT, E>;              // a lane's E elements of one K (or V) row, one load
 
     float m = NEG_INF, l = 0.f, acc[E];
@@ -139,8 +143,8 @@ def _kernel():
     global _KERNEL
     if _KERNEL is None:  # built on first use: mx.fast.cuda_kernel exists on every build, runs only on CUDA
         _KERNEL = mx.fast.cuda_kernel(
-            name="paged_decode_attention_v2",  # a new name per source change: MLX caches compiled kernels by name
-            input_names=["q", "k_cache", "v_cache", "blocks", "q_pos"],
+            name="paged_decode_attention_v3",  # a new name per source change: MLX caches compiled kernels by name
+            input_names=["q", "cache", "blocks", "q_pos"],
             output_names=["out"],
             source=_SOURCE,
         )
@@ -163,21 +167,19 @@ def usable(head_dim: int) -> bool:
     return enabled == "1" and head_dim % 32 == 0 and head_dim <= 256 and on_cuda()
 
 
-def paged_decode_attention(q, k_cache, v_cache, blocks, q_pos, *, scale: float, window: int = -1, cap: float = 0.0,
+def paged_decode_attention(q, cache, blocks, q_pos, *, scale: float, window: int = -1, cap: float = 0.0,
                            warps: int | None = None, unroll: int | None = None):
-    """q [T, H, D] (one query per sequence); k_cache, v_cache [KVH, blocks, block_size, D]; blocks [T, n]
+    """q [T, H, D] (one query per sequence); cache [2, KVH, blocks, block_size, D] (K, V); blocks [T, n]
     int32 block table; q_pos [T] or [T, 1] int32 position of each query (its context is q_pos + 1 keys).
     Returns [T, H * D] in q's dtype."""
     t, h, d = q.shape
-    kvh, _, block_size, _ = k_cache.shape
-    if v_cache.dtype != k_cache.dtype:
-        v_cache = v_cache.astype(k_cache.dtype)
+    _, kvh, _, block_size, _ = cache.shape
     nw, u = warps or WARPS, unroll or UNROLL
     blocks = blocks if blocks.dtype == mx.int32 else blocks.astype(mx.int32)
     q_pos = q_pos if q_pos.dtype == mx.int32 else q_pos.astype(mx.int32)
     out = _kernel()(
-        inputs=[q, k_cache, v_cache, blocks, q_pos],
-        template=[("OutT", q.dtype), ("KT", k_cache.dtype), ("D", d), ("BS", block_size), ("G", h // kvh), ("NW", nw), ("U", u),
+        inputs=[q, cache, blocks, q_pos],
+        template=[("OutT", q.dtype), ("KT", cache.dtype), ("D", d), ("BS", block_size), ("G", h // kvh), ("NW", nw), ("U", u),
                   ("WINDOW", max(int(window), 0)), ("CAP", bool(cap > 0)), ("SCALE_BITS", float_bits(scale)),
                   ("CAP_BITS", float_bits(cap if cap > 0 else 1.0))],
         grid=(h * nw * 32, t, 1),

@@ -39,7 +39,7 @@ def one_line_error(err: str) -> str:
 def test_summary_text(tiny, capsys):
     code, out, _ = run(capsys, tiny)
     assert code == 0
-    for piece in ("layers 3", "captured", "final", "rms_norm", "mlx.paged_attention", "unsupported ops: none",
+    for piece in ("layers 3", "captured", "final", "rms_norm", "mlx.rope_paged_attention", "unsupported ops: none",
                   "lowering "):
         assert piece in out, (piece, out)
 
@@ -78,7 +78,7 @@ def test_check_text(tiny, capsys):
     assert code == 0 and "max_abs_err" in out and "greedy_match True" in out
 
 
-@pytest.mark.parametrize("stage", ["captured", "rms_norm", "final"])
+@pytest.mark.parametrize("stage", ["captured", "rms_norm", "rope", "final"])
 def test_stage_text(tiny, capsys, stage):
     code, out, _ = run(capsys, tiny, "--stage", stage)
     assert code == 0 and out.startswith("%")
@@ -86,14 +86,15 @@ def test_stage_text(tiny, capsys, stage):
         assert "rsqrt(" in out and "mlx." not in out
     else:
         assert "mlx.rms_norm(" in out
-    assert ("mlx.rope(" in out) == (stage == "final")
+    assert ("mlx.rope(" in out) == (stage == "rope")  # made by rope, folded into the attention by rope_attention
+    assert ("mlx.rope_paged_attention(" in out) == (stage == "final")
 
 
 def test_stage_json(tiny, capsys):
     code, out, _ = run(capsys, tiny, "--stage", "final", "--format", "json")
     data = json.loads(out)
     assert code == 0 and data["stage"] == "final"
-    assert any(n.get("target") == "mlx.rope" for n in data["nodes"])
+    assert any(n.get("target") == "mlx.rope_paged_attention" for n in data["nodes"])
 
 
 def test_diff(tiny, capsys):
@@ -110,7 +111,7 @@ def test_diff_json(tiny, capsys):
 def test_emit(tiny, capsys):
     code, out, _ = run(capsys, tiny, "--emit")
     assert code == 0 and "def step(w, kv, batch, input_ids, positions, logits_indices)" in out
-    assert "mx.fast.rms_norm(" in out and "mx.fast.rope(" in out
+    assert "mx.fast.rms_norm(" in out and "rope=(positions, " in out
     compile(out, "step.py", "exec")
 
 
@@ -137,7 +138,7 @@ def test_svg_out(tiny, capsys, tmp_path):
     target = tmp_path / "g.svg"
     code, out, err = run(capsys, tiny, "--format", "svg", "--out", target)
     assert code == 0 and out == "" and str(target) in err
-    assert target.read_text().lstrip().startswith(("<?xml", "<svg")) and "mlx.rope" in target.read_text()
+    assert target.read_text().lstrip().startswith(("<?xml", "<svg")) and "mlx.rope_paged_attention" in target.read_text()
 
 
 def test_out_writes_file(tiny, capsys, tmp_path):
@@ -151,8 +152,8 @@ def test_add_pass_shows_in_the_table(tiny, capsys):
     code, out, _ = run(capsys, tiny, "--skip-pass", "silu_mul", "--add-pass", "passes.silu_mul:PASS", "--format", "json")
     data = json.loads(out)
     names = [p["name"] for p in data["passes"]]
-    assert code == 0 and names[-2:] == ["silu_mul", "final_cleanup"]
-    silu = data["passes"][-2]
+    assert code == 0 and names[-3:] == ["silu_mul", "final_cleanup", "rope_attention"]  # added before final_cleanup
+    silu = data["passes"][-3]
     assert silu["matched"] == silu["expected"] == 3 and data["ops"]["mlx.silu_mul"] == 3 and "silu" not in data["ops"]
 
 
@@ -270,6 +271,6 @@ def test_smollm2_summary(smollm2_path, capsys):
     code, out, _ = run(capsys, "smollm2", "--format", "json")
     data = json.loads(out)
     assert code == 0 and data["layers"] == 30 and data["unsupported"] == []
-    assert data["ops"]["mlx.rms_norm"] == 1 and data["ops"]["mlx.add_rms_norm"] == 60 and data["ops"]["mlx.rope"] == 60
-    assert data["ops"]["mlx.paged_attention"] == 30
+    assert data["ops"]["mlx.rms_norm"] == 1 and data["ops"]["mlx.add_rms_norm"] == 60
+    assert data["ops"]["mlx.rope_paged_attention"] == 30 and "mlx.rope" not in data["ops"]
     assert not any(p["missed"] for p in data["passes"])

@@ -89,17 +89,16 @@ def _decode_case(batch, kv_heads, groups, head_dim, contexts, dtype, block_size=
         table[i, :n] = pool[at:at + n]
         at += n
     h = kv_heads * groups
-    shape = (kv_heads, num_blocks, block_size, head_dim)
-    k = mx.array(rng.standard_normal(shape, np.float32)).astype(dtype)
-    v = mx.array(rng.standard_normal(shape, np.float32)).astype(dtype)
+    shape = (2, kv_heads, num_blocks, block_size, head_dim)  # K, then V
+    cache = mx.array(rng.standard_normal(shape, np.float32)).astype(dtype)
     q = mx.array(rng.standard_normal((batch, h, head_dim), np.float32)).astype(dtype)
     q_pos = np.array(contexts, np.int32)[:, None] - 1
     group = {"q_index": mx.arange(batch, dtype=mx.int32)[:, None], "q_pos": mx.array(q_pos),
              "blocks": mx.array(table), "key_pos": mx.arange(width * block_size, dtype=mx.int32)}
-    return q, k, v, group
+    return q, cache, group
 
 
-def _reference(q, k, v, group, scale, window, cap):
+def _reference(q, cache, group, scale, window, cap):
     """The composed decode path (runtime/attention.py: block gather + masked SDPA) in float32."""
     import mlx.core as mx
 
@@ -107,7 +106,7 @@ def _reference(q, k, v, group, scale, window, cap):
 
     f32 = mx.float32
     t, h, d = q.shape
-    keys, values, mask = _from_cache(k.astype(f32), v.astype(f32), group, window, f32)
+    keys, values, mask = _from_cache(cache.astype(f32), group, window, f32)
     return _sdpa(q.astype(f32).reshape(t, h, 1, d), keys, values, scale, mask, cap).reshape(t, h * d)
 
 
@@ -128,10 +127,10 @@ def test_paged_kernel_matches_composed(dtype_name, batch, kv_heads, groups, head
     if batch >= 8:
         contexts[-1] = 700
     contexts = [int(c) for c in rng.permutation(contexts)]
-    q, k, v, group = _decode_case(batch, kv_heads, groups, head_dim, contexts, dtype, seed=batch + head_dim)
+    q, cache, group = _decode_case(batch, kv_heads, groups, head_dim, contexts, dtype, seed=batch + head_dim)
     scale = head_dim ** -0.5
-    want = _reference(q, k, v, group, scale, -1, 0.0)
-    got = paged_kernel.paged_decode_attention(q, k, v, group["blocks"], group["q_pos"], scale=scale)
+    want = _reference(q, cache, group, scale, -1, 0.0)
+    got = paged_kernel.paged_decode_attention(q, cache, group["blocks"], group["q_pos"], scale=scale)
     assert got.shape == (batch, kv_heads * groups * head_dim) and got.dtype == dtype
     err = mx.abs(got.astype(mx.float32) - want).max().item()
     # same inputs in both: f32 differs by summation order, f16/bf16 by rounding the output (half an ulp)
@@ -147,9 +146,9 @@ def test_paged_kernel_block_shapes(warps, unroll):
 
     from runtime import paged_kernel
 
-    q, k, v, group = _decode_case(8, 8, 4, 128, [1, 2, 15, 16, 17, 171, 256, 700], mx.float32, seed=7)
-    want = _reference(q, k, v, group, 128 ** -0.5, -1, 0.0)
-    got = paged_kernel.paged_decode_attention(q, k, v, group["blocks"], group["q_pos"], scale=128 ** -0.5,
+    q, cache, group = _decode_case(8, 8, 4, 128, [1, 2, 15, 16, 17, 171, 256, 700], mx.float32, seed=7)
+    want = _reference(q, cache, group, 128 ** -0.5, -1, 0.0)
+    got = paged_kernel.paged_decode_attention(q, cache, group["blocks"], group["q_pos"], scale=128 ** -0.5,
                                               warps=warps, unroll=unroll)
     assert mx.abs(got - want).max().item() <= 1e-5
 
@@ -161,9 +160,9 @@ def test_paged_kernel_window_and_cap(window, cap):
 
     from runtime import paged_kernel
 
-    q, k, v, group = _decode_case(8, 4, 2, 64, [5, 16, 33, 34, 100, 200, 257, 9], mx.float32, seed=3)
-    want = _reference(q * 4, k, v, group, 0.125, window, cap)  # q * 4: logits large enough for the cap to bite
-    got = paged_kernel.paged_decode_attention(q * 4, k, v, group["blocks"], group["q_pos"], scale=0.125,
+    q, cache, group = _decode_case(8, 4, 2, 64, [5, 16, 33, 34, 100, 200, 257, 9], mx.float32, seed=3)
+    want = _reference(q * 4, cache, group, 0.125, window, cap)  # q * 4: logits large enough for the cap to bite
+    got = paged_kernel.paged_decode_attention(q * 4, cache, group["blocks"], group["q_pos"], scale=0.125,
                                               window=window, cap=cap)
     assert mx.abs(got - want).max().item() <= 1e-5
 
@@ -182,12 +181,12 @@ def test_paged_attention_decode_compiled_kernel_vs_composed(dtype_name, monkeypa
     dtype = getattr(mx, dtype_name)
     kvh, g, d, bs = 8, 4, 128, 16
     contexts = [3, 16, 17, 64, 90, 129, 200, 256]
-    q, kc, vc, group = _decode_case(len(contexts), kvh, g, d, contexts, dtype, seed=11)
+    q, cache, group = _decode_case(len(contexts), kvh, g, d, contexts, dtype, seed=11)
     t = len(contexts)
     table = np.array(group["blocks"])
     pos = np.array(group["q_pos"])[:, 0]
     slots = table[np.arange(t), pos // bs] * bs + pos % bs  # this step's token is the context's last key
-    rows = (np.arange(kvh)[:, None] * (kc.shape[1] * bs) + slots[None, :]).reshape(-1).astype(np.int32)
+    rows = (np.arange(2 * kvh)[:, None] * (cache.shape[2] * bs) + slots[None, :]).reshape(-1).astype(np.int32)
     batch = {"slot_mapping": mx.array(slots.astype(np.int32)), "kv_rows": mx.array(rows),
              "out_index": mx.arange(t, dtype=mx.int32), "groups": [group]}
     rng = np.random.default_rng(5)
@@ -195,24 +194,23 @@ def test_paged_attention_decode_compiled_kernel_vs_composed(dtype_name, monkeypa
     new_v = mx.array(rng.standard_normal((t, kvh * d), np.float32)).astype(dtype)
 
     def make_layer():  # a new function per trace: mx.compile caches traces by function
-        def layer(q, k, v, kc, vc):
-            out, (kc, vc) = paged_attention(q.reshape(t, -1), k, v, (kc, vc), batch, num_heads=kvh * g,
-                                            num_kv_heads=kvh, head_dim=d, scale=d ** -0.5)
-            return out, kc, vc
+        def layer(q, k, v, cache):
+            return paged_attention(q.reshape(t, -1), k, v, cache, batch, num_heads=kvh * g, num_kv_heads=kvh,
+                                   head_dim=d, scale=d ** -0.5)
         return layer
 
     assert paged_kernel.usable(d)
     fused_fn = mx.compile(make_layer())
-    fused = fused_fn(q, new_k, new_v, kc, vc)
+    fused = fused_fn(q, new_k, new_v, cache)
     mx.eval(fused)
     monkeypatch.setenv("VLLM_MLX_PAGED_KERNEL", "0")
     assert not paged_kernel.usable(d)
     composed_fn = mx.compile(make_layer())
-    composed = composed_fn(q, new_k, new_v, kc, vc)
+    composed = composed_fn(q, new_k, new_v, cache)
     mx.eval(fused, composed)
     err = mx.abs(fused[0].astype(mx.float32) - composed[0].astype(mx.float32)).max().item()
     assert err <= (1e-5 if dtype_name == "float32" else 2e-2), err
-    assert mx.array_equal(fused[1], composed[1]).item() and mx.array_equal(fused[2], composed[2]).item()
+    assert mx.array_equal(fused[1], composed[1]).item()
 
 
 @pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
@@ -242,3 +240,98 @@ def test_add_rms_norm_kernel_matches_mlx(dtype_name, rows, n):
     assert mx.all(err <= bound).item(), f"max abs error {err.max().item()} (max |out| {mx.abs(want).max().item()})"
     compiled = mx.compile(lambda a, b, c: norm.add_rms_norm(a, b, c, 1e-5))(x, r, w)  # the emitted step's form
     assert mx.array_equal(compiled[0], h).item() and mx.array_equal(compiled[1], normed).item()
+
+
+# ----------------------------------------------------------------------------- RoPE + K/V rows in one kernel
+def _merged_qkv(t, heads, kv_heads, d, dtype, seed):
+    """q, k, v as column slices of one [T, (H + 2 KVH) * D] projection (strided, as the merged q/k/v
+    linear leaves them), and the positions of a chunk deep into a sequence."""
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    qkv = mx.array(rng.standard_normal((t, (heads + 2 * kv_heads) * d), np.float32)).astype(dtype)
+    q, k, v = qkv[:, :heads * d], qkv[:, heads * d:(heads + kv_heads) * d], qkv[:, (heads + kv_heads) * d:]
+    positions = mx.array(np.sort(rng.choice(5000, t, replace=False)).astype(np.int32))
+    return q, k, v, positions
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("t,heads,kv_heads,d,rot,traditional,mscale", [
+    (1, 32, 8, 128, 128, False, 1.0), (37, 9, 3, 64, 64, False, 1.0), (300, 8, 8, 64, 32, True, 1.0),
+    (5, 4, 2, 128, 64, False, 0.7), (16, 12, 4, 64, 64, True, 1.3)])
+def test_rope_kernel_matches_mlx_rope(dtype_name, t, heads, kv_heads, d, rot, traditional, mscale):
+    """runtime/rope_kernel.py vs the runtime's MLX path (`mx.fast.rope`, then K and V laid out as cache
+    rows): within one rounding of the output, from strided slices of a merged projection."""
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime import rope_kernel
+    from runtime.attention import _rotate
+
+    dtype = getattr(mx, dtype_name)
+    q, k, v, positions = _merged_qkv(t, heads, kv_heads, d, dtype, seed=t + d + rot)
+    inv_freq = mx.array((1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32))
+    rope = (positions, inv_freq, traditional, mscale)
+    assert rope_kernel.usable(q, k, v, rope, d)
+    q_out, rows = rope_kernel.rope_qkv(q, k, v, *rope, num_heads=heads, num_kv_heads=kv_heads, head_dim=d)
+    want_q = _rotate(q, heads, d, *rope).reshape(t, heads, d)
+    want_k = _rotate(k, kv_heads, d, *rope).reshape(t, kv_heads, d).swapaxes(0, 1)
+    want_rows = mx.concatenate([want_k, v.reshape(t, kv_heads, d).swapaxes(0, 1)]).reshape(-1, d)
+    assert q_out.shape == (t, heads, d) and rows.shape == (2 * kv_heads * t, d) and q_out.dtype == rows.dtype == dtype
+    # one rounding of the output (MLX's rope gets 1 / inv_freq and inverts it back: theta's last bit may
+    # differ, up to position x 1e-7 rad at positions < 5000)
+    ulp = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -21}[dtype_name]
+    for name, got, want in (("q", q_out, want_q), ("rows", rows, want_rows)):
+        err = mx.abs(got.astype(mx.float32) - want.astype(mx.float32))
+        bound = 2 * ulp * mx.abs(want.astype(mx.float32)) + (1e-3 if dtype_name == "float32" else 2 * ulp)
+        assert mx.all(err <= bound).item(), f"{name}: max abs error {err.max().item()}"
+    v_rows = rows.reshape(2, kv_heads, t, d)[1]
+    assert mx.array_equal(v_rows, v.reshape(t, kv_heads, d).swapaxes(0, 1)).item()  # V copied bit for bit
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("decode", [True, False])
+def test_paged_attention_rope_kernel_vs_rotating_first(decode):
+    """The whole layer under mx.compile, bf16: `rope=` (the kernel rotates and lays out the rows) against
+    q and k rotated by `mx.fast.rope` first (rope=None: MLX's layout): the output and the cache."""
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime.attention import _rotate, paged_attention
+    from runtime.batch import StepInput, attention_arrays, to_mlx
+    from runtime.model import CacheLayout, device_batch
+
+    kvh, g, d, bs, blocks = 8, 4, 128, 16, 160
+    layout = CacheLayout(1, kvh, d, bs, mx.bfloat16)
+    rng = np.random.default_rng(1)
+    if decode:  # 6 sequences, one new token each, after 1..300 cached
+        ctx = np.array([1, 16, 17, 90, 200, 300])
+        lens, new = ctx + 1, np.ones(6, np.int64)
+    else:  # two prompts with earlier context, chunks of 7 and 33
+        ctx, new = np.array([20, 0]), np.array([7, 33])
+        lens = ctx + new
+    s = len(lens)
+    per = -(-lens.max() // bs)
+    table = rng.permutation(np.arange(1, blocks))[:s * per].reshape(s, per)
+    positions = np.concatenate([np.arange(c, c + n) for c, n in zip(ctx, new)])
+    seq = np.repeat(np.arange(s), new)
+    step = StepInput(input_ids=np.zeros(len(positions), np.int64), positions=positions,
+                     query_start_loc=np.concatenate([[0], np.cumsum(new)]), seq_lens=lens, block_table=table,
+                     slot_mapping=table[seq, positions // bs] * bs + positions % bs, logits_indices=np.array([0]))
+    batch = to_mlx(device_batch(attention_arrays(step, bs), layout, blocks))
+    q, k, v, _ = _merged_qkv(len(positions), kvh * g, kvh, d, mx.bfloat16, seed=2)
+    pos = mx.array(positions.astype(np.int32))
+    inv_freq = mx.array((1.0 / 500000 ** (np.arange(0, d, 2) / d)).astype(np.float32))
+    cache = mx.array(rng.standard_normal(layout.cache_shape(blocks), np.float32)).astype(mx.bfloat16)
+    kw = dict(num_heads=kvh * g, num_kv_heads=kvh, head_dim=d, scale=d ** -0.5)
+    rope = (pos, inv_freq, False, 1.0)
+    fused = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw, rope=rope))(q, k, v, cache)
+    first = mx.compile(lambda q, k, v, c: paged_attention(_rotate(q, kvh * g, d, *rope), _rotate(k, kvh, d, *rope), v,
+                                                          c, batch, **kw))(q, k, v, cache)
+    mx.eval(fused, first)
+    err = mx.abs(fused[0].astype(mx.float32) - first[0].astype(mx.float32)).max().item()
+    assert err <= 2e-2, f"output: max abs error {err}"
+    cache_err = mx.abs(fused[1].astype(mx.float32) - first[1].astype(mx.float32)).max().item()
+    assert cache_err <= 2 * 2.0 ** -7 * 4, f"cache: max abs error {cache_err}"  # rows of |x| < ~4, an ulp or two

@@ -104,14 +104,14 @@ def test_smollm2_fusion_counts(smollm2_hf):
     _, lowered = smollm2_hf
     ops = lowered.op_histogram()
     assert ops.get("mlx.rms_norm") == 1 and ops.get("mlx.add_rms_norm") == 60, ops  # 61 norms, 60 after an add
-    assert ops.get("mlx.rope") == 60, ops
-    assert ops.get("mlx.paged_attention") == 30, ops
+    assert ops.get("mlx.rope_paged_attention") == 30 and "mlx.rope" not in ops, ops  # 60 ropes folded in
+    assert "mlx.paged_attention" not in ops, ops
     for leftover in ("pow.Tensor_Scalar", "rsqrt", "neg", "cat", "scaled_dot_product_attention"):
         assert leftover not in ops, f"{leftover} survived the passes: {ops}"
     assert not any(r.missed for r in lowered.passes), lowered.passes
     src = lowered.source
-    assert src.count("mx.fast.rms_norm(") == 1 and src.count("= add_rms_norm(") == 60 and src.count("mx.fast.rope(") == 60
-    assert src.count("= paged_attention(") == 30
+    assert src.count("mx.fast.rms_norm(") == 1 and src.count("= add_rms_norm(") == 60 and "mx.fast.rope(" not in src
+    assert src.count("= paged_attention(") == 30 and src.count(", rope=(positions, ") == 30
 
 
 @pytest.mark.parametrize("prompt_len", [7, 64])

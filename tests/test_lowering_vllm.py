@@ -58,13 +58,13 @@ def smollm2_vllm(smollm2_path):
 def test_smollm2_fusions(smollm2_vllm):
     ops = smollm2_vllm.op_histogram()
     assert ops.get("mlx.rms_norm") == 1 and ops.get("mlx.add_rms_norm") == 60, ops  # vLLM's fused_add_rms_norm too
-    assert ops.get("mlx.rope") == 60 and ops.get("mlx.paged_attention") == 30, ops
+    assert ops.get("mlx.rope_paged_attention") == 30 and "mlx.rope" not in ops, ops  # 60 ropes folded in
     for leftover in ("pow.Tensor_Scalar", "rsqrt", "neg", "unified_attention_with_output", "empty.memory_format"):
         assert not any(leftover in op for op in ops), f"{leftover} survived: {ops}"
     assert [r.name for r in smollm2_vllm.passes if r.missed] == []
     src = smollm2_vllm.source
-    assert src.count("mx.fast.rms_norm(") == 1 and src.count("= add_rms_norm(") == 60 and src.count("mx.fast.rope(") == 60
-    assert src.count("= paged_attention(") == 30 and "w[\"model.layers.29.mlp.down_proj.weight\"]" in src
+    assert src.count("mx.fast.rms_norm(") == 1 and src.count("= add_rms_norm(") == 60 and "mx.fast.rope(" not in src
+    assert src.count("= paged_attention(") == 30 and src.count(", rope=(positions, ") == 30 and "w[\"model.layers.29.mlp.down_proj.weight\"]" in src
 
 
 @pytest.mark.parametrize("prompt_len", [1, 7, 64])

@@ -128,7 +128,7 @@ def test_tiny_llama_counts_and_weights(tiny_hf):
     print(f"\nlinear {ops_without['linear']} -> {ops['linear']}, nodes {without.program.node_count()} -> "
           f"{lowered.program.node_count()}, weights (count, bytes) {_weights(without.program)} -> {_weights(lowered.program)}")
     assert (ops_without["linear"], ops["linear"]) == (15, 9) and ops["slice.Tensor"] == 10
-    for fused in ("mlx.rms_norm", "mlx.add_rms_norm", "mlx.rope", "mlx.paged_attention", "mlx.silu_mul"):
+    for fused in ("mlx.rms_norm", "mlx.add_rms_norm", "mlx.rope_paged_attention", "mlx.silu_mul"):
         assert ops[fused] == ops_without[fused], fused  # fusions matched as before
     count, size = _weights(lowered.program)
     assert count == _weights(without.program)[0] - 6 and size == _weights(without.program)[1], "no weight copies kept"

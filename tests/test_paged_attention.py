@@ -5,6 +5,7 @@ import runtime  # noqa: F401  (fast BLAS before mlx)
 
 import mlx.core as mx
 import numpy as np
+import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -92,9 +93,9 @@ def test_paged_attention_matches_dense(case):
     def head_major(c):  # the runtime's layout: [KVH, blocks, block_size, D]
         return mx.array(np.ascontiguousarray(c.reshape(num_blocks, block_size, kv_heads, HEAD_DIM).transpose(2, 0, 1, 3)))
 
-    cache = (head_major(k_cache), head_major(v_cache))
+    cache = mx.stack([head_major(k_cache), head_major(v_cache)])  # [2, KVH, blocks, block_size, D]
     scale = HEAD_DIM**-0.5
-    out, (kc, vc) = paged_attention(
+    out, cache = paged_attention(
         mx.array(q), mx.array(k), mx.array(v), cache, batch,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=HEAD_DIM, scale=scale, window=window,
     )
@@ -116,5 +117,36 @@ def test_paged_attention_matches_dense(case):
         assert err <= 1e-5, f"sequence {s} (cached {c}, new {n}): max abs error {err}"
         start += n
     # the new K/V landed in their slots
-    written = np.array(kc).transpose(1, 2, 0, 3).reshape(-1, kv_heads, HEAD_DIM)[step.slot_mapping]
-    assert np.array_equal(written, k.reshape(-1, kv_heads, HEAD_DIM))
+    for new, plane in ((k, 0), (v, 1)):
+        written = np.array(cache[plane]).transpose(1, 2, 0, 3).reshape(-1, kv_heads, HEAD_DIM)[step.slot_mapping]
+        assert np.array_equal(written, new.reshape(-1, kv_heads, HEAD_DIM))
+
+
+@pytest.mark.parametrize("traditional, rot, mscale", [(False, HEAD_DIM, 1.0), (True, HEAD_DIM // 2, 1.0),
+                                                      (False, HEAD_DIM // 2, 1.0), (False, HEAD_DIM, 0.7),
+                                                      (False, HEAD_DIM // 2, 0.7)])
+def test_rope_inside_matches_rotating_first(traditional, rot, mscale):
+    """`rope=` (passes/rope_attention.py): un-rotated q and k, rotated by the runtime, give what the torch
+    reference rope (passes/ops.py) applied first gives: the output and the K written to the cache."""
+    from passes.ops import rope
+
+    rng = np.random.default_rng(rot)
+    kv_heads, heads, block_size, t = 2, 4, 8, 11
+    positions = np.arange(9, 9 + t)  # one sequence: a chunk after 9 cached tokens (zeros), read through the cache
+    table = np.array([[3, 0, 2, 1]])
+    slots = table[0, positions // block_size] * block_size + positions % block_size
+    step = StepInput(input_ids=np.zeros(t, np.int64), positions=positions, query_start_loc=np.array([0, t]),
+                     seq_lens=np.array([9 + t]), block_table=table, slot_mapping=slots, logits_indices=np.array([0]))
+    batch = to_mlx(attention_arrays(step, block_size))
+    q, k, v = (rng.standard_normal((t, h * HEAD_DIM), dtype=np.float32) for h in (heads, kv_heads, kv_heads))
+    inv_freq = (1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
+    kw = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=HEAD_DIM, scale=HEAD_DIM**-0.5)
+    cache = mx.zeros((2, kv_heads, 4, block_size, HEAD_DIM))
+    got, got_cache = paged_attention(mx.array(q), mx.array(k), mx.array(v), cache, batch, **kw,
+                                     rope=(mx.array(positions.astype(np.int32)), mx.array(inv_freq), traditional, mscale))
+    pos, freq = torch.from_numpy(positions), torch.from_numpy(inv_freq)
+    q_rot, k_rot = (rope(torch.from_numpy(x), pos, freq, HEAD_DIM, traditional, mscale).numpy() for x in (q, k))
+    want, want_cache = paged_attention(mx.array(q_rot), mx.array(k_rot), mx.array(v), cache, batch, **kw)
+    for name, a, b in (("out", got, want), ("cache", got_cache, want_cache)):
+        err = np.abs(np.array(a) - np.array(b)).max()
+        assert err <= 2e-5, f"{name}: max abs error {err} (traditional {traditional}, rot {rot}, mscale {mscale})"

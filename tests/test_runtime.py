@@ -187,11 +187,11 @@ def test_prefix_sharing(built, smollm2):
     shared.add(0, prefix)
     shared.step({0: 48})
     prefix_blocks = list(shared.seqs[0].blocks)
-    before = [np.array(k[:, mx.array(prefix_blocks)]) for k, _ in model.kv]
+    before = [np.array(layer[0][:, mx.array(prefix_blocks)]) for layer in model.kv]  # K
     for seq_id, tail in tails.items():
         shared.add(seq_id, prefix + tail, share_from=0, shared_tokens=48)
     got = shared.step({seq_id: len(tail) for seq_id, tail in tails.items()})  # both tails in one step
-    after = [np.array(k[:, mx.array(prefix_blocks)]) for k, _ in model.kv]
+    after = [np.array(layer[0][:, mx.array(prefix_blocks)]) for layer in model.kv]
     assert all(np.array_equal(x, y) for x, y in zip(before, after)), "a shared block was rewritten"
     assert all(shared.seqs[s].blocks[:3] == prefix_blocks for s in tails)
     assert shared.ref[prefix_blocks].tolist() == [3, 3, 3]

@@ -36,23 +36,40 @@ def _heads(node, head_dim: int) -> int:
 def rope(e, node, x, positions, inv_freq, head_dim, traditional, mscale):
     # One token per "sequence" so that each gets its own position offset.
     rot = 2 * node.args[2].meta["val"].shape[0]
-    out = (
+    rotated = (
         f"mx.fast.rope({e.r(x)}.reshape(-1, {_heads(node, head_dim)}, 1, {head_dim}), "
         f"{rot}, traditional={traditional}, base=None, scale=1.0, offset={e.r(positions)}, "
-        f"freqs=mx.reciprocal({e.r(inv_freq)})).reshape({e.shape(node)})"
+        f"freqs=mx.reciprocal({e.r(inv_freq)}))"
     )
-    return out if mscale == 1.0 else f"{out} * {mscale!r}"
+    if mscale != 1.0 and rot < head_dim:  # mscale (YaRN) scales the rotated dims only
+        tmp = e.temp(node, "rotated")
+        e.line(f"{tmp} = {rotated}")
+        rotated = f"mx.concatenate([{tmp}[..., :{rot}] * {mscale!r}, {tmp}[..., {rot}:]], axis=-1)"
+    elif mscale != 1.0:
+        rotated = f"({rotated} * {mscale!r})"
+    return f"{rotated}.reshape({e.shape(node)})"
+
+
+def _attention(e, node, q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, window, cap, rope=""):
+    e.line(
+        f"{e.name(node)}, kv[{layer}] = paged_attention({e.r(q)}, {e.r(k)}, {e.r(v)}, kv[{layer}], batch, "
+        f"num_heads={num_heads}, num_kv_heads={num_kv_heads}, head_dim={head_dim}, scale={scale!r}, "
+        f"window={window}, cap={cap!r}{rope})" + ("  # fused: rope_attention" if rope else "")
+    )
+    return None  # the statement above defines the value
 
 
 @register(torch.ops.mlx.paged_attention.default)
-def paged_attention(e, node, q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, window, cap):
-    out = e.name(node)
-    e.line(
-        f"{out}, kv[{layer}] = paged_attention({e.r(q)}, {e.r(k)}, {e.r(v)}, kv[{layer}], batch, "
-        f"num_heads={num_heads}, num_kv_heads={num_kv_heads}, head_dim={head_dim}, scale={scale!r}, "
-        f"window={window}, cap={cap!r})"
-    )
-    return None  # the statement above defines the value
+def paged_attention(e, node, q, k, v, *attention):
+    return _attention(e, node, q, k, v, *attention)
+
+
+@register(torch.ops.mlx.rope_paged_attention.default)
+def rope_paged_attention(e, node, q, k, v, positions, inv_freq, traditional, mscale, *attention):
+    """paged_attention with `rope=`: q and k come un-rotated; the runtime rotates them (on CUDA where it
+    lays out the K/V rows)."""
+    rope = f", rope=({e.r(positions)}, {e.r(inv_freq)}, {traditional}, {mscale!r})"
+    return _attention(e, node, q, k, v, *attention, rope=rope)
 
 
 _ACTIVATIONS = {

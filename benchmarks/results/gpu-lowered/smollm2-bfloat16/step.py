@@ -24,15 +24,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_0_self_attn_q_proj_slice = layers_0_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_0_self_attn_k_proj_slice = layers_0_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_0_self_attn_v_proj_slice = layers_0_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape = layers_0_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope = mx.fast.rope(reshape.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_2 = layers_0_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_2 = mx.fast.rope(reshape_2.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_3 = rope.reshape([-1, 576])
-    reshape_4 = rope_2.reshape([-1, 192])
-    reshape_5 = layers_0_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_2, kv[0] = paged_attention(reshape_3, reshape_4, reshape_5, kv[0], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_0_self_attn_reshape = paged_attention_2.reshape([1, sym_size, -1])
+    reshape = layers_0_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_2 = layers_0_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_3 = layers_0_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention, kv[0] = paged_attention(reshape_2, reshape_3, reshape, kv[0], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_0_self_attn_reshape = rope_paged_attention.reshape([1, sym_size, -1])
     layers_0_self_attn_o_proj = layers_0_self_attn_reshape @ w["model.layers.0.self_attn.o_proj.weight"].T
     layers_0_add, layers_0_post_attention_layernorm_rms_norm = add_rms_norm(embed_tokens, layers_0_self_attn_o_proj, w["model.layers.0.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_0_mlp_gate_proj_up_proj = layers_0_post_attention_layernorm_rms_norm @ w["model.layers.0.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -47,15 +43,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_1_self_attn_q_proj_slice = layers_1_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_1_self_attn_k_proj_slice = layers_1_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_1_self_attn_v_proj_slice = layers_1_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_6 = layers_1_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_3 = mx.fast.rope(reshape_6.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_7 = layers_1_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_4 = mx.fast.rope(reshape_7.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_8 = rope_3.reshape([-1, 576])
-    reshape_9 = rope_4.reshape([-1, 192])
-    reshape_10 = layers_1_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_3, kv[1] = paged_attention(reshape_8, reshape_9, reshape_10, kv[1], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_1_self_attn_reshape = paged_attention_3.reshape([1, sym_size, -1])
+    reshape_4 = layers_1_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_5 = layers_1_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_6 = layers_1_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_2, kv[1] = paged_attention(reshape_5, reshape_6, reshape_4, kv[1], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_1_self_attn_reshape = rope_paged_attention_2.reshape([1, sym_size, -1])
     layers_1_self_attn_o_proj = layers_1_self_attn_reshape @ w["model.layers.1.self_attn.o_proj.weight"].T
     layers_1_add, layers_1_post_attention_layernorm_rms_norm = add_rms_norm(layers_0_add_2, layers_1_self_attn_o_proj, w["model.layers.1.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_1_mlp_gate_proj_up_proj = layers_1_post_attention_layernorm_rms_norm @ w["model.layers.1.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -70,15 +62,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_2_self_attn_q_proj_slice = layers_2_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_2_self_attn_k_proj_slice = layers_2_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_2_self_attn_v_proj_slice = layers_2_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_11 = layers_2_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_5 = mx.fast.rope(reshape_11.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_12 = layers_2_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_6 = mx.fast.rope(reshape_12.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_13 = rope_5.reshape([-1, 576])
-    reshape_14 = rope_6.reshape([-1, 192])
-    reshape_15 = layers_2_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_4, kv[2] = paged_attention(reshape_13, reshape_14, reshape_15, kv[2], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_2_self_attn_reshape = paged_attention_4.reshape([1, sym_size, -1])
+    reshape_7 = layers_2_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_8 = layers_2_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_9 = layers_2_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_3, kv[2] = paged_attention(reshape_8, reshape_9, reshape_7, kv[2], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_2_self_attn_reshape = rope_paged_attention_3.reshape([1, sym_size, -1])
     layers_2_self_attn_o_proj = layers_2_self_attn_reshape @ w["model.layers.2.self_attn.o_proj.weight"].T
     layers_2_add, layers_2_post_attention_layernorm_rms_norm = add_rms_norm(layers_1_add_2, layers_2_self_attn_o_proj, w["model.layers.2.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_2_mlp_gate_proj_up_proj = layers_2_post_attention_layernorm_rms_norm @ w["model.layers.2.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -93,15 +81,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_3_self_attn_q_proj_slice = layers_3_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_3_self_attn_k_proj_slice = layers_3_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_3_self_attn_v_proj_slice = layers_3_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_16 = layers_3_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_7 = mx.fast.rope(reshape_16.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_17 = layers_3_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_8 = mx.fast.rope(reshape_17.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_18 = rope_7.reshape([-1, 576])
-    reshape_19 = rope_8.reshape([-1, 192])
-    reshape_20 = layers_3_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_5, kv[3] = paged_attention(reshape_18, reshape_19, reshape_20, kv[3], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_3_self_attn_reshape = paged_attention_5.reshape([1, sym_size, -1])
+    reshape_10 = layers_3_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_11 = layers_3_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_12 = layers_3_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_4, kv[3] = paged_attention(reshape_11, reshape_12, reshape_10, kv[3], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_3_self_attn_reshape = rope_paged_attention_4.reshape([1, sym_size, -1])
     layers_3_self_attn_o_proj = layers_3_self_attn_reshape @ w["model.layers.3.self_attn.o_proj.weight"].T
     layers_3_add, layers_3_post_attention_layernorm_rms_norm = add_rms_norm(layers_2_add_2, layers_3_self_attn_o_proj, w["model.layers.3.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_3_mlp_gate_proj_up_proj = layers_3_post_attention_layernorm_rms_norm @ w["model.layers.3.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -116,15 +100,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_4_self_attn_q_proj_slice = layers_4_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_4_self_attn_k_proj_slice = layers_4_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_4_self_attn_v_proj_slice = layers_4_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_21 = layers_4_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_9 = mx.fast.rope(reshape_21.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_22 = layers_4_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_10 = mx.fast.rope(reshape_22.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_23 = rope_9.reshape([-1, 576])
-    reshape_24 = rope_10.reshape([-1, 192])
-    reshape_25 = layers_4_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_6, kv[4] = paged_attention(reshape_23, reshape_24, reshape_25, kv[4], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_4_self_attn_reshape = paged_attention_6.reshape([1, sym_size, -1])
+    reshape_13 = layers_4_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_14 = layers_4_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_15 = layers_4_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_5, kv[4] = paged_attention(reshape_14, reshape_15, reshape_13, kv[4], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_4_self_attn_reshape = rope_paged_attention_5.reshape([1, sym_size, -1])
     layers_4_self_attn_o_proj = layers_4_self_attn_reshape @ w["model.layers.4.self_attn.o_proj.weight"].T
     layers_4_add, layers_4_post_attention_layernorm_rms_norm = add_rms_norm(layers_3_add_2, layers_4_self_attn_o_proj, w["model.layers.4.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_4_mlp_gate_proj_up_proj = layers_4_post_attention_layernorm_rms_norm @ w["model.layers.4.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -139,15 +119,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_5_self_attn_q_proj_slice = layers_5_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_5_self_attn_k_proj_slice = layers_5_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_5_self_attn_v_proj_slice = layers_5_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_26 = layers_5_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_11 = mx.fast.rope(reshape_26.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_27 = layers_5_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_12 = mx.fast.rope(reshape_27.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_28 = rope_11.reshape([-1, 576])
-    reshape_29 = rope_12.reshape([-1, 192])
-    reshape_30 = layers_5_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_7, kv[5] = paged_attention(reshape_28, reshape_29, reshape_30, kv[5], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_5_self_attn_reshape = paged_attention_7.reshape([1, sym_size, -1])
+    reshape_16 = layers_5_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_17 = layers_5_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_18 = layers_5_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_6, kv[5] = paged_attention(reshape_17, reshape_18, reshape_16, kv[5], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_5_self_attn_reshape = rope_paged_attention_6.reshape([1, sym_size, -1])
     layers_5_self_attn_o_proj = layers_5_self_attn_reshape @ w["model.layers.5.self_attn.o_proj.weight"].T
     layers_5_add, layers_5_post_attention_layernorm_rms_norm = add_rms_norm(layers_4_add_2, layers_5_self_attn_o_proj, w["model.layers.5.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_5_mlp_gate_proj_up_proj = layers_5_post_attention_layernorm_rms_norm @ w["model.layers.5.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -162,15 +138,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_6_self_attn_q_proj_slice = layers_6_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_6_self_attn_k_proj_slice = layers_6_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_6_self_attn_v_proj_slice = layers_6_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_31 = layers_6_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_13 = mx.fast.rope(reshape_31.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_32 = layers_6_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_14 = mx.fast.rope(reshape_32.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_33 = rope_13.reshape([-1, 576])
-    reshape_34 = rope_14.reshape([-1, 192])
-    reshape_35 = layers_6_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_8, kv[6] = paged_attention(reshape_33, reshape_34, reshape_35, kv[6], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_6_self_attn_reshape = paged_attention_8.reshape([1, sym_size, -1])
+    reshape_19 = layers_6_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_20 = layers_6_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_21 = layers_6_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_7, kv[6] = paged_attention(reshape_20, reshape_21, reshape_19, kv[6], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_6_self_attn_reshape = rope_paged_attention_7.reshape([1, sym_size, -1])
     layers_6_self_attn_o_proj = layers_6_self_attn_reshape @ w["model.layers.6.self_attn.o_proj.weight"].T
     layers_6_add, layers_6_post_attention_layernorm_rms_norm = add_rms_norm(layers_5_add_2, layers_6_self_attn_o_proj, w["model.layers.6.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_6_mlp_gate_proj_up_proj = layers_6_post_attention_layernorm_rms_norm @ w["model.layers.6.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -185,15 +157,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_7_self_attn_q_proj_slice = layers_7_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_7_self_attn_k_proj_slice = layers_7_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_7_self_attn_v_proj_slice = layers_7_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_36 = layers_7_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_15 = mx.fast.rope(reshape_36.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_37 = layers_7_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_16 = mx.fast.rope(reshape_37.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_38 = rope_15.reshape([-1, 576])
-    reshape_39 = rope_16.reshape([-1, 192])
-    reshape_40 = layers_7_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_9, kv[7] = paged_attention(reshape_38, reshape_39, reshape_40, kv[7], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_7_self_attn_reshape = paged_attention_9.reshape([1, sym_size, -1])
+    reshape_22 = layers_7_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_23 = layers_7_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_24 = layers_7_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_8, kv[7] = paged_attention(reshape_23, reshape_24, reshape_22, kv[7], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_7_self_attn_reshape = rope_paged_attention_8.reshape([1, sym_size, -1])
     layers_7_self_attn_o_proj = layers_7_self_attn_reshape @ w["model.layers.7.self_attn.o_proj.weight"].T
     layers_7_add, layers_7_post_attention_layernorm_rms_norm = add_rms_norm(layers_6_add_2, layers_7_self_attn_o_proj, w["model.layers.7.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_7_mlp_gate_proj_up_proj = layers_7_post_attention_layernorm_rms_norm @ w["model.layers.7.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -208,15 +176,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_8_self_attn_q_proj_slice = layers_8_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_8_self_attn_k_proj_slice = layers_8_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_8_self_attn_v_proj_slice = layers_8_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_41 = layers_8_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_17 = mx.fast.rope(reshape_41.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_42 = layers_8_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_18 = mx.fast.rope(reshape_42.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_43 = rope_17.reshape([-1, 576])
-    reshape_44 = rope_18.reshape([-1, 192])
-    reshape_45 = layers_8_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_10, kv[8] = paged_attention(reshape_43, reshape_44, reshape_45, kv[8], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_8_self_attn_reshape = paged_attention_10.reshape([1, sym_size, -1])
+    reshape_25 = layers_8_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_26 = layers_8_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_27 = layers_8_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_9, kv[8] = paged_attention(reshape_26, reshape_27, reshape_25, kv[8], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_8_self_attn_reshape = rope_paged_attention_9.reshape([1, sym_size, -1])
     layers_8_self_attn_o_proj = layers_8_self_attn_reshape @ w["model.layers.8.self_attn.o_proj.weight"].T
     layers_8_add, layers_8_post_attention_layernorm_rms_norm = add_rms_norm(layers_7_add_2, layers_8_self_attn_o_proj, w["model.layers.8.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_8_mlp_gate_proj_up_proj = layers_8_post_attention_layernorm_rms_norm @ w["model.layers.8.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -231,15 +195,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_9_self_attn_q_proj_slice = layers_9_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_9_self_attn_k_proj_slice = layers_9_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_9_self_attn_v_proj_slice = layers_9_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_46 = layers_9_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_19 = mx.fast.rope(reshape_46.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_47 = layers_9_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_20 = mx.fast.rope(reshape_47.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_48 = rope_19.reshape([-1, 576])
-    reshape_49 = rope_20.reshape([-1, 192])
-    reshape_50 = layers_9_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_11, kv[9] = paged_attention(reshape_48, reshape_49, reshape_50, kv[9], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_9_self_attn_reshape = paged_attention_11.reshape([1, sym_size, -1])
+    reshape_28 = layers_9_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_29 = layers_9_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_30 = layers_9_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_10, kv[9] = paged_attention(reshape_29, reshape_30, reshape_28, kv[9], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_9_self_attn_reshape = rope_paged_attention_10.reshape([1, sym_size, -1])
     layers_9_self_attn_o_proj = layers_9_self_attn_reshape @ w["model.layers.9.self_attn.o_proj.weight"].T
     layers_9_add, layers_9_post_attention_layernorm_rms_norm = add_rms_norm(layers_8_add_2, layers_9_self_attn_o_proj, w["model.layers.9.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_9_mlp_gate_proj_up_proj = layers_9_post_attention_layernorm_rms_norm @ w["model.layers.9.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -254,15 +214,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_10_self_attn_q_proj_slice = layers_10_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_10_self_attn_k_proj_slice = layers_10_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_10_self_attn_v_proj_slice = layers_10_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_51 = layers_10_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_21 = mx.fast.rope(reshape_51.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_52 = layers_10_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_22 = mx.fast.rope(reshape_52.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_53 = rope_21.reshape([-1, 576])
-    reshape_54 = rope_22.reshape([-1, 192])
-    reshape_55 = layers_10_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_12, kv[10] = paged_attention(reshape_53, reshape_54, reshape_55, kv[10], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_10_self_attn_reshape = paged_attention_12.reshape([1, sym_size, -1])
+    reshape_31 = layers_10_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_32 = layers_10_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_33 = layers_10_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_11, kv[10] = paged_attention(reshape_32, reshape_33, reshape_31, kv[10], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_10_self_attn_reshape = rope_paged_attention_11.reshape([1, sym_size, -1])
     layers_10_self_attn_o_proj = layers_10_self_attn_reshape @ w["model.layers.10.self_attn.o_proj.weight"].T
     layers_10_add, layers_10_post_attention_layernorm_rms_norm = add_rms_norm(layers_9_add_2, layers_10_self_attn_o_proj, w["model.layers.10.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_10_mlp_gate_proj_up_proj = layers_10_post_attention_layernorm_rms_norm @ w["model.layers.10.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -277,15 +233,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_11_self_attn_q_proj_slice = layers_11_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_11_self_attn_k_proj_slice = layers_11_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_11_self_attn_v_proj_slice = layers_11_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_56 = layers_11_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_23 = mx.fast.rope(reshape_56.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_57 = layers_11_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_24 = mx.fast.rope(reshape_57.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_58 = rope_23.reshape([-1, 576])
-    reshape_59 = rope_24.reshape([-1, 192])
-    reshape_60 = layers_11_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_13, kv[11] = paged_attention(reshape_58, reshape_59, reshape_60, kv[11], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_11_self_attn_reshape = paged_attention_13.reshape([1, sym_size, -1])
+    reshape_34 = layers_11_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_35 = layers_11_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_36 = layers_11_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_12, kv[11] = paged_attention(reshape_35, reshape_36, reshape_34, kv[11], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_11_self_attn_reshape = rope_paged_attention_12.reshape([1, sym_size, -1])
     layers_11_self_attn_o_proj = layers_11_self_attn_reshape @ w["model.layers.11.self_attn.o_proj.weight"].T
     layers_11_add, layers_11_post_attention_layernorm_rms_norm = add_rms_norm(layers_10_add_2, layers_11_self_attn_o_proj, w["model.layers.11.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_11_mlp_gate_proj_up_proj = layers_11_post_attention_layernorm_rms_norm @ w["model.layers.11.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -300,15 +252,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_12_self_attn_q_proj_slice = layers_12_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_12_self_attn_k_proj_slice = layers_12_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_12_self_attn_v_proj_slice = layers_12_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_61 = layers_12_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_25 = mx.fast.rope(reshape_61.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_62 = layers_12_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_26 = mx.fast.rope(reshape_62.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_63 = rope_25.reshape([-1, 576])
-    reshape_64 = rope_26.reshape([-1, 192])
-    reshape_65 = layers_12_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_14, kv[12] = paged_attention(reshape_63, reshape_64, reshape_65, kv[12], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_12_self_attn_reshape = paged_attention_14.reshape([1, sym_size, -1])
+    reshape_37 = layers_12_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_38 = layers_12_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_39 = layers_12_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_13, kv[12] = paged_attention(reshape_38, reshape_39, reshape_37, kv[12], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_12_self_attn_reshape = rope_paged_attention_13.reshape([1, sym_size, -1])
     layers_12_self_attn_o_proj = layers_12_self_attn_reshape @ w["model.layers.12.self_attn.o_proj.weight"].T
     layers_12_add, layers_12_post_attention_layernorm_rms_norm = add_rms_norm(layers_11_add_2, layers_12_self_attn_o_proj, w["model.layers.12.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_12_mlp_gate_proj_up_proj = layers_12_post_attention_layernorm_rms_norm @ w["model.layers.12.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -323,15 +271,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_13_self_attn_q_proj_slice = layers_13_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_13_self_attn_k_proj_slice = layers_13_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_13_self_attn_v_proj_slice = layers_13_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_66 = layers_13_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_27 = mx.fast.rope(reshape_66.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_67 = layers_13_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_28 = mx.fast.rope(reshape_67.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_68 = rope_27.reshape([-1, 576])
-    reshape_69 = rope_28.reshape([-1, 192])
-    reshape_70 = layers_13_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_15, kv[13] = paged_attention(reshape_68, reshape_69, reshape_70, kv[13], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_13_self_attn_reshape = paged_attention_15.reshape([1, sym_size, -1])
+    reshape_40 = layers_13_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_41 = layers_13_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_42 = layers_13_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_14, kv[13] = paged_attention(reshape_41, reshape_42, reshape_40, kv[13], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_13_self_attn_reshape = rope_paged_attention_14.reshape([1, sym_size, -1])
     layers_13_self_attn_o_proj = layers_13_self_attn_reshape @ w["model.layers.13.self_attn.o_proj.weight"].T
     layers_13_add, layers_13_post_attention_layernorm_rms_norm = add_rms_norm(layers_12_add_2, layers_13_self_attn_o_proj, w["model.layers.13.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_13_mlp_gate_proj_up_proj = layers_13_post_attention_layernorm_rms_norm @ w["model.layers.13.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -346,15 +290,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_14_self_attn_q_proj_slice = layers_14_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_14_self_attn_k_proj_slice = layers_14_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_14_self_attn_v_proj_slice = layers_14_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_71 = layers_14_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_29 = mx.fast.rope(reshape_71.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_72 = layers_14_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_30 = mx.fast.rope(reshape_72.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_73 = rope_29.reshape([-1, 576])
-    reshape_74 = rope_30.reshape([-1, 192])
-    reshape_75 = layers_14_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_16, kv[14] = paged_attention(reshape_73, reshape_74, reshape_75, kv[14], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_14_self_attn_reshape = paged_attention_16.reshape([1, sym_size, -1])
+    reshape_43 = layers_14_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_44 = layers_14_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_45 = layers_14_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_15, kv[14] = paged_attention(reshape_44, reshape_45, reshape_43, kv[14], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_14_self_attn_reshape = rope_paged_attention_15.reshape([1, sym_size, -1])
     layers_14_self_attn_o_proj = layers_14_self_attn_reshape @ w["model.layers.14.self_attn.o_proj.weight"].T
     layers_14_add, layers_14_post_attention_layernorm_rms_norm = add_rms_norm(layers_13_add_2, layers_14_self_attn_o_proj, w["model.layers.14.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_14_mlp_gate_proj_up_proj = layers_14_post_attention_layernorm_rms_norm @ w["model.layers.14.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -369,15 +309,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_15_self_attn_q_proj_slice = layers_15_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_15_self_attn_k_proj_slice = layers_15_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_15_self_attn_v_proj_slice = layers_15_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_76 = layers_15_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_31 = mx.fast.rope(reshape_76.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_77 = layers_15_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_32 = mx.fast.rope(reshape_77.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_78 = rope_31.reshape([-1, 576])
-    reshape_79 = rope_32.reshape([-1, 192])
-    reshape_80 = layers_15_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_17, kv[15] = paged_attention(reshape_78, reshape_79, reshape_80, kv[15], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_15_self_attn_reshape = paged_attention_17.reshape([1, sym_size, -1])
+    reshape_46 = layers_15_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_47 = layers_15_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_48 = layers_15_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_16, kv[15] = paged_attention(reshape_47, reshape_48, reshape_46, kv[15], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_15_self_attn_reshape = rope_paged_attention_16.reshape([1, sym_size, -1])
     layers_15_self_attn_o_proj = layers_15_self_attn_reshape @ w["model.layers.15.self_attn.o_proj.weight"].T
     layers_15_add, layers_15_post_attention_layernorm_rms_norm = add_rms_norm(layers_14_add_2, layers_15_self_attn_o_proj, w["model.layers.15.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_15_mlp_gate_proj_up_proj = layers_15_post_attention_layernorm_rms_norm @ w["model.layers.15.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -392,15 +328,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_16_self_attn_q_proj_slice = layers_16_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_16_self_attn_k_proj_slice = layers_16_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_16_self_attn_v_proj_slice = layers_16_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_81 = layers_16_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_33 = mx.fast.rope(reshape_81.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_82 = layers_16_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_34 = mx.fast.rope(reshape_82.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_83 = rope_33.reshape([-1, 576])
-    reshape_84 = rope_34.reshape([-1, 192])
-    reshape_85 = layers_16_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_18, kv[16] = paged_attention(reshape_83, reshape_84, reshape_85, kv[16], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_16_self_attn_reshape = paged_attention_18.reshape([1, sym_size, -1])
+    reshape_49 = layers_16_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_50 = layers_16_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_51 = layers_16_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_17, kv[16] = paged_attention(reshape_50, reshape_51, reshape_49, kv[16], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_16_self_attn_reshape = rope_paged_attention_17.reshape([1, sym_size, -1])
     layers_16_self_attn_o_proj = layers_16_self_attn_reshape @ w["model.layers.16.self_attn.o_proj.weight"].T
     layers_16_add, layers_16_post_attention_layernorm_rms_norm = add_rms_norm(layers_15_add_2, layers_16_self_attn_o_proj, w["model.layers.16.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_16_mlp_gate_proj_up_proj = layers_16_post_attention_layernorm_rms_norm @ w["model.layers.16.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -415,15 +347,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_17_self_attn_q_proj_slice = layers_17_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_17_self_attn_k_proj_slice = layers_17_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_17_self_attn_v_proj_slice = layers_17_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_86 = layers_17_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_35 = mx.fast.rope(reshape_86.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_87 = layers_17_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_36 = mx.fast.rope(reshape_87.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_88 = rope_35.reshape([-1, 576])
-    reshape_89 = rope_36.reshape([-1, 192])
-    reshape_90 = layers_17_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_19, kv[17] = paged_attention(reshape_88, reshape_89, reshape_90, kv[17], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_17_self_attn_reshape = paged_attention_19.reshape([1, sym_size, -1])
+    reshape_52 = layers_17_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_53 = layers_17_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_54 = layers_17_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_18, kv[17] = paged_attention(reshape_53, reshape_54, reshape_52, kv[17], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_17_self_attn_reshape = rope_paged_attention_18.reshape([1, sym_size, -1])
     layers_17_self_attn_o_proj = layers_17_self_attn_reshape @ w["model.layers.17.self_attn.o_proj.weight"].T
     layers_17_add, layers_17_post_attention_layernorm_rms_norm = add_rms_norm(layers_16_add_2, layers_17_self_attn_o_proj, w["model.layers.17.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_17_mlp_gate_proj_up_proj = layers_17_post_attention_layernorm_rms_norm @ w["model.layers.17.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -438,15 +366,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_18_self_attn_q_proj_slice = layers_18_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_18_self_attn_k_proj_slice = layers_18_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_18_self_attn_v_proj_slice = layers_18_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_91 = layers_18_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_37 = mx.fast.rope(reshape_91.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_92 = layers_18_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_38 = mx.fast.rope(reshape_92.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_93 = rope_37.reshape([-1, 576])
-    reshape_94 = rope_38.reshape([-1, 192])
-    reshape_95 = layers_18_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_20, kv[18] = paged_attention(reshape_93, reshape_94, reshape_95, kv[18], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_18_self_attn_reshape = paged_attention_20.reshape([1, sym_size, -1])
+    reshape_55 = layers_18_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_56 = layers_18_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_57 = layers_18_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_19, kv[18] = paged_attention(reshape_56, reshape_57, reshape_55, kv[18], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_18_self_attn_reshape = rope_paged_attention_19.reshape([1, sym_size, -1])
     layers_18_self_attn_o_proj = layers_18_self_attn_reshape @ w["model.layers.18.self_attn.o_proj.weight"].T
     layers_18_add, layers_18_post_attention_layernorm_rms_norm = add_rms_norm(layers_17_add_2, layers_18_self_attn_o_proj, w["model.layers.18.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_18_mlp_gate_proj_up_proj = layers_18_post_attention_layernorm_rms_norm @ w["model.layers.18.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -461,15 +385,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_19_self_attn_q_proj_slice = layers_19_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_19_self_attn_k_proj_slice = layers_19_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_19_self_attn_v_proj_slice = layers_19_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_96 = layers_19_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_39 = mx.fast.rope(reshape_96.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_97 = layers_19_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_40 = mx.fast.rope(reshape_97.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_98 = rope_39.reshape([-1, 576])
-    reshape_99 = rope_40.reshape([-1, 192])
-    reshape_100 = layers_19_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_21, kv[19] = paged_attention(reshape_98, reshape_99, reshape_100, kv[19], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_19_self_attn_reshape = paged_attention_21.reshape([1, sym_size, -1])
+    reshape_58 = layers_19_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_59 = layers_19_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_60 = layers_19_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_20, kv[19] = paged_attention(reshape_59, reshape_60, reshape_58, kv[19], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_19_self_attn_reshape = rope_paged_attention_20.reshape([1, sym_size, -1])
     layers_19_self_attn_o_proj = layers_19_self_attn_reshape @ w["model.layers.19.self_attn.o_proj.weight"].T
     layers_19_add, layers_19_post_attention_layernorm_rms_norm = add_rms_norm(layers_18_add_2, layers_19_self_attn_o_proj, w["model.layers.19.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_19_mlp_gate_proj_up_proj = layers_19_post_attention_layernorm_rms_norm @ w["model.layers.19.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -484,15 +404,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_20_self_attn_q_proj_slice = layers_20_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_20_self_attn_k_proj_slice = layers_20_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_20_self_attn_v_proj_slice = layers_20_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_101 = layers_20_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_41 = mx.fast.rope(reshape_101.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_102 = layers_20_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_42 = mx.fast.rope(reshape_102.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_103 = rope_41.reshape([-1, 576])
-    reshape_104 = rope_42.reshape([-1, 192])
-    reshape_105 = layers_20_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_22, kv[20] = paged_attention(reshape_103, reshape_104, reshape_105, kv[20], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_20_self_attn_reshape = paged_attention_22.reshape([1, sym_size, -1])
+    reshape_61 = layers_20_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_62 = layers_20_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_63 = layers_20_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_21, kv[20] = paged_attention(reshape_62, reshape_63, reshape_61, kv[20], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_20_self_attn_reshape = rope_paged_attention_21.reshape([1, sym_size, -1])
     layers_20_self_attn_o_proj = layers_20_self_attn_reshape @ w["model.layers.20.self_attn.o_proj.weight"].T
     layers_20_add, layers_20_post_attention_layernorm_rms_norm = add_rms_norm(layers_19_add_2, layers_20_self_attn_o_proj, w["model.layers.20.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_20_mlp_gate_proj_up_proj = layers_20_post_attention_layernorm_rms_norm @ w["model.layers.20.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -507,15 +423,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_21_self_attn_q_proj_slice = layers_21_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_21_self_attn_k_proj_slice = layers_21_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_21_self_attn_v_proj_slice = layers_21_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_106 = layers_21_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_43 = mx.fast.rope(reshape_106.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_107 = layers_21_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_44 = mx.fast.rope(reshape_107.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_108 = rope_43.reshape([-1, 576])
-    reshape_109 = rope_44.reshape([-1, 192])
-    reshape_110 = layers_21_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_23, kv[21] = paged_attention(reshape_108, reshape_109, reshape_110, kv[21], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_21_self_attn_reshape = paged_attention_23.reshape([1, sym_size, -1])
+    reshape_64 = layers_21_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_65 = layers_21_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_66 = layers_21_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_22, kv[21] = paged_attention(reshape_65, reshape_66, reshape_64, kv[21], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_21_self_attn_reshape = rope_paged_attention_22.reshape([1, sym_size, -1])
     layers_21_self_attn_o_proj = layers_21_self_attn_reshape @ w["model.layers.21.self_attn.o_proj.weight"].T
     layers_21_add, layers_21_post_attention_layernorm_rms_norm = add_rms_norm(layers_20_add_2, layers_21_self_attn_o_proj, w["model.layers.21.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_21_mlp_gate_proj_up_proj = layers_21_post_attention_layernorm_rms_norm @ w["model.layers.21.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -530,15 +442,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_22_self_attn_q_proj_slice = layers_22_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_22_self_attn_k_proj_slice = layers_22_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_22_self_attn_v_proj_slice = layers_22_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_111 = layers_22_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_45 = mx.fast.rope(reshape_111.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_112 = layers_22_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_46 = mx.fast.rope(reshape_112.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_113 = rope_45.reshape([-1, 576])
-    reshape_114 = rope_46.reshape([-1, 192])
-    reshape_115 = layers_22_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_24, kv[22] = paged_attention(reshape_113, reshape_114, reshape_115, kv[22], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_22_self_attn_reshape = paged_attention_24.reshape([1, sym_size, -1])
+    reshape_67 = layers_22_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_68 = layers_22_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_69 = layers_22_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_23, kv[22] = paged_attention(reshape_68, reshape_69, reshape_67, kv[22], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_22_self_attn_reshape = rope_paged_attention_23.reshape([1, sym_size, -1])
     layers_22_self_attn_o_proj = layers_22_self_attn_reshape @ w["model.layers.22.self_attn.o_proj.weight"].T
     layers_22_add, layers_22_post_attention_layernorm_rms_norm = add_rms_norm(layers_21_add_2, layers_22_self_attn_o_proj, w["model.layers.22.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_22_mlp_gate_proj_up_proj = layers_22_post_attention_layernorm_rms_norm @ w["model.layers.22.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -553,15 +461,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_23_self_attn_q_proj_slice = layers_23_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_23_self_attn_k_proj_slice = layers_23_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_23_self_attn_v_proj_slice = layers_23_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_116 = layers_23_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_47 = mx.fast.rope(reshape_116.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_117 = layers_23_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_48 = mx.fast.rope(reshape_117.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_118 = rope_47.reshape([-1, 576])
-    reshape_119 = rope_48.reshape([-1, 192])
-    reshape_120 = layers_23_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_25, kv[23] = paged_attention(reshape_118, reshape_119, reshape_120, kv[23], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_23_self_attn_reshape = paged_attention_25.reshape([1, sym_size, -1])
+    reshape_70 = layers_23_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_71 = layers_23_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_72 = layers_23_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_24, kv[23] = paged_attention(reshape_71, reshape_72, reshape_70, kv[23], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_23_self_attn_reshape = rope_paged_attention_24.reshape([1, sym_size, -1])
     layers_23_self_attn_o_proj = layers_23_self_attn_reshape @ w["model.layers.23.self_attn.o_proj.weight"].T
     layers_23_add, layers_23_post_attention_layernorm_rms_norm = add_rms_norm(layers_22_add_2, layers_23_self_attn_o_proj, w["model.layers.23.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_23_mlp_gate_proj_up_proj = layers_23_post_attention_layernorm_rms_norm @ w["model.layers.23.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -576,15 +480,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_24_self_attn_q_proj_slice = layers_24_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_24_self_attn_k_proj_slice = layers_24_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_24_self_attn_v_proj_slice = layers_24_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_121 = layers_24_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_49 = mx.fast.rope(reshape_121.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_122 = layers_24_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_50 = mx.fast.rope(reshape_122.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_123 = rope_49.reshape([-1, 576])
-    reshape_124 = rope_50.reshape([-1, 192])
-    reshape_125 = layers_24_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_26, kv[24] = paged_attention(reshape_123, reshape_124, reshape_125, kv[24], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_24_self_attn_reshape = paged_attention_26.reshape([1, sym_size, -1])
+    reshape_73 = layers_24_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_74 = layers_24_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_75 = layers_24_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_25, kv[24] = paged_attention(reshape_74, reshape_75, reshape_73, kv[24], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_24_self_attn_reshape = rope_paged_attention_25.reshape([1, sym_size, -1])
     layers_24_self_attn_o_proj = layers_24_self_attn_reshape @ w["model.layers.24.self_attn.o_proj.weight"].T
     layers_24_add, layers_24_post_attention_layernorm_rms_norm = add_rms_norm(layers_23_add_2, layers_24_self_attn_o_proj, w["model.layers.24.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_24_mlp_gate_proj_up_proj = layers_24_post_attention_layernorm_rms_norm @ w["model.layers.24.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -599,15 +499,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_25_self_attn_q_proj_slice = layers_25_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_25_self_attn_k_proj_slice = layers_25_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_25_self_attn_v_proj_slice = layers_25_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_126 = layers_25_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_51 = mx.fast.rope(reshape_126.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_127 = layers_25_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_52 = mx.fast.rope(reshape_127.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_128 = rope_51.reshape([-1, 576])
-    reshape_129 = rope_52.reshape([-1, 192])
-    reshape_130 = layers_25_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_27, kv[25] = paged_attention(reshape_128, reshape_129, reshape_130, kv[25], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_25_self_attn_reshape = paged_attention_27.reshape([1, sym_size, -1])
+    reshape_76 = layers_25_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_77 = layers_25_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_78 = layers_25_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_26, kv[25] = paged_attention(reshape_77, reshape_78, reshape_76, kv[25], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_25_self_attn_reshape = rope_paged_attention_26.reshape([1, sym_size, -1])
     layers_25_self_attn_o_proj = layers_25_self_attn_reshape @ w["model.layers.25.self_attn.o_proj.weight"].T
     layers_25_add, layers_25_post_attention_layernorm_rms_norm = add_rms_norm(layers_24_add_2, layers_25_self_attn_o_proj, w["model.layers.25.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_25_mlp_gate_proj_up_proj = layers_25_post_attention_layernorm_rms_norm @ w["model.layers.25.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -622,15 +518,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_26_self_attn_q_proj_slice = layers_26_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_26_self_attn_k_proj_slice = layers_26_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_26_self_attn_v_proj_slice = layers_26_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_131 = layers_26_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_53 = mx.fast.rope(reshape_131.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_132 = layers_26_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_54 = mx.fast.rope(reshape_132.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_133 = rope_53.reshape([-1, 576])
-    reshape_134 = rope_54.reshape([-1, 192])
-    reshape_135 = layers_26_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_28, kv[26] = paged_attention(reshape_133, reshape_134, reshape_135, kv[26], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_26_self_attn_reshape = paged_attention_28.reshape([1, sym_size, -1])
+    reshape_79 = layers_26_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_80 = layers_26_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_81 = layers_26_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_27, kv[26] = paged_attention(reshape_80, reshape_81, reshape_79, kv[26], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_26_self_attn_reshape = rope_paged_attention_27.reshape([1, sym_size, -1])
     layers_26_self_attn_o_proj = layers_26_self_attn_reshape @ w["model.layers.26.self_attn.o_proj.weight"].T
     layers_26_add, layers_26_post_attention_layernorm_rms_norm = add_rms_norm(layers_25_add_2, layers_26_self_attn_o_proj, w["model.layers.26.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_26_mlp_gate_proj_up_proj = layers_26_post_attention_layernorm_rms_norm @ w["model.layers.26.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -645,15 +537,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_27_self_attn_q_proj_slice = layers_27_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_27_self_attn_k_proj_slice = layers_27_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_27_self_attn_v_proj_slice = layers_27_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_136 = layers_27_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_55 = mx.fast.rope(reshape_136.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_137 = layers_27_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_56 = mx.fast.rope(reshape_137.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_138 = rope_55.reshape([-1, 576])
-    reshape_139 = rope_56.reshape([-1, 192])
-    reshape_140 = layers_27_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_29, kv[27] = paged_attention(reshape_138, reshape_139, reshape_140, kv[27], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_27_self_attn_reshape = paged_attention_29.reshape([1, sym_size, -1])
+    reshape_82 = layers_27_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_83 = layers_27_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_84 = layers_27_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_28, kv[27] = paged_attention(reshape_83, reshape_84, reshape_82, kv[27], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_27_self_attn_reshape = rope_paged_attention_28.reshape([1, sym_size, -1])
     layers_27_self_attn_o_proj = layers_27_self_attn_reshape @ w["model.layers.27.self_attn.o_proj.weight"].T
     layers_27_add, layers_27_post_attention_layernorm_rms_norm = add_rms_norm(layers_26_add_2, layers_27_self_attn_o_proj, w["model.layers.27.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_27_mlp_gate_proj_up_proj = layers_27_post_attention_layernorm_rms_norm @ w["model.layers.27.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -668,15 +556,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_28_self_attn_q_proj_slice = layers_28_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_28_self_attn_k_proj_slice = layers_28_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_28_self_attn_v_proj_slice = layers_28_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_141 = layers_28_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_57 = mx.fast.rope(reshape_141.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_142 = layers_28_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_58 = mx.fast.rope(reshape_142.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_143 = rope_57.reshape([-1, 576])
-    reshape_144 = rope_58.reshape([-1, 192])
-    reshape_145 = layers_28_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_30, kv[28] = paged_attention(reshape_143, reshape_144, reshape_145, kv[28], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_28_self_attn_reshape = paged_attention_30.reshape([1, sym_size, -1])
+    reshape_85 = layers_28_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_86 = layers_28_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_87 = layers_28_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_29, kv[28] = paged_attention(reshape_86, reshape_87, reshape_85, kv[28], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_28_self_attn_reshape = rope_paged_attention_29.reshape([1, sym_size, -1])
     layers_28_self_attn_o_proj = layers_28_self_attn_reshape @ w["model.layers.28.self_attn.o_proj.weight"].T
     layers_28_add, layers_28_post_attention_layernorm_rms_norm = add_rms_norm(layers_27_add_2, layers_28_self_attn_o_proj, w["model.layers.28.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_28_mlp_gate_proj_up_proj = layers_28_post_attention_layernorm_rms_norm @ w["model.layers.28.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
@@ -691,15 +575,11 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_29_self_attn_q_proj_slice = layers_29_self_attn_q_proj_k_proj_v_proj[:, :, :576]
     layers_29_self_attn_k_proj_slice = layers_29_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
     layers_29_self_attn_v_proj_slice = layers_29_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_146 = layers_29_self_attn_q_proj_slice.reshape([-1, 9, 64])
-    rope_59 = mx.fast.rope(reshape_146.reshape(-1, 9, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 9, 64, ))
-    reshape_147 = layers_29_self_attn_k_proj_slice.reshape([-1, 3, 64])
-    rope_60 = mx.fast.rope(reshape_147.reshape(-1, 3, 1, 64), 64, traditional=False, base=None, scale=1.0, offset=positions, freqs=mx.reciprocal(w["rope_neox_4d_inv_freq"])).reshape((s72, 3, 64, ))
-    reshape_148 = rope_59.reshape([-1, 576])
-    reshape_149 = rope_60.reshape([-1, 192])
-    reshape_150 = layers_29_self_attn_v_proj_slice.reshape([-1, 192])
-    paged_attention_31, kv[29] = paged_attention(reshape_148, reshape_149, reshape_150, kv[29], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0)
-    layers_29_self_attn_reshape = paged_attention_31.reshape([1, sym_size, -1])
+    reshape_88 = layers_29_self_attn_v_proj_slice.reshape([-1, 192])
+    reshape_89 = layers_29_self_attn_q_proj_slice.reshape([-1, 576])
+    reshape_90 = layers_29_self_attn_k_proj_slice.reshape([-1, 192])
+    rope_paged_attention_30, kv[29] = paged_attention(reshape_89, reshape_90, reshape_88, kv[29], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_29_self_attn_reshape = rope_paged_attention_30.reshape([1, sym_size, -1])
     layers_29_self_attn_o_proj = layers_29_self_attn_reshape @ w["model.layers.29.self_attn.o_proj.weight"].T
     layers_29_add, layers_29_post_attention_layernorm_rms_norm = add_rms_norm(layers_28_add_2, layers_29_self_attn_o_proj, w["model.layers.29.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_29_mlp_gate_proj_up_proj = layers_29_post_attention_layernorm_rms_norm @ w["model.layers.29.mlp.gate_proj+up_proj.weight"].T  # fused: merge_projections
