@@ -5,7 +5,8 @@
 #            (tests/test_gpu_device.py: fused paged decode kernel vs the composed path), then the
 #            correctness check (SmolLM2 shape f32 + bf16 vs transformers on the CPU), a batch-1 profile
 #   full     kernel tests, checks, profiles (decode batch 1 with AB=ours_rope_off by default, 128; prefills)
-#   compare  (after full) the benchmark: ours vs AB (one kernel off) vs mlx-lm, each model in its own process
+#   compare  (after full) the benchmark: ours vs AB (one kernel off) vs mlx-lm, each model in its own process; a batch-1 profile
+#   torch    torch eager (TORCH_SYSTEMS=eager,compile for both) and torch's copy bandwidth, same machine
 #   sweep    prefill profiles; the batch-1 decode profile at several MLX_MAX_OPS_PER_BUFFER and without CUDA graphs
 #   bench    the GPU kernel tests, a sweep of the kernel's (warps, unroll) (USE_PICK=1: measure with its pick),
 #            the checks, profiles at batch 1 and 128, ours vs ours_composed (kernel off) vs mlx-lm, both models
@@ -112,8 +113,13 @@ compare)  # the benchmark table: ours, ours with one kernel off (AB), mlx-lm, bo
     for model in llama8b smollm2; do
         python3 benchmarks/gpu.py mlx --models $model --systems ours,${AB:-ours_rope_off},mlx_lm --out "$OUT/gpu-$R-mlx-$model.json"
     done
+    python3 benchmarks/gpu.py profile --systems ours,mlx_lm --out "$OUT/gpu-$R-profile.json"
+    ;;
+torch)  # torch eager on the same machine (transformers' model, same shapes), and torch's copy bandwidth (the ceiling)
+    git_state > "$OUT/tree-torch.txt"
+    python3 benchmarks/gpu.py torch --systems ${TORCH_SYSTEMS:-eager} --budget-s ${BUDGET:-300} --out "$OUT/gpu-$R-torch.json"
     ;;
 *)
-    echo "usage: $0 stage1|test|bench|repeat|prefill|sweep|full|compare"; exit 2
+    echo "usage: $0 stage1|test|bench|repeat|prefill|sweep|full|compare|torch"; exit 2
     ;;
 esac
