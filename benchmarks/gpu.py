@@ -344,7 +344,7 @@ class Ours:
         sid = self._new([int(x) for x in prompt])
         logits = self.model.step_lazy(self.driver.prepare({sid: len(prompt)}))
         tok = mx.argmax(logits, axis=-1)
-        return mx.depends(tok, [a for pair in self.model.kv for a in pair])[0], sid
+        return mx.depends(tok, list(self.model.kv))[0], sid
 
     def _new(self, tokens) -> int:
         self._next += 1
