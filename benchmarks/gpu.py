@@ -59,6 +59,7 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_si
         "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
 PROMPT = 96  # tokens per sequence before decode; with warm-up and 2 x 3 segments of 24 steps, contexts stay
 SEGMENT, REPEATS, WARMUP = 24, 3, 4  # within 256 keys: one compiled shape per batch size (Lk bucket 256)
+PREFILL_REPEATS = 9  # a prefill row is single steps: more of them for a steadier median (r8: 3 moved it +-20%)
 BATCHES = (1, 8, 32, 128)
 PREFILLS = (512, 4096)
 BLOCK = 16
@@ -610,7 +611,7 @@ def prompts_for(vocab: int, batch: int, length: int, seed: int):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, length)).tolist()
 
 
-def measure_prefill(system, res: Results, model: str, vocab: int, lengths, repeats: int = REPEATS) -> None:
+def measure_prefill(system, res: Results, model: str, vocab: int, lengths, repeats: int = PREFILL_REPEATS) -> None:
     for n in lengths:
         try:
             prompt = prompts_for(vocab, 1, n, seed=n)[0]

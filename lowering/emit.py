@@ -31,6 +31,17 @@ _TEMPLATES = jinja2.Environment(
 )
 
 
+def _imported_names(template: str) -> set[str]:
+    """The names a template's `import` lines bind (`import mlx.core as mx` -> mx, `from a import b` -> b)."""
+    source = (Path(__file__).parent / "templates" / template).read_text()
+    found = re.findall(r"^(?:from\s+\S+\s+)?import\s+([\w.]+)(?:\s+as\s+(\w+))?\s*$", source, re.MULTILINE)
+    return {alias or name.split(".")[0] for name, alias in found}
+
+
+# names the step function's body must not rebind: its parameters and what the template imports
+_RESERVED = frozenset({"w", "kv", "batch"} | _imported_names("step.py.j2"))
+
+
 @dataclass
 class Unsupported:
     target: str
@@ -90,7 +101,7 @@ class Emitter:
     def __init__(self, program: Program):
         self.program = program
         self.names: dict[fx.Node, str] = {}
-        self.taken: set[str] = {"w", "kv", "batch", "mx", "fm", "paged_attention", "gather_mm", "add_rms_norm"}
+        self.taken: set[str] = set(_RESERVED)
         self.bound: set[fx.Node] = set()  # values an earlier multi-output statement defines (`bind`)
         self.lines: list[str] = []
         self.symbols: list[tuple[str, str]] = []

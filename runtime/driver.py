@@ -49,13 +49,16 @@ class Driver:
         self.free.extend(b for b in seq.blocks if self.ref[b] == 0)
 
     def _ensure_blocks(self, seq: Sequence, length: int) -> None:
-        while len(seq.blocks) * self.block_size < length:
-            if not self.free:
-                raise MemoryError("KV cache is full")
-            block = self.free.pop()
-            self.ref[block] += 1
-            seq.blocks.append(block)
-            self.blocks_written += 1
+        """Blocks for `length` tokens, all at once (a long prompt needs hundreds), or none and an error."""
+        need = -(-length // self.block_size) - len(seq.blocks)
+        if need <= 0:
+            return
+        if need > len(self.free):
+            raise MemoryError(f"KV cache is full: {need} more blocks needed, {len(self.free)} free")
+        new = [self.free.pop() for _ in range(need)]
+        self.ref[new] += 1
+        seq.blocks.extend(new)
+        self.blocks_written += need
 
     def step(self, work: dict[int, int]) -> dict[int, mx.array]:
         """Feed `work[seq_id]` more tokens of each sequence; returns logits of each one's last token."""

@@ -9,7 +9,7 @@ from runtime.norm import add_rms_norm
 
 
 def step(w, kv, batch, input_ids, positions, logits_indices):
-    """One model step. w: weights by module path; kv: per-layer (k, v) paged caches;
+    """One model step. w: weights by module path; kv: per-layer paged caches ([2, KVH, blocks, block, D]: K, V);
     batch: the attention batch arrays (runtime.batch). Returns (logits, kv)."""
     kv = list(kv)
     s72 = input_ids.shape[0]
