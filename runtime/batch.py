@@ -123,9 +123,8 @@ def _group_arrays(step: StepInput, block_size: int, qsl, q_lens, members) -> tup
 
 def to_mlx(arrays):
     """numpy arrays (in dicts and lists) -> MLX arrays, same structure. The int32 ones (every index array
-    of a step) travel as one MLX array that they are views of: each array made from host memory is an
-    allocation and a copy, and on MLX's CUDA backend managed memory that the GPU then faults in (a step
-    has ~10 of them; mlx-lm's decode step has none)."""
+    of a step: ~10) travel as one MLX array that they are views of: each array made from host memory is
+    an allocation and a copy, on MLX's CUDA backend into managed memory (mlx-lm's decode step makes none)."""
     leaves = list(_leaves(arrays))
     ints = [a for a in leaves if a.dtype == np.int32]
     views = {}
