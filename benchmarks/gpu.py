@@ -429,34 +429,32 @@ class OursComposed(_KernelOff):
                 os.environ["VLLM_MLX_PAGED_KERNEL"] = old
 
 
-class OursNormOff(_KernelOff):
+class _UsableOff(_KernelOff):
+    """A kernel module's `usable` answers False while the step is traced: MLX's own ops run instead.
+    A benchmark-only switch."""
+    module = ""
+
+    def _off(self, fn, *args, **kw):
+        import importlib
+
+        kernel = importlib.import_module(self.module)
+        usable, kernel.usable = kernel.usable, lambda *a: False
+        try:
+            return fn(*args, **kw)
+        finally:
+            kernel.usable = usable
+
+
+class OursNormOff(_UsableOff):
     """runtime/norm.py's fused residual-add + RMSNorm kernel off (MLX's add and mx.fast.rms_norm, two kernels),
-    the paged decode kernel on. A benchmark-only switch."""
-    name = "ours_norm_off"
-
-    def _off(self, fn, *args, **kw):
-        import runtime.norm
-
-        usable, runtime.norm.usable = runtime.norm.usable, lambda *a: False
-        try:
-            return fn(*args, **kw)
-        finally:
-            runtime.norm.usable = usable
+    the paged decode kernel on."""
+    name, module = "ours_norm_off", "runtime.norm"
 
 
-class OursRopeOff(_KernelOff):
+class OursRopeOff(_UsableOff):
     """runtime/rope_kernel.py's RoPE + K/V-rows kernel off (mx.fast.rope on q and k, MLX's concatenation for
-    the rows), the other kernels on. A benchmark-only switch."""
-    name = "ours_rope_off"
-
-    def _off(self, fn, *args, **kw):
-        import runtime.rope_kernel
-
-        usable, runtime.rope_kernel.usable = runtime.rope_kernel.usable, lambda *a: False
-        try:
-            return fn(*args, **kw)
-        finally:
-            runtime.rope_kernel.usable = usable
+    the rows), the other kernels on."""
+    name, module = "ours_rope_off", "runtime.rope_kernel"
 
 
 _VARIANTS = {"ours_composed": OursComposed, "ours_norm_off": OursNormOff,  # ours with one kernel off, own trace
