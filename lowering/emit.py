@@ -34,8 +34,12 @@ _TEMPLATES = jinja2.Environment(
 def _imported_names(template: str) -> set[str]:
     """The names a template's `import` lines bind (`import mlx.core as mx` -> mx, `from a import b` -> b)."""
     source = (Path(__file__).parent / "templates" / template).read_text()
-    found = re.findall(r"^(?:from\s+\S+\s+)?import\s+([\w.]+)(?:\s+as\s+(\w+))?\s*$", source, re.MULTILINE)
-    return {alias or name.split(".")[0] for name, alias in found}
+    names = set()
+    for imported in re.findall(r"^(?:from\s+\S+\s+)?import\s+(.+)$", source, re.MULTILINE):
+        for part in imported.split(","):  # `name`, `a.b as c`
+            name, _, alias = part.strip().partition(" as ")
+            names.add(alias.strip() or name.split(".")[0])
+    return names
 
 
 # names the step function's body must not rebind: its parameters and what the template imports

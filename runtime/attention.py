@@ -61,16 +61,17 @@ def _new_kv(q, k, v, rope, num_heads, num_kv_heads, head_dim):
         k, v = rows.reshape(2, num_kv_heads, t, head_dim).transpose(0, 2, 1, 3)  # views, [T, KVH, D] each
         return q, k, v, rows
     if rope is not None:
-        q, k = _rotate(q, num_heads, head_dim, *rope), _rotate(k, num_kv_heads, head_dim, *rope)
+        q, k = rotate(q, num_heads, head_dim, *rope), rotate(k, num_kv_heads, head_dim, *rope)
     q = q.reshape(t, num_heads, head_dim)
     k, v = k.reshape(t, num_kv_heads, head_dim), v.reshape(t, num_kv_heads, head_dim)
     rows = mx.concatenate([k.swapaxes(0, 1), v.swapaxes(0, 1)]).reshape(-1, head_dim)
     return q, k, v, rows
 
 
-def _rotate(x, heads, head_dim, positions, inv_freq, traditional, mscale):
-    """RoPE of x [T, heads * D] at per-token positions (one token per "sequence" so that each gets its
-    own offset); the first 2 * len(inv_freq) dims of each head rotate."""
+def rotate(x, heads, head_dim, positions, inv_freq, traditional, mscale):
+    """RoPE of x [T, heads * D] (or [T, heads, D]) at per-token positions (one token per "sequence" so
+    that each gets its own offset) -> [T, heads * D]; the first 2 * len(inv_freq) dims of each head
+    rotate. Also what the emitted code calls for a rope no attention folded in (lowering/ops/fused.py)."""
     rot = 2 * inv_freq.shape[0]
     out = mx.fast.rope(x.reshape(-1, heads, 1, head_dim), rot, traditional=traditional, base=None, scale=1.0,
                        offset=positions, freqs=mx.reciprocal(inv_freq)).reshape(-1, heads, head_dim)

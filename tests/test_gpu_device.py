@@ -268,7 +268,7 @@ def test_rope_kernel_matches_mlx_rope(dtype_name, t, heads, kv_heads, d, rot, tr
     import numpy as np
 
     from runtime import rope_kernel
-    from runtime.attention import _rotate
+    from runtime.attention import rotate
 
     dtype = getattr(mx, dtype_name)
     q, k, v, positions = _merged_qkv(t, heads, kv_heads, d, dtype, seed=t + d + rot)
@@ -276,8 +276,8 @@ def test_rope_kernel_matches_mlx_rope(dtype_name, t, heads, kv_heads, d, rot, tr
     rope = (positions, inv_freq, traditional, mscale)
     assert rope_kernel.usable(q, k, v, rope, d)
     q_out, rows = rope_kernel.rope_qkv(q, k, v, *rope, num_heads=heads, num_kv_heads=kv_heads, head_dim=d)
-    want_q = _rotate(q, heads, d, *rope).reshape(t, heads, d)
-    want_k = _rotate(k, kv_heads, d, *rope).reshape(t, kv_heads, d).swapaxes(0, 1)
+    want_q = rotate(q, heads, d, *rope).reshape(t, heads, d)
+    want_k = rotate(k, kv_heads, d, *rope).reshape(t, kv_heads, d).swapaxes(0, 1)
     want_rows = mx.concatenate([want_k, v.reshape(t, kv_heads, d).swapaxes(0, 1)]).reshape(-1, d)
     assert q_out.shape == (t, heads, d) and rows.shape == (2 * kv_heads * t, d) and q_out.dtype == rows.dtype == dtype
     # one rounding of the output (MLX's rope gets 1 / inv_freq and inverts it back: theta's last bit may
@@ -299,7 +299,7 @@ def test_paged_attention_rope_kernel_vs_rotating_first(decode):
     import mlx.core as mx
     import numpy as np
 
-    from runtime.attention import _rotate, paged_attention
+    from runtime.attention import paged_attention, rotate
     from runtime.batch import StepInput, attention_arrays, to_mlx
     from runtime.model import CacheLayout, device_batch
 
@@ -328,7 +328,7 @@ def test_paged_attention_rope_kernel_vs_rotating_first(decode):
     kw = dict(num_heads=kvh * g, num_kv_heads=kvh, head_dim=d, scale=d ** -0.5)
     rope = (pos, inv_freq, False, 1.0)
     fused = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw, rope=rope))(q, k, v, cache)
-    first = mx.compile(lambda q, k, v, c: paged_attention(_rotate(q, kvh * g, d, *rope), _rotate(k, kvh, d, *rope), v,
+    first = mx.compile(lambda q, k, v, c: paged_attention(rotate(q, kvh * g, d, *rope), rotate(k, kvh, d, *rope), v,
                                                           c, batch, **kw))(q, k, v, cache)
     mx.eval(fused, first)
     err = mx.abs(fused[0].astype(mx.float32) - first[0].astype(mx.float32)).max().item()

@@ -34,20 +34,9 @@ def _heads(node, head_dim: int) -> int:
 
 @register(torch.ops.mlx.rope.default)
 def rope(e, node, x, positions, inv_freq, head_dim, traditional, mscale):
-    # One token per "sequence" so that each gets its own position offset.
-    rot = 2 * node.args[2].meta["val"].shape[0]
-    rotated = (
-        f"mx.fast.rope({e.r(x)}.reshape(-1, {_heads(node, head_dim)}, 1, {head_dim}), "
-        f"{rot}, traditional={traditional}, base=None, scale=1.0, offset={e.r(positions)}, "
-        f"freqs=mx.reciprocal({e.r(inv_freq)}))"
-    )
-    if mscale != 1.0 and rot < head_dim:  # mscale (YaRN) scales the rotated dims only
-        tmp = e.temp(node, "rotated")
-        e.line(f"{tmp} = {rotated}")
-        rotated = f"mx.concatenate([{tmp}[..., :{rot}] * {mscale!r}, {tmp}[..., {rot}:]], axis=-1)"
-    elif mscale != 1.0:
-        rotated = f"({rotated} * {mscale!r})"
-    return f"{rotated}.reshape({e.shape(node)})"
+    """The runtime's `rotate` (runtime/attention.py), which paged attention uses for the ropes it folds in."""
+    return (f"rotate({e.r(x)}, {_heads(node, head_dim)}, {head_dim}, {e.r(positions)}, {e.r(inv_freq)}, "
+            f"traditional={traditional}, mscale={mscale!r}).reshape({e.shape(node)})")
 
 
 def _attention(e, node, q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, window, cap, rope=""):

@@ -3,7 +3,7 @@
 import mlx.core as mx
 
 from runtime import fastmath as fm
-from runtime.attention import paged_attention
+from runtime.attention import paged_attention, rotate
 from runtime.experts import gather_mm
 from runtime.norm import add_rms_norm
 
