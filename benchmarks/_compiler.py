@@ -154,7 +154,7 @@ def host_overhead(ours: Ours, prompt: list[int], steps: int = 48) -> dict:
         pos = mx.array(batch.positions.astype(np.int32))
         li = mx.array(batch.logits_indices.astype(np.int32))
         t2 = time.perf_counter()
-        logits, kv = model.step_fn(model.weights, model.kv, arrays, ids, pos, li)
+        logits, kv = model.step_fn(model.step_weights, model.kv, arrays, ids, pos, li)
         t3 = time.perf_counter()
         model.kv = kv
         mx.eval(logits, kv)

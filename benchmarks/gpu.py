@@ -833,7 +833,7 @@ def profile_step(res: Results, name: str) -> None:
         t1 = time.perf_counter()
         arrays = to_mlx(attention_arrays(batch, BLOCK))
         t2 = time.perf_counter()
-        logits, kv = model.step_fn(model.weights, model.kv, arrays, state["tok"],
+        logits, kv = model.step_fn(model.step_weights, model.kv, arrays, state["tok"],
                                    mx.array(batch.positions.astype(np.int32)),
                                    mx.array(batch.logits_indices.astype(np.int32)))
         model.kv = kv

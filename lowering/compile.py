@@ -23,12 +23,28 @@ import mlx.core as mx
 SOURCE, META, CONSTANTS = "step.py", "meta.json", "constants.safetensors"
 
 
-def load_step(source: str, name: str = "step", jit: bool = True):
+class Step:
+    """An emitted step function (compiled or not) and the weight views its code reads: call it with
+    `prepare(weights)`, made once (runtime.model.prepare_weights), not with the weights themselves."""
+
+    def __init__(self, fn, prepared: dict[str, tuple[str, int]]):
+        self.fn, self.prepared = fn, prepared
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def prepare(self, weights: dict) -> dict:
+        from runtime.model import prepare_weights
+
+        return prepare_weights(weights, self.prepared)
+
+
+def load_step(source: str, name: str = "step", jit: bool = True) -> Step:
     """Execute emitted source as a fresh module and return its step function (compiled)."""
     module = types.ModuleType(f"lowered_{hashlib.sha256(source.encode()).hexdigest()[:12]}")
     exec(compile_source(source, module.__name__), module.__dict__)
     fn = getattr(module, name)
-    return mx.compile(fn) if jit else fn
+    return Step(mx.compile(fn) if jit else fn, getattr(module, "PREPARED", {}))
 
 
 def compile_source(source: str, filename: str):

@@ -269,7 +269,7 @@ def _mlx_run(program: Program, source: str, inputs: dict[str, torch.Tensor]) -> 
     for name in program.inputs:
         t = inputs[name]
         args.append(mx.array(t.to(torch.int32) if t.dtype == torch.int64 else t.contiguous()))
-    out, _ = step(mlx_weights(program), [], {}, *args)
+    out, _ = step(step.prepare(mlx_weights(program)), [], {}, *args)
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     mx.eval(outs)
     return [torch.from_numpy(np.array(o.astype(mx.float32) if mx.issubdtype(o.dtype, mx.floating) else o))

@@ -27,10 +27,26 @@ class CacheLayout:
         return (2, self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
 
 
+def prepare_weights(weights: dict[str, mx.array], prepared: dict[str, tuple[str, int]]) -> dict[str, mx.array]:
+    """The dict an emitted step reads: `weights` plus the views its code names (its PREPARED table:
+    key -> (weight path, unit axes in front)), each a weight transposed, made and evaluated here once.
+    They share the weights' memory; in the step's graph each would be a node on every call."""
+    if not prepared:
+        return weights
+    out = dict(weights)
+    for key, (path, lead) in prepared.items():
+        out[key] = mx.expand_dims(weights[path].T, tuple(range(lead))) if lead else weights[path].T
+    mx.eval([out[key] for key in prepared])
+    return out
+
+
 class LoweredModel:
     def __init__(self, step_fn, weights: dict[str, mx.array], layout: CacheLayout, num_blocks: int):
+        """step_fn: lowering.compile.Step (or any callable taking `weights` as they are)."""
         self.step_fn = step_fn
         self.weights = weights
+        prepare = getattr(step_fn, "prepare", None)
+        self.step_weights = prepare(weights) if prepare else weights  # what step_fn reads
         self.layout = layout
         self.num_blocks = num_blocks
         shape = layout.cache_shape(num_blocks)
@@ -57,7 +73,7 @@ class LoweredModel:
             host["input_ids"] = batch.input_ids.astype(np.int32)
         arrays = to_mlx(host)  # one host-to-device array for all of them
         logits, kv = self.step_fn(
-            self.weights, self.kv, arrays["batch"], arrays.get("input_ids", input_ids),
+            self.step_weights, self.kv, arrays["batch"], arrays.get("input_ids", input_ids),
             arrays["positions"], arrays["logits_indices"],
         )
         self.kv = kv

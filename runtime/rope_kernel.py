@@ -99,7 +99,8 @@ def rope_qkv(q, k, v, positions, inv_freq, traditional: bool, mscale: float, *, 
     """q [T, H*D], k and v [T, KVH*D] (any strides), positions [T] int, inv_freq [R/2] -> (q rotated
     [T, H, D], rows [2 * KVH * T, D]: k rotated then v, head-major), in q's dtype."""
     t = q.shape[0]
-    q, k, v = q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)  # views of the projection's columns
+    # views of the projection's columns; explicit sizes: a reshape to the same shape adds no graph node
+    q, k, v = q.reshape(t, num_heads * head_dim), k.reshape(t, num_kv_heads * head_dim), v.reshape(t, num_kv_heads * head_dim)
     threads = t * (num_heads + 2 * num_kv_heads) * (head_dim // 2)
     q_out, rows = _kernel()(
         inputs=[q, k, v, positions, inv_freq],

@@ -94,7 +94,7 @@ def locate_in_step(source: str, lowered, batch, kv_before) -> NonFinite | None:
 
     from runtime.batch import attention_arrays, to_mlx
 
-    args = (lowered.weights, kv_before, to_mlx(attention_arrays(batch, lowered.layout.block_size)),
+    args = (lowered.step_weights, kv_before, to_mlx(attention_arrays(batch, lowered.layout.block_size)),
             mx.array(batch.input_ids.astype(np.int32)), mx.array(batch.positions.astype(np.int32)),
             mx.array(batch.logits_indices.astype(np.int32)))
     return find_non_finite(source, args)

@@ -9,8 +9,9 @@ aten = torch.ops.aten
 
 @register(aten.linear.default)
 def linear(e, node, x, weight, bias=None):
-    out = f"{e.r(x)} @ {e.r(weight)}.T"
-    return out if bias is None else f"mx.addmm({e.r(bias)}, {e.r(x)}, {e.r(weight)}.T)"
+    if bias is None:
+        return f"{e.r(x)} @ {e.transposed(weight, x)}"
+    return f"mx.addmm({e.r(bias)}, {e.r(x)}, {e.transposed(weight)})"
 
 
 @register(aten.mm.default, aten.matmul.default, aten.bmm.default)
