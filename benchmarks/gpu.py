@@ -809,6 +809,66 @@ def cmd_mlx(args) -> int:
     return 0
 
 
+def cmd_ab(args) -> int:
+    """Lowerings of the same model (artefact folders) side by side in ONE process, on the same weights,
+    in rounds whose order rotates: each round runs every side's batch-`b` decode (a sync split into
+    record / launch / wait, then the async loop). The paired per-round ratios are free of the
+    process-to-process spread that separate runs carry (docs/benchmarks.md)."""
+    mlx_setup(args.device)
+    import mlx.core as mx
+
+    res = Results(args.out, part="ab")
+    folders = [Path(f) for f in args.artefacts.split(",")]
+    for name in args.models.split(","):
+        cfg = load_config(name)
+        metas = [json.loads((f / f"{name}-bfloat16" / "meta.json").read_text()) for f in folders]
+        weights = mlx_random_weights(metas[0], mx.bfloat16, seed=1)
+        weights.update(mlx_constants(folders[0] / f"{name}-bfloat16"))
+        blocks = args.batch * (256 // BLOCK) + 64
+        sides = {}
+        for f, meta in zip(folders, metas):
+            source = (f / f"{name}-bfloat16" / "step.py").read_text()
+            sides[f.name] = Ours(*build_ours(source, weights, meta["layers"], mx.bfloat16, blocks))
+        if args.mlx_lm:
+            sides["mlx_lm"] = MlxLm(cfg, weights)
+        for r in range(args.rounds):
+            labels = list(sides)
+            labels = labels[r % len(labels):] + labels[:r % len(labels)]
+            for label in labels:
+                system = sides[label]
+                state = system.start(prompts_for(cfg["vocab_size"], args.batch, PROMPT, seed=7))
+                system.decode(state, WARMUP, pipelined=False)
+                split = {k: [] for k in ("record", "launch", "wait")}
+                for _ in range(SEGMENT):
+                    t0 = time.perf_counter()
+                    if label == "mlx_lm":
+                        tok = mx.argmax(system.model(state["tok"][:, None], cache=state["cache"])[:, -1], axis=-1)
+                    else:
+                        tok = system._record(state)
+                    t1 = time.perf_counter()
+                    mx.async_eval(tok)
+                    t2 = time.perf_counter()
+                    tok.tolist()
+                    state["tok"] = tok
+                    for k, v in zip(split, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+                        split[k].append(v * 1e3)
+                system.decode(state, 2, pipelined=True)
+                t = time.perf_counter()
+                system.decode(state, SEGMENT, pipelined=True)
+                step_ms = (time.perf_counter() - t) / SEGMENT * 1e3
+                system.finish(state)
+                row = res.add(model=name, side=label, round=r, batch=args.batch, async_step_ms=step_ms,
+                              **{k: statistics.median(v) for k, v in split.items()})
+                log(f"{name} round {r} {label}: async {step_ms:.2f} ms/step, sync split {row}")
+        for label in sides:
+            rows = [x for x in res.data["rows"] if x["model"] == name and x["side"] == label]
+            log(f"{name} {label}: median async {statistics.median(x['async_step_ms'] for x in rows):.2f} ms/step, "
+                f"record {statistics.median(x['record'] for x in rows):.2f}, launch {statistics.median(x['launch'] for x in rows):.2f}")
+        del sides, weights
+        mx.clear_cache()
+    return 0
+
+
 def profile_step(res: Results, name: str) -> None:
     """Host-side split of one batch-1 decode step of ours: batch arrays, graph recording, evaluation."""
     import mlx.core as mx
@@ -1141,6 +1201,14 @@ def main(argv=None) -> int:
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--prefill", type=int, default=0, help="profile a batch-1 prefill of this many tokens instead")
+    q = sub.add_parser("ab")
+    q.add_argument("--artefacts", required=True, help="comma-separated folders holding <model>-bfloat16/ lowerings")
+    q.add_argument("--models", default="llama8b,smollm2")
+    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--rounds", type=int, default=6)
+    q.add_argument("--mlx-lm", action="store_true", help="mlx-lm's model as one more side")
+    q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
+    q.add_argument("--out")
     q = sub.add_parser("kernel")
     q.add_argument("--out")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
@@ -1161,7 +1229,7 @@ def main(argv=None) -> int:
 
         return report(args.files, args.write)
     return {"lower": cmd_lower, "torch": cmd_torch, "mlx": cmd_mlx, "check": cmd_check,
-            "profile": cmd_profile, "kernel": cmd_kernel}[args.cmd](args)
+            "profile": cmd_profile, "kernel": cmd_kernel, "ab": cmd_ab}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 #   full     kernel tests, checks, profiles (decode batch 1 with AB=ours_rope_off by default, 128; prefills)
 #   compare  (after full) the benchmark: ours vs AB (one kernel off) vs mlx-lm, each model in its own process; a batch-1 profile
 #   ab       (after stage1) the carried artefact against an older one ($OLD): tests, checks, fresh processes alternating
+#   run      (after stage1) the command that follows, e.g. `run python3 benchmarks/gpu.py ab --artefacts A,B`
 #   torch    torch eager (TORCH_SYSTEMS=eager,compile for both) and torch's copy bandwidth, same machine
 #   sweep    prefill profiles; the batch-1 decode profile at several MLX_MAX_OPS_PER_BUFFER and without CUDA graphs
 #   bench    the GPU kernel tests, a sweep of the kernel's (warps, unroll) (USE_PICK=1: measure with its pick),
@@ -134,11 +135,16 @@ ab)  # the carried artefact ("new") against an older lowering of the same models
     GPU_LOWERED=/nonexistent python3 benchmarks/gpu.py profile --models llama8b,smollm2 --systems ours,mlx_lm --out "$OUT/gpu-$R-profile-new.json"
     GPU_LOWERED=$OLD python3 benchmarks/gpu.py profile --models llama8b,smollm2 --systems ours --out "$OUT/gpu-$R-profile-old.json"
     ;;
+run)  # (after stage1) any command once MLX-CUDA is installed: gpu_device.sh run python3 benchmarks/gpu.py ab ...
+    ensure_mlx || exit $?
+    shift
+    "$@"
+    ;;
 torch)  # torch eager on the same machine (transformers' model, same shapes), and torch's copy bandwidth (the ceiling)
     git_state > "$OUT/tree-torch.txt"
     python3 benchmarks/gpu.py torch --systems ${TORCH_SYSTEMS:-eager} --budget-s ${BUDGET:-300} --out "$OUT/gpu-$R-torch.json"
     ;;
 *)
-    echo "usage: $0 stage1|test|bench|repeat|prefill|sweep|full|compare|ab|torch"; exit 2
+    echo "usage: $0 stage1|test|bench|repeat|prefill|sweep|full|compare|ab|run|torch"; exit 2
     ;;
 esac

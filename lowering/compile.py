@@ -27,7 +27,7 @@ class Step:
     """An emitted step function (compiled or not) and the weight views its code reads: call it with
     `prepare(weights)`, made once (runtime.model.prepare_weights), not with the weights themselves."""
 
-    def __init__(self, fn, prepared: dict[str, tuple[str, int]]):
+    def __init__(self, fn, prepared: dict[str, str]):
         self.fn, self.prepared = fn, prepared
 
     def __call__(self, *args):

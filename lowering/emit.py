@@ -109,7 +109,7 @@ class Emitter:
         self.bound: set[fx.Node] = set()  # values an earlier multi-output statement defines (`bind`)
         self.lines: list[str] = []
         self.symbols: list[tuple[str, str]] = []
-        self.prepared: dict[str, tuple[str, int]] = {}  # weight views the step reads (`transposed`)
+        self.prepared: dict[str, str] = {}  # weight views the step reads (`transposed`): key -> weight path
         for node in program.graph.nodes:
             if node.op == "placeholder" and node.name not in program.weights:
                 self.names[node] = node.name
@@ -136,20 +136,16 @@ class Emitter:
             return "float('inf')" if a > 0 else ("-float('inf')" if a < 0 else "float('nan')")
         return repr(a)
 
-    def transposed(self, weight, x=None) -> str:
+    def transposed(self, weight) -> str:
         """`weight.T`, the right operand of `x @ weight.T`. For a weight it is a view that the step's
         `prepare` makes once (`PREPARED`, runtime.model.prepare_weights) rather than a transpose node
-        in every step's graph (each node costs host time on every call); with x's unit leading axes
-        added when x has them ([1, T, K] from the HF front end), so that MLX's matmul needs no
-        flatten and unflatten around it either. `x=None`: no unit axes (`mx.addmm`)."""
+        in every step's graph. (Adding x's unit batch axes to that view as well, so that MLX's matmul
+        needs no flatten and unflatten around it, cost a copy kernel per layer on MLX-CUDA, r9.)"""
         if not (isinstance(weight, fx.Node) and weight.op == "placeholder" and weight.name in self.program.weights):
             return f"{self.r(weight)}.T"
-        shape = x.meta["val"].shape if x is not None else ()
-        lead = len(shape) - 2 if len(shape) > 2 and all(isinstance(d, int) and d == 1 for d in shape[:-2]) else 0
         path = self.program.weight_paths[weight.name]
-        key = path + ".T" + "[None]" * lead
-        self.prepared[key] = (path, lead)
-        return f'w["{key}"]'
+        self.prepared[path + ".T"] = path
+        return f'w["{path}.T"]'
 
     def dtype(self, dt: torch.dtype) -> str:
         return _MX_DTYPES[dt]

@@ -27,15 +27,15 @@ class CacheLayout:
         return (2, self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
 
 
-def prepare_weights(weights: dict[str, mx.array], prepared: dict[str, tuple[str, int]]) -> dict[str, mx.array]:
-    """The dict an emitted step reads: `weights` plus the views its code names (its PREPARED table:
-    key -> (weight path, unit axes in front)), each a weight transposed, made and evaluated here once.
-    They share the weights' memory; in the step's graph each would be a node on every call."""
+def prepare_weights(weights: dict[str, mx.array], prepared: dict[str, str]) -> dict[str, mx.array]:
+    """The dict an emitted step reads: `weights` plus the transposed views its code names (its PREPARED
+    table: key -> weight path), made and evaluated here once. They share the weights' memory; in the
+    step's graph each would be a node, built and evaluated on every call."""
     if not prepared:
         return weights
     out = dict(weights)
-    for key, (path, lead) in prepared.items():
-        out[key] = mx.expand_dims(weights[path].T, tuple(range(lead))) if lead else weights[path].T
+    for key, path in prepared.items():
+        out[key] = weights[path].T
     mx.eval([out[key] for key in prepared])
     return out
 

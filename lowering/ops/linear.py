@@ -10,7 +10,7 @@ aten = torch.ops.aten
 @register(aten.linear.default)
 def linear(e, node, x, weight, bias=None):
     if bias is None:
-        return f"{e.r(x)} @ {e.transposed(weight, x)}"
+        return f"{e.r(x)} @ {e.transposed(weight)}"
     return f"mx.addmm({e.r(bias)}, {e.r(x)}, {e.transposed(weight)})"
 
 
