@@ -809,64 +809,106 @@ def cmd_mlx(args) -> int:
     return 0
 
 
+def _decode_split(system, state, steps: int) -> dict:
+    """`steps` synchronous decode steps, each split into record (building it), launch (`mx.async_eval`
+    returning) and wait (the token ids on the host); medians in ms."""
+    import mlx.core as mx
+
+    split = {k: [] for k in ("record", "launch", "wait")}
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        if isinstance(system, MlxLm):
+            tok = mx.argmax(system.model(state["tok"][:, None], cache=state["cache"])[:, -1], axis=-1)
+        else:
+            tok = system._record(state)
+        t1 = time.perf_counter()
+        mx.async_eval(tok)
+        t2 = time.perf_counter()
+        tok.tolist()
+        state["tok"] = tok
+        for k, v in zip(split, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            split[k].append(v * 1e3)
+    return {k: statistics.median(v) for k, v in split.items()}
+
+
 def cmd_ab(args) -> int:
-    """Lowerings of the same model (artefact folders) side by side in ONE process, on the same weights,
-    in rounds whose order rotates: each round runs every side's batch-`b` decode (a sync split into
-    record / launch / wait, then the async loop). The paired per-round ratios are free of the
-    process-to-process spread that separate runs carry (docs/benchmarks.md)."""
+    """Systems side by side in ONE process on the same weights: lowerings of the model (artefact
+    folders) and, with --mlx-lm, mlx-lm's model. In each round every side runs every workload, in an
+    order that rotates by round: a decode at each batch size (a synchronous segment split into record
+    / launch / wait, then the async loop) and a prefill of each length (median of 3). Host-bound steps
+    drift by tens of percent between processes and even between minutes of one process
+    (docs/benchmarks.md), so sides are compared round by round (paired), not across runs."""
     mlx_setup(args.device)
     import mlx.core as mx
 
     res = Results(args.out, part="ab")
     folders = [Path(f) for f in args.artefacts.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]
+    prefills = [int(n) for n in args.prefills.split(",") if n]
     for name in args.models.split(","):
         cfg = load_config(name)
         metas = [json.loads((f / f"{name}-bfloat16" / "meta.json").read_text()) for f in folders]
         weights = mlx_random_weights(metas[0], mx.bfloat16, seed=1)
         weights.update(mlx_constants(folders[0] / f"{name}-bfloat16"))
-        blocks = args.batch * (256 // BLOCK) + 64
+        blocks = max(max(batches, default=1) * (256 // BLOCK), max(prefills, default=0) // BLOCK) + 64
         sides = {}
         for f, meta in zip(folders, metas):
             source = (f / f"{name}-bfloat16" / "step.py").read_text()
             sides[f.name] = Ours(*build_ours(source, weights, meta["layers"], mx.bfloat16, blocks))
         if args.mlx_lm:
             sides["mlx_lm"] = MlxLm(cfg, weights)
+        labels = list(sides)
         for r in range(args.rounds):
-            labels = list(sides)
-            labels = labels[r % len(labels):] + labels[:r % len(labels)]
-            for label in labels:
-                system = sides[label]
-                state = system.start(prompts_for(cfg["vocab_size"], args.batch, PROMPT, seed=7))
-                system.decode(state, WARMUP, pipelined=False)
-                split = {k: [] for k in ("record", "launch", "wait")}
-                for _ in range(SEGMENT):
-                    t0 = time.perf_counter()
-                    if label == "mlx_lm":
-                        tok = mx.argmax(system.model(state["tok"][:, None], cache=state["cache"])[:, -1], axis=-1)
-                    else:
-                        tok = system._record(state)
-                    t1 = time.perf_counter()
-                    mx.async_eval(tok)
-                    t2 = time.perf_counter()
-                    tok.tolist()
-                    state["tok"] = tok
-                    for k, v in zip(split, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
-                        split[k].append(v * 1e3)
-                system.decode(state, 2, pipelined=True)
-                t = time.perf_counter()
-                system.decode(state, SEGMENT, pipelined=True)
-                step_ms = (time.perf_counter() - t) / SEGMENT * 1e3
-                system.finish(state)
-                row = res.add(model=name, side=label, round=r, batch=args.batch, async_step_ms=step_ms,
-                              **{k: statistics.median(v) for k, v in split.items()})
-                log(f"{name} round {r} {label}: async {step_ms:.2f} ms/step, sync split {row}")
-        for label in sides:
-            rows = [x for x in res.data["rows"] if x["model"] == name and x["side"] == label]
-            log(f"{name} {label}: median async {statistics.median(x['async_step_ms'] for x in rows):.2f} ms/step, "
-                f"record {statistics.median(x['record'] for x in rows):.2f}, launch {statistics.median(x['launch'] for x in rows):.2f}")
+            order = labels[r % len(labels):] + labels[:r % len(labels)]
+            for b in batches:
+                for label in order:
+                    system = sides[label]
+                    state = system.start(prompts_for(cfg["vocab_size"], b, PROMPT, seed=1000 + b))
+                    system.decode(state, WARMUP, pipelined=False)
+                    split = _decode_split(system, state, SEGMENT)
+                    system.decode(state, 2, pipelined=True)
+                    t = time.perf_counter()
+                    system.decode(state, SEGMENT, pipelined=True)
+                    async_ms = (time.perf_counter() - t) / SEGMENT * 1e3
+                    system.finish(state)
+                    sync_ms = sum(split.values())
+                    res.add(model=name, side=label, round=r, kind="decode", batch=b, sync_ms=sync_ms,
+                            async_ms=async_ms, **split)
+                    log(f"{name} r{r} b={b} {label}: sync {sync_ms:.2f} ms (record {split['record']:.2f}, "
+                        f"launch {split['launch']:.2f}), async {async_ms:.2f} ms")
+            for n in prefills:
+                prompt = prompts_for(cfg["vocab_size"], 1, n, seed=n)[0]
+                for label in order:
+                    sides[label].prefill_last(prompt)  # this shape traced / warm
+                    times = []
+                    for _ in range(3):
+                        t = time.perf_counter()
+                        sides[label].prefill_last(prompt)
+                        times.append((time.perf_counter() - t) * 1e3)
+                    res.add(model=name, side=label, round=r, kind="prefill", tokens=n, ms=statistics.median(times))
+                    log(f"{name} r{r} prefill {n} {label}: {statistics.median(times):.2f} ms")
+        _ab_summary(res.data["rows"], name, labels)
         del sides, weights
         mx.clear_cache()
     return 0
+
+
+def _ab_summary(rows: list[dict], name: str, labels: list[str]) -> None:
+    """Per workload: each side's median time and the median over rounds of its ratio to the first side."""
+    first = labels[0]
+    keys = sorted({(r["kind"], r.get("batch", r.get("tokens"))) for r in rows if r["model"] == name})
+    for kind, size in keys:
+        for metric in (("sync_ms", "async_ms") if kind == "decode" else ("ms",)):
+            def by_round(label):
+                return {r["round"]: r[metric] for r in rows if r["model"] == name and r["side"] == label
+                        and r["kind"] == kind and r.get("batch", r.get("tokens")) == size}
+            base = by_round(first)
+            parts = []
+            for label in labels:
+                mine = by_round(label)
+                ratios = [base[k] / mine[k] for k in mine if k in base]  # > 1: this side is faster than the first
+                parts.append(f"{label} {statistics.median(mine.values()):.2f} ms ({statistics.median(ratios):.2f}x)")
+            log(f"{name} {kind} {size} {metric}: " + ", ".join(parts))
 
 
 def profile_step(res: Results, name: str) -> None:
@@ -1204,7 +1246,8 @@ def main(argv=None) -> int:
     q = sub.add_parser("ab")
     q.add_argument("--artefacts", required=True, help="comma-separated folders holding <model>-bfloat16/ lowerings")
     q.add_argument("--models", default="llama8b,smollm2")
-    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--batches", default="1")
+    q.add_argument("--prefills", default="")
     q.add_argument("--rounds", type=int, default=6)
     q.add_argument("--mlx-lm", action="store_true", help="mlx-lm's model as one more side")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
