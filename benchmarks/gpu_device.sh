@@ -6,7 +6,7 @@
 #            correctness check (SmolLM2 shape f32 + bf16 vs transformers on the CPU), a batch-1 profile
 #   full     kernel tests, checks, profiles (decode batch 1 with AB=ours_rope_off by default, 128; prefills)
 #   compare  (after full) the benchmark: ours vs AB (one kernel off) vs mlx-lm, each model in its own process; a batch-1 profile
-#   ab       (after stage1) the carried artefact against an older one ($OLD): tests, checks, fresh processes alternating
+#   ab       (after stage1) tests, checks, profiles, then gpu.py ab: ours, an older lowering ($OLD), mlx-lm paired in one process
 #   run      (after stage1) the command that follows, e.g. `run python3 benchmarks/gpu.py ab --artefacts A,B`
 #   torch    torch eager (TORCH_SYSTEMS=eager,compile for both) and torch's copy bandwidth, same machine
 #   sweep    prefill profiles; the batch-1 decode profile at several MLX_MAX_OPS_PER_BUFFER and without CUDA graphs
@@ -117,23 +117,20 @@ compare)  # the benchmark table: ours, ours with one kernel off (AB), mlx-lm, bo
     done
     python3 benchmarks/gpu.py profile --systems ours,mlx_lm --out "$OUT/gpu-$R-profile.json"
     ;;
-ab)  # the carried artefact ("new") against an older lowering of the same models ($OLD, carried): GPU tests and
-    # checks, then ours + mlx-lm in fresh processes, new/old alternating, and batch-1 profiles of both. Up to 8 files
-    # come back from a call, so the results travel as one archive (written on exit, a timeout included).
+ab)  # GPU tests, checks and batch-1 profiles, then the paired benchmark (gpu.py ab): the carried lowering, an older one
+    # ($OLD, carried: omit for none) and mlx-lm side by side in one process per model, in rounds of rotating order.
+    # Up to 8 files come back from a call, so the results travel as one archive (written on exit, a timeout included).
     ensure_mlx || exit $?
     real_out=$OUT; OUT=$(mktemp -d); trap 'tar czf "$real_out/gpu-$R-ab.tgz" -C "$OUT" .' EXIT
     git_state > "$OUT/tree-ab.txt"
-    gpu_tests pytest-ab.log "(paged and compiled) or rope or add_rms_norm or off_on_cpu"
+    gpu_tests pytest-ab.log "(paged and (block_shapes or compiled)) or add_rms_norm or rope or off_on_cpu"
     checks
-    for i in 1 2; do
-        for side in new old; do
-            lowered=/nonexistent; [ $side = old ] && lowered=$OLD
-            GPU_LOWERED=$lowered python3 benchmarks/gpu.py mlx --models ${MODELS:-llama8b} --batches ${BATCHES:-1,32} \
-                --prefills ${PREFILLS:-512} --systems ours,mlx_lm --out "$OUT/gpu-$R-ab-$side$i.json"
-        done
+    python3 benchmarks/gpu.py profile --systems ours,mlx_lm --out "$OUT/gpu-$R-profile.json"
+    mkdir -p .gpuab && rm -rf .gpuab/ours && cp -r benchmarks/results/gpu-lowered .gpuab/ours
+    for model in ${MODELS:-llama8b smollm2}; do
+        python3 benchmarks/gpu.py ab --artefacts .gpuab/ours${OLD:+,$OLD} --mlx-lm --models $model --rounds ${ROUNDS:-5} \
+            --batches ${BATCHES:-1,8,32,128} --prefills ${PREFILLS:-512,4096} --out "$OUT/gpu-$R-ab-$model.json"
     done
-    GPU_LOWERED=/nonexistent python3 benchmarks/gpu.py profile --models llama8b,smollm2 --systems ours,mlx_lm --out "$OUT/gpu-$R-profile-new.json"
-    GPU_LOWERED=$OLD python3 benchmarks/gpu.py profile --models llama8b,smollm2 --systems ours --out "$OUT/gpu-$R-profile-old.json"
     ;;
 run)  # (after stage1) any command once MLX-CUDA is installed: gpu_device.sh run python3 benchmarks/gpu.py ab ...
     ensure_mlx || exit $?

@@ -24,11 +24,11 @@ SOURCE, META, CONSTANTS = "step.py", "meta.json", "constants.safetensors"
 
 
 class Step:
-    """An emitted step function (compiled or not) and the weight views its code reads: call it with
-    `prepare(weights)`, made once (runtime.model.prepare_weights), not with the weights themselves."""
+    """An emitted step function (compiled or not) and the table of what it reads from its weights: call
+    it with `prepare(weights)`, made once (runtime.model.prepare_weights), not with the weights themselves."""
 
-    def __init__(self, fn, prepared: dict[str, str]):
-        self.fn, self.prepared = fn, prepared
+    def __init__(self, fn, weights: dict[str, tuple[str, bool]]):
+        self.fn, self.weights = fn, weights
 
     def __call__(self, *args):
         return self.fn(*args)
@@ -36,7 +36,7 @@ class Step:
     def prepare(self, weights: dict) -> dict:
         from runtime.model import prepare_weights
 
-        return prepare_weights(weights, self.prepared)
+        return prepare_weights(weights, self.weights)
 
 
 def load_step(source: str, name: str = "step", jit: bool = True) -> Step:
@@ -44,7 +44,7 @@ def load_step(source: str, name: str = "step", jit: bool = True) -> Step:
     module = types.ModuleType(f"lowered_{hashlib.sha256(source.encode()).hexdigest()[:12]}")
     exec(compile_source(source, module.__name__), module.__dict__)
     fn = getattr(module, name)
-    return Step(mx.compile(fn) if jit else fn, getattr(module, "PREPARED", {}))
+    return Step(mx.compile(fn) if jit else fn, getattr(module, "WEIGHTS", {}))
 
 
 def compile_source(source: str, filename: str):

@@ -2,8 +2,9 @@
 
 Every call_function node becomes one statement `name = <mlx expression>` built by its registered
 lowering (lowering/ops). Names come from module paths (`layers_3_self_attn_qkv_proj`), weights are
-read from `w` by module path, and symbolic sizes (the token count) are taken from input shapes,
-so one emitted function serves every batch shape.
+read from `w` by the keys of the module's WEIGHTS table (the module path; `<path>.T` for a linear's
+matrix, a view made once: runtime.model.prepare_weights), and symbolic sizes (the token count) are
+taken from input shapes, so one emitted function serves every batch shape.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class Emitter:
         self.bound: set[fx.Node] = set()  # values an earlier multi-output statement defines (`bind`)
         self.lines: list[str] = []
         self.symbols: list[tuple[str, str]] = []
-        self.prepared: dict[str, str] = {}  # weight views the step reads (`transposed`): key -> weight path
+        self.weights: dict[str, tuple[str, bool]] = {}  # what the step reads from w: key -> (path, transposed)
         for node in program.graph.nodes:
             if node.op == "placeholder" and node.name not in program.weights:
                 self.names[node] = node.name
@@ -124,7 +125,9 @@ class Emitter:
     def r(self, a) -> str:
         if isinstance(a, fx.Node):
             if a.op == "placeholder" and a.name in self.program.weights:
-                return f'w["{self.program.weight_paths[a.name]}"]'
+                path = self.program.weight_paths[a.name]
+                self.weights[path] = (path, False)
+                return f'w["{path}"]'
             return self.names[a]
         if isinstance(a, (list, tuple)):
             return "[" + ", ".join(self.r(x) for x in a) + "]"
@@ -137,14 +140,15 @@ class Emitter:
         return repr(a)
 
     def transposed(self, weight) -> str:
-        """`weight.T`, the right operand of `x @ weight.T`. For a weight it is a view that the step's
-        `prepare` makes once (`PREPARED`, runtime.model.prepare_weights) rather than a transpose node
-        in every step's graph. (Adding x's unit batch axes to that view as well, so that MLX's matmul
-        needs no flatten and unflatten around it, cost a copy kernel per layer on MLX-CUDA, r9.)"""
+        """`weight.T`, the right operand of `x @ weight.T`. For a weight it is a view made once when the
+        step's weights are prepared (its WEIGHTS table, runtime.model.prepare_weights) rather than a
+        transpose node in every step's graph. (Adding x's unit batch axes to that view as well, so that
+        MLX's matmul needs no flatten and unflatten around it, cost a copy kernel per layer on MLX-CUDA:
+        the compiled SiLU x mul's output keeps its input slice's row stride, which the GEMV copies, r9.)"""
         if not (isinstance(weight, fx.Node) and weight.op == "placeholder" and weight.name in self.program.weights):
             return f"{self.r(weight)}.T"
         path = self.program.weight_paths[weight.name]
-        self.prepared[path + ".T"] = path
+        self.weights[path + ".T"] = (path, True)
         return f'w["{path}.T"]'
 
     def dtype(self, dt: torch.dtype) -> str:
@@ -219,7 +223,7 @@ class Emitter:
             outputs_doc="logits" if len(outs) == 1 else "outputs",
             symbols=self.symbols,
             body=self.lines,
-            prepared=self.prepared,
+            weights=self.weights,
         )
 
 

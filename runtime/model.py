@@ -27,16 +27,14 @@ class CacheLayout:
         return (2, self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
 
 
-def prepare_weights(weights: dict[str, mx.array], prepared: dict[str, str]) -> dict[str, mx.array]:
-    """The dict an emitted step reads: `weights` plus the transposed views its code names (its PREPARED
-    table: key -> weight path), made and evaluated here once. They share the weights' memory; in the
-    step's graph each would be a node, built and evaluated on every call."""
-    if not prepared:
+def prepare_weights(weights: dict[str, mx.array], table: dict[str, tuple[str, bool]]) -> dict[str, mx.array]:
+    """The dict an emitted step reads (its WEIGHTS table: key -> (weight path, transposed)), made once
+    from `weights` by path. Transposed ones are views that share the weights' memory; in the step's
+    graph each would be a node, built and evaluated on every call. An empty table: `weights` as given."""
+    if not table:
         return weights
-    out = dict(weights)
-    for key, path in prepared.items():
-        out[key] = weights[path].T
-    mx.eval([out[key] for key in prepared])
+    out = {key: weights[path].T if transposed else weights[path] for key, (path, transposed) in table.items()}
+    mx.eval(list(out.values()))
     return out
 
 

@@ -64,7 +64,30 @@ def test_smollm2_fusions(smollm2_vllm):
     assert [r.name for r in smollm2_vllm.passes if r.missed] == []
     src = smollm2_vllm.source
     assert src.count("mx.fast.rms_norm(") == 1 and src.count("= add_rms_norm(") == 60 and "mx.fast.rope(" not in src
-    assert src.count("= paged_attention(") == 30 and src.count(", rope=(positions, ") == 30 and "w[\"model.layers.29.mlp.down_proj.weight\"]" in src
+    assert src.count("= paged_attention(") == 30 and src.count(", rope=(positions, ") == 30 and "w[\"model.layers.29.mlp.down_proj.weight.T\"]" in src
+
+
+def test_step_reads_what_its_weights_table_lists(smollm2_vllm):
+    """The emitted WEIGHTS table lists exactly the keys the step reads; `prepare` makes that dict once,
+    each linear's matrix as its transposed view, and leaves out weights the step never reads."""
+    import re
+
+    import mlx.core as mx
+
+    from lowering.api import mlx_weights
+    from lowering.compile import load_step
+
+    body, table = smollm2_vllm.source.split("\nWEIGHTS = {")
+    step = load_step(smollm2_vllm.source, jit=False)
+    read = set(re.findall(r'w\["([^"]+)"\]', body))
+    assert read == set(step.weights) and re.findall(r'w\["[^"]+"\]\.T', body) == []
+    path = "model.layers.29.mlp.down_proj.weight"
+    assert step.weights[path + ".T"] == (path, True) and path not in step.weights
+    weights = mlx_weights(smollm2_vllm.program)
+    prepared = step.prepare(weights)
+    assert set(prepared) == read and path in weights
+    assert prepared[path + ".T"].shape == weights[path].shape[::-1]
+    assert mx.array_equal(prepared[path + ".T"], weights[path].T).item()
 
 
 @pytest.mark.parametrize("prompt_len", [1, 7, 64])
