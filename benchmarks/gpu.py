@@ -811,10 +811,10 @@ def cmd_mlx(args) -> int:
 
 def _decode_split(system, state, steps: int) -> dict:
     """`steps` synchronous decode steps, each split into record (building it), launch (`mx.async_eval`
-    returning) and wait (the token ids on the host); medians in ms."""
+    returning) and wait (the token ids on the host); medians in ms, and of their sum (total)."""
     import mlx.core as mx
 
-    split = {k: [] for k in ("record", "launch", "wait")}
+    split = {k: [] for k in ("record", "launch", "wait", "total")}
     for _ in range(steps):
         t0 = time.perf_counter()
         if isinstance(system, MlxLm):
@@ -825,8 +825,9 @@ def _decode_split(system, state, steps: int) -> dict:
         mx.async_eval(tok)
         t2 = time.perf_counter()
         tok.tolist()
+        t3 = time.perf_counter()
         state["tok"] = tok
-        for k, v in zip(split, (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+        for k, v in zip(split, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
             split[k].append(v * 1e3)
     return {k: statistics.median(v) for k, v in split.items()}
 
@@ -871,7 +872,7 @@ def cmd_ab(args) -> int:
                     system.decode(state, SEGMENT, pipelined=True)
                     async_ms = (time.perf_counter() - t) / SEGMENT * 1e3
                     system.finish(state)
-                    sync_ms = sum(split.values())
+                    sync_ms = split.pop("total")
                     res.add(model=name, side=label, round=r, kind="decode", batch=b, sync_ms=sync_ms,
                             async_ms=async_ms, **split)
                     log(f"{name} r{r} b={b} {label}: sync {sync_ms:.2f} ms (record {split['record']:.2f}, "
@@ -987,22 +988,7 @@ def cmd_profile(args) -> int:
                 continue
             state = system.start(prompts_for(cfg["vocab_size"], args.batch, PROMPT, seed=7))
             system.decode(state, WARMUP, pipelined=False)
-            parts = {k: [] for k in ("record", "launch", "wait", "total")}
-            for _ in range(24):
-                t0 = time.perf_counter()
-                if label == "mlx_lm":
-                    tok = mx.argmax(ref.model(state["tok"][:, None], cache=state["cache"])[:, -1], axis=-1)
-                else:
-                    tok = system._record(state)
-                t1 = time.perf_counter()
-                mx.async_eval(tok)
-                t2 = time.perf_counter()
-                tok.tolist()
-                t3 = time.perf_counter()
-                state["tok"] = tok
-                for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-                    parts[k].append(v * 1e3)
-            out[label] = {k: statistics.median(v) for k, v in parts.items()}
+            out[label] = _decode_split(system, state, 24)
             log(f"{name} {label} b={args.batch} step split (ms): {out[label]}")
             try:
                 out[label]["kernels"] = _cupti_kernels(lambda: system.decode(state, 4, pipelined=False), steps=4)

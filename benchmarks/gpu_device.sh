@@ -1,9 +1,6 @@
 #!/usr/bin/env bash
 # benchmarks/gpu.py on the lent GPU machine (issue 10), in stages, from the repo root there:
 #   stage1   copy the first half of the MLX CUDA wheel (.gpuwhl/p1, carried) to /root/whl
-#   test     (.gpuwhl/p2 carried) join + check + install the wheels if MLX-CUDA is missing; the GPU tests
-#            (tests/test_gpu_device.py: fused paged decode kernel vs the composed path), then the
-#            correctness check (SmolLM2 shape f32 + bf16 vs transformers on the CPU), a batch-1 profile
 #   full     kernel tests, checks, profiles (decode batch 1 with AB=ours_rope_off by default, 128; prefills)
 #   compare  (after full) the benchmark: ours vs AB (one kernel off) vs mlx-lm, each model in its own process; a batch-1 profile
 #   ab       (after stage1) tests, checks, profiles, then gpu.py ab: ours, an older lowering ($OLD), mlx-lm paired in one process
@@ -13,7 +10,8 @@
 #   bench    the GPU kernel tests, a sweep of the kernel's (warps, unroll) (USE_PICK=1: measure with its pick),
 #            the checks, profiles at batch 1 and 128, ours vs ours_composed (kernel off) vs mlx-lm, both models
 # A call carries at most 64 MiB, so the 86 MiB wheel travels in two parts on two calls to a warm machine
-# (../shared/ENVIRONMENT.md). Results go to $OUT (what comes back).
+# (../shared/ENVIRONMENT.md): every stage but stage1 and torch carries .gpuwhl/p2 and installs MLX-CUDA if missing
+# (`ab` with $OLD carries that folder too, e.g. .gpuab/old). Results go to $OUT (what comes back).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -46,13 +44,6 @@ case "${1:-}" in
 stage1)
     cp .gpuwhl/p1/* "$W/" && ls -la "$W" && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     ;;
-test)
-    ensure_mlx || exit $?
-    git_state > "$OUT/tree.txt"
-    gpu_tests pytest.log paged
-    checks
-    python3 benchmarks/gpu.py profile --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-profile.json"
-    ;;
 bench)
     ensure_mlx || exit $?
     git_state > "$OUT/tree-bench.txt"
@@ -69,21 +60,6 @@ bench)
     python3 benchmarks/gpu.py mlx --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-mlx.json"
     python3 benchmarks/gpu.py profile --models llama8b --batch 128 --systems ours,ours_composed,mlx_lm \
         --out "$OUT/gpu-$R-profile-b128.json"
-    ;;
-repeat)  # the measurements again on this machine, with the code's own kernel shape rule
-    ensure_mlx || exit $?
-    git_state > "$OUT/tree-repeat.txt"
-    gpu_tests pytest-repeat.log "paged and (block_shapes or compiled)"
-    python3 benchmarks/gpu.py mlx --systems ours,ours_composed,mlx_lm --out "$OUT/gpu-$R-mlx.json"
-    python3 benchmarks/gpu.py profile --systems ours,mlx_lm --out "$OUT/gpu-$R-profile.json"
-    python3 benchmarks/gpu.py profile --models llama8b --batch 128 --systems ours,mlx_lm \
-        --out "$OUT/gpu-$R-profile-b128.json"
-    ;;
-prefill)  # after the fresh-prompt causal path (runtime/attention.py): correctness, then prefill + batch-1 decode
-    ensure_mlx || exit $?
-    git_state > "$OUT/tree-prefill.txt"
-    checks
-    python3 benchmarks/gpu.py mlx --systems ours,mlx_lm --batches 1 --out "$OUT/gpu-$R-mlx.json"
     ;;
 sweep)  # where a prefill's time goes, and MLX-CUDA's graph size (ops per CUDA graph) against the batch-1 decode step
     ensure_mlx || exit $?
@@ -142,6 +118,6 @@ torch)  # torch eager on the same machine (transformers' model, same shapes), an
     python3 benchmarks/gpu.py torch --systems ${TORCH_SYSTEMS:-eager} --budget-s ${BUDGET:-300} --out "$OUT/gpu-$R-torch.json"
     ;;
 *)
-    echo "usage: $0 stage1|test|bench|repeat|prefill|sweep|full|compare|ab|run|torch"; exit 2
+    echo "usage: $0 stage1|full|compare|ab|run|torch|sweep|bench"; exit 2
     ;;
 esac
