@@ -33,6 +33,11 @@ def prepare_weights(weights: dict[str, mx.array], table: dict[str, tuple[str, bo
     graph each would be a node, built and evaluated on every call. An empty table: `weights` as given."""
     if not table:
         return weights
+    missing = sorted({path for path, _ in table.values() if path not in weights})
+    if missing:
+        raise KeyError(f"the lowered step reads {len(missing)} weight(s) that the weights given lack: "
+                       f"{', '.join(missing)}. The weights must come from the model the step was lowered from "
+                       "(lowering.api.mlx_weights / lower_cached); a stale cached artefact is rebuilt by deleting it.")
     out = {key: weights[path].T if transposed else weights[path] for key, (path, transposed) in table.items()}
     mx.eval(list(out.values()))
     return out

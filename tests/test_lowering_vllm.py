@@ -88,6 +88,9 @@ def test_step_reads_what_its_weights_table_lists(smollm2_vllm):
     assert set(prepared) == read and path in weights
     assert prepared[path + ".T"].shape == weights[path].shape[::-1]
     assert mx.array_equal(prepared[path + ".T"], weights[path].T).item()
+    del weights[path], weights["model.norm.weight"]
+    with pytest.raises(KeyError, match=r"reads 2 weight\(s\).*: model\.layers\.29\.mlp\.down_proj\.weight, model\.norm\.weight"):
+        step.prepare(weights)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 7, 64])
