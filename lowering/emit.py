@@ -124,8 +124,8 @@ class Emitter:
     # -- rendering helpers used by the op lowerings --------------------------------------------
     def r(self, a) -> str:
         if isinstance(a, fx.Node):
-            if a.op == "placeholder" and a.name in self.program.weights:
-                path = self.program.weight_paths[a.name]
+            path = self._weight_path(a)
+            if path is not None:
                 self.weights[path] = (path, False)
                 return f'w["{path}"]'
             return self.names[a]
@@ -139,15 +139,21 @@ class Emitter:
             return "float('inf')" if a > 0 else ("-float('inf')" if a < 0 else "float('nan')")
         return repr(a)
 
+    def _weight_path(self, node: fx.Node) -> str | None:
+        """The module path of a weight (or pass-derived constant) placeholder; None for anything else."""
+        if node.op == "placeholder" and node.name in self.program.weights:
+            return self.program.weight_paths[node.name]
+        return None
+
     def transposed(self, weight) -> str:
         """`weight.T`, the right operand of `x @ weight.T`. For a weight it is a view made once when the
         step's weights are prepared (its WEIGHTS table, runtime.model.prepare_weights) rather than a
         transpose node in every step's graph. (Adding x's unit batch axes to that view as well, so that
         MLX's matmul needs no flatten and unflatten around it, cost a copy kernel per layer on MLX-CUDA:
         the compiled SiLU x mul's output keeps its input slice's row stride, which the GEMV copies, r9.)"""
-        if not (isinstance(weight, fx.Node) and weight.op == "placeholder" and weight.name in self.program.weights):
+        path = self._weight_path(weight) if isinstance(weight, fx.Node) else None
+        if path is None:
             return f"{self.r(weight)}.T"
-        path = self.program.weight_paths[weight.name]
         self.weights[path + ".T"] = (path, True)
         return f'w["{path}.T"]'
 

@@ -45,11 +45,10 @@ def prepare_weights(weights: dict[str, mx.array], table: dict[str, tuple[str, bo
 
 class LoweredModel:
     def __init__(self, step_fn, weights: dict[str, mx.array], layout: CacheLayout, num_blocks: int):
-        """step_fn: lowering.compile.Step (or any callable taking `weights` as they are)."""
+        """step_fn: lowering.compile.Step, called with `step_fn.prepare(weights)` (made here, once)."""
         self.step_fn = step_fn
         self.weights = weights
-        prepare = getattr(step_fn, "prepare", None)
-        self.step_weights = prepare(weights) if prepare else weights  # what step_fn reads
+        self.step_weights = step_fn.prepare(weights)  # what step_fn reads
         self.layout = layout
         self.num_blocks = num_blocks
         shape = layout.cache_shape(num_blocks)
