@@ -14,6 +14,7 @@ from passes.rms_norm import PASS as rms_norm
 from passes.rope import PASS as rope
 from passes.rope_attention import PASS as rope_attention
 from passes.silu_mul import PASS as silu_mul
+from passes.squeeze_batch import squeeze_batch as _squeeze_batch
 
 cleanup = FunctionPass("cleanup", _cleanup)
 
@@ -22,10 +23,11 @@ def default_passes() -> list:
     """Order matters: cleanup first so patterns see canonical ops; attention before rope so the
     GQA/mask plumbing around HF attention is gone; merge_projections after the fusions (they match
     on the separate linears, then read slices of the merged one); add_rms_norm on the norms rms_norm
-    made; a final cleanup folds what fusions left (the transposes between a rope and its attention), and
-    rope_attention, last, folds those ropes into the attentions."""
+    made; a final cleanup folds what fusions left (the transposes between a rope and its attention),
+    rope_attention folds those ropes into the attentions, and squeeze_batch, on the fused graph (whose
+    few op kinds it knows), drops the Hugging Face front's unit batch axis."""
     return [cleanup, attention, rms_norm, rope, silu_mul, merge_projections, add_rms_norm,
-            FunctionPass("final_cleanup", _cleanup), rope_attention]
+            FunctionPass("final_cleanup", _cleanup), rope_attention, FunctionPass("squeeze_batch", _squeeze_batch)]
 
 
 def default_manager() -> PassManager:

@@ -152,8 +152,8 @@ def test_add_pass_shows_in_the_table(tiny, capsys):
     code, out, _ = run(capsys, tiny, "--skip-pass", "silu_mul", "--add-pass", "passes.silu_mul:PASS", "--format", "json")
     data = json.loads(out)
     names = [p["name"] for p in data["passes"]]
-    assert code == 0 and names[-3:] == ["silu_mul", "final_cleanup", "rope_attention"]  # added before final_cleanup
-    silu = data["passes"][-3]
+    assert code == 0 and names[-4:] == ["silu_mul", "final_cleanup", "rope_attention", "squeeze_batch"]  # added before final_cleanup
+    silu = data["passes"][-4]
     assert silu["matched"] == silu["expected"] == 3 and data["ops"]["mlx.silu_mul"] == 3 and "silu" not in data["ops"]
 
 

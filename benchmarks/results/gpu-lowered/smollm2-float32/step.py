@@ -14,582 +14,459 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     kv = list(kv)
     s72 = input_ids.shape[0]
     s66 = logits_indices.shape[0]
-    sym_size = input_ids.shape[0]
-    unsqueeze = mx.expand_dims(input_ids, 0)
-    embed_tokens = mx.take(w["lm_head.weight"], unsqueeze, axis=0)
+    embed_tokens = mx.take(w["lm_head.weight"], input_ids, axis=0)
 
     # layer 0
     layers_0_input_layernorm_rms_norm = mx.fast.rms_norm(embed_tokens, w["model.layers.0.input_layernorm.weight"], 9.999999747378752e-06)  # fused: rms_norm
     layers_0_self_attn_q_proj_k_proj_v_proj = layers_0_input_layernorm_rms_norm @ w["model.layers.0.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_0_self_attn_q_proj_slice = layers_0_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_0_self_attn_k_proj_slice = layers_0_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_0_self_attn_v_proj_slice = layers_0_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape = layers_0_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_2 = layers_0_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_3 = layers_0_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention, kv[0] = paged_attention(reshape_2, reshape_3, reshape, kv[0], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_0_self_attn_reshape = rope_paged_attention.reshape([1, sym_size, -1])
-    layers_0_self_attn_o_proj = layers_0_self_attn_reshape @ w["model.layers.0.self_attn.o_proj.weight.T"]
+    layers_0_self_attn_q_proj_slice = layers_0_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_0_self_attn_k_proj_slice = layers_0_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_0_self_attn_v_proj_slice = layers_0_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention, kv[0] = paged_attention(layers_0_self_attn_q_proj_slice, layers_0_self_attn_k_proj_slice, layers_0_self_attn_v_proj_slice, kv[0], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_0_self_attn_o_proj = rope_paged_attention @ w["model.layers.0.self_attn.o_proj.weight.T"]
     layers_0_add, layers_0_post_attention_layernorm_rms_norm = add_rms_norm(embed_tokens, layers_0_self_attn_o_proj, w["model.layers.0.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_0_mlp_gate_proj_up_proj = layers_0_post_attention_layernorm_rms_norm @ w["model.layers.0.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_0_mlp_gate_proj_slice = layers_0_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_0_mlp_up_proj_slice = layers_0_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_0_mlp_gate_proj_slice = layers_0_mlp_gate_proj_up_proj[:, :1536]
+    layers_0_mlp_up_proj_slice = layers_0_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_0_mlp_silu_mul = fm.silu(layers_0_mlp_gate_proj_slice) * layers_0_mlp_up_proj_slice  # fused: silu_mul
     layers_0_mlp_down_proj = layers_0_mlp_silu_mul @ w["model.layers.0.mlp.down_proj.weight.T"]
 
     # layer 1
     layers_0_add_2, layers_1_input_layernorm_rms_norm = add_rms_norm(layers_0_add, layers_0_mlp_down_proj, w["model.layers.1.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_1_self_attn_q_proj_k_proj_v_proj = layers_1_input_layernorm_rms_norm @ w["model.layers.1.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_1_self_attn_q_proj_slice = layers_1_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_1_self_attn_k_proj_slice = layers_1_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_1_self_attn_v_proj_slice = layers_1_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_4 = layers_1_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_5 = layers_1_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_6 = layers_1_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_2, kv[1] = paged_attention(reshape_5, reshape_6, reshape_4, kv[1], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_1_self_attn_reshape = rope_paged_attention_2.reshape([1, sym_size, -1])
-    layers_1_self_attn_o_proj = layers_1_self_attn_reshape @ w["model.layers.1.self_attn.o_proj.weight.T"]
+    layers_1_self_attn_q_proj_slice = layers_1_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_1_self_attn_k_proj_slice = layers_1_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_1_self_attn_v_proj_slice = layers_1_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_2, kv[1] = paged_attention(layers_1_self_attn_q_proj_slice, layers_1_self_attn_k_proj_slice, layers_1_self_attn_v_proj_slice, kv[1], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_1_self_attn_o_proj = rope_paged_attention_2 @ w["model.layers.1.self_attn.o_proj.weight.T"]
     layers_1_add, layers_1_post_attention_layernorm_rms_norm = add_rms_norm(layers_0_add_2, layers_1_self_attn_o_proj, w["model.layers.1.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_1_mlp_gate_proj_up_proj = layers_1_post_attention_layernorm_rms_norm @ w["model.layers.1.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_1_mlp_gate_proj_slice = layers_1_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_1_mlp_up_proj_slice = layers_1_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_1_mlp_gate_proj_slice = layers_1_mlp_gate_proj_up_proj[:, :1536]
+    layers_1_mlp_up_proj_slice = layers_1_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_1_mlp_silu_mul = fm.silu(layers_1_mlp_gate_proj_slice) * layers_1_mlp_up_proj_slice  # fused: silu_mul
     layers_1_mlp_down_proj = layers_1_mlp_silu_mul @ w["model.layers.1.mlp.down_proj.weight.T"]
 
     # layer 2
     layers_1_add_2, layers_2_input_layernorm_rms_norm = add_rms_norm(layers_1_add, layers_1_mlp_down_proj, w["model.layers.2.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_2_self_attn_q_proj_k_proj_v_proj = layers_2_input_layernorm_rms_norm @ w["model.layers.2.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_2_self_attn_q_proj_slice = layers_2_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_2_self_attn_k_proj_slice = layers_2_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_2_self_attn_v_proj_slice = layers_2_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_7 = layers_2_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_8 = layers_2_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_9 = layers_2_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_3, kv[2] = paged_attention(reshape_8, reshape_9, reshape_7, kv[2], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_2_self_attn_reshape = rope_paged_attention_3.reshape([1, sym_size, -1])
-    layers_2_self_attn_o_proj = layers_2_self_attn_reshape @ w["model.layers.2.self_attn.o_proj.weight.T"]
+    layers_2_self_attn_q_proj_slice = layers_2_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_2_self_attn_k_proj_slice = layers_2_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_2_self_attn_v_proj_slice = layers_2_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_3, kv[2] = paged_attention(layers_2_self_attn_q_proj_slice, layers_2_self_attn_k_proj_slice, layers_2_self_attn_v_proj_slice, kv[2], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_2_self_attn_o_proj = rope_paged_attention_3 @ w["model.layers.2.self_attn.o_proj.weight.T"]
     layers_2_add, layers_2_post_attention_layernorm_rms_norm = add_rms_norm(layers_1_add_2, layers_2_self_attn_o_proj, w["model.layers.2.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_2_mlp_gate_proj_up_proj = layers_2_post_attention_layernorm_rms_norm @ w["model.layers.2.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_2_mlp_gate_proj_slice = layers_2_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_2_mlp_up_proj_slice = layers_2_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_2_mlp_gate_proj_slice = layers_2_mlp_gate_proj_up_proj[:, :1536]
+    layers_2_mlp_up_proj_slice = layers_2_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_2_mlp_silu_mul = fm.silu(layers_2_mlp_gate_proj_slice) * layers_2_mlp_up_proj_slice  # fused: silu_mul
     layers_2_mlp_down_proj = layers_2_mlp_silu_mul @ w["model.layers.2.mlp.down_proj.weight.T"]
 
     # layer 3
     layers_2_add_2, layers_3_input_layernorm_rms_norm = add_rms_norm(layers_2_add, layers_2_mlp_down_proj, w["model.layers.3.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_3_self_attn_q_proj_k_proj_v_proj = layers_3_input_layernorm_rms_norm @ w["model.layers.3.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_3_self_attn_q_proj_slice = layers_3_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_3_self_attn_k_proj_slice = layers_3_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_3_self_attn_v_proj_slice = layers_3_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_10 = layers_3_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_11 = layers_3_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_12 = layers_3_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_4, kv[3] = paged_attention(reshape_11, reshape_12, reshape_10, kv[3], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_3_self_attn_reshape = rope_paged_attention_4.reshape([1, sym_size, -1])
-    layers_3_self_attn_o_proj = layers_3_self_attn_reshape @ w["model.layers.3.self_attn.o_proj.weight.T"]
+    layers_3_self_attn_q_proj_slice = layers_3_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_3_self_attn_k_proj_slice = layers_3_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_3_self_attn_v_proj_slice = layers_3_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_4, kv[3] = paged_attention(layers_3_self_attn_q_proj_slice, layers_3_self_attn_k_proj_slice, layers_3_self_attn_v_proj_slice, kv[3], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_3_self_attn_o_proj = rope_paged_attention_4 @ w["model.layers.3.self_attn.o_proj.weight.T"]
     layers_3_add, layers_3_post_attention_layernorm_rms_norm = add_rms_norm(layers_2_add_2, layers_3_self_attn_o_proj, w["model.layers.3.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_3_mlp_gate_proj_up_proj = layers_3_post_attention_layernorm_rms_norm @ w["model.layers.3.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_3_mlp_gate_proj_slice = layers_3_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_3_mlp_up_proj_slice = layers_3_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_3_mlp_gate_proj_slice = layers_3_mlp_gate_proj_up_proj[:, :1536]
+    layers_3_mlp_up_proj_slice = layers_3_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_3_mlp_silu_mul = fm.silu(layers_3_mlp_gate_proj_slice) * layers_3_mlp_up_proj_slice  # fused: silu_mul
     layers_3_mlp_down_proj = layers_3_mlp_silu_mul @ w["model.layers.3.mlp.down_proj.weight.T"]
 
     # layer 4
     layers_3_add_2, layers_4_input_layernorm_rms_norm = add_rms_norm(layers_3_add, layers_3_mlp_down_proj, w["model.layers.4.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_4_self_attn_q_proj_k_proj_v_proj = layers_4_input_layernorm_rms_norm @ w["model.layers.4.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_4_self_attn_q_proj_slice = layers_4_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_4_self_attn_k_proj_slice = layers_4_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_4_self_attn_v_proj_slice = layers_4_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_13 = layers_4_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_14 = layers_4_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_15 = layers_4_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_5, kv[4] = paged_attention(reshape_14, reshape_15, reshape_13, kv[4], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_4_self_attn_reshape = rope_paged_attention_5.reshape([1, sym_size, -1])
-    layers_4_self_attn_o_proj = layers_4_self_attn_reshape @ w["model.layers.4.self_attn.o_proj.weight.T"]
+    layers_4_self_attn_q_proj_slice = layers_4_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_4_self_attn_k_proj_slice = layers_4_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_4_self_attn_v_proj_slice = layers_4_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_5, kv[4] = paged_attention(layers_4_self_attn_q_proj_slice, layers_4_self_attn_k_proj_slice, layers_4_self_attn_v_proj_slice, kv[4], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_4_self_attn_o_proj = rope_paged_attention_5 @ w["model.layers.4.self_attn.o_proj.weight.T"]
     layers_4_add, layers_4_post_attention_layernorm_rms_norm = add_rms_norm(layers_3_add_2, layers_4_self_attn_o_proj, w["model.layers.4.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_4_mlp_gate_proj_up_proj = layers_4_post_attention_layernorm_rms_norm @ w["model.layers.4.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_4_mlp_gate_proj_slice = layers_4_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_4_mlp_up_proj_slice = layers_4_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_4_mlp_gate_proj_slice = layers_4_mlp_gate_proj_up_proj[:, :1536]
+    layers_4_mlp_up_proj_slice = layers_4_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_4_mlp_silu_mul = fm.silu(layers_4_mlp_gate_proj_slice) * layers_4_mlp_up_proj_slice  # fused: silu_mul
     layers_4_mlp_down_proj = layers_4_mlp_silu_mul @ w["model.layers.4.mlp.down_proj.weight.T"]
 
     # layer 5
     layers_4_add_2, layers_5_input_layernorm_rms_norm = add_rms_norm(layers_4_add, layers_4_mlp_down_proj, w["model.layers.5.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_5_self_attn_q_proj_k_proj_v_proj = layers_5_input_layernorm_rms_norm @ w["model.layers.5.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_5_self_attn_q_proj_slice = layers_5_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_5_self_attn_k_proj_slice = layers_5_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_5_self_attn_v_proj_slice = layers_5_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_16 = layers_5_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_17 = layers_5_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_18 = layers_5_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_6, kv[5] = paged_attention(reshape_17, reshape_18, reshape_16, kv[5], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_5_self_attn_reshape = rope_paged_attention_6.reshape([1, sym_size, -1])
-    layers_5_self_attn_o_proj = layers_5_self_attn_reshape @ w["model.layers.5.self_attn.o_proj.weight.T"]
+    layers_5_self_attn_q_proj_slice = layers_5_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_5_self_attn_k_proj_slice = layers_5_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_5_self_attn_v_proj_slice = layers_5_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_6, kv[5] = paged_attention(layers_5_self_attn_q_proj_slice, layers_5_self_attn_k_proj_slice, layers_5_self_attn_v_proj_slice, kv[5], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_5_self_attn_o_proj = rope_paged_attention_6 @ w["model.layers.5.self_attn.o_proj.weight.T"]
     layers_5_add, layers_5_post_attention_layernorm_rms_norm = add_rms_norm(layers_4_add_2, layers_5_self_attn_o_proj, w["model.layers.5.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_5_mlp_gate_proj_up_proj = layers_5_post_attention_layernorm_rms_norm @ w["model.layers.5.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_5_mlp_gate_proj_slice = layers_5_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_5_mlp_up_proj_slice = layers_5_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_5_mlp_gate_proj_slice = layers_5_mlp_gate_proj_up_proj[:, :1536]
+    layers_5_mlp_up_proj_slice = layers_5_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_5_mlp_silu_mul = fm.silu(layers_5_mlp_gate_proj_slice) * layers_5_mlp_up_proj_slice  # fused: silu_mul
     layers_5_mlp_down_proj = layers_5_mlp_silu_mul @ w["model.layers.5.mlp.down_proj.weight.T"]
 
     # layer 6
     layers_5_add_2, layers_6_input_layernorm_rms_norm = add_rms_norm(layers_5_add, layers_5_mlp_down_proj, w["model.layers.6.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_6_self_attn_q_proj_k_proj_v_proj = layers_6_input_layernorm_rms_norm @ w["model.layers.6.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_6_self_attn_q_proj_slice = layers_6_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_6_self_attn_k_proj_slice = layers_6_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_6_self_attn_v_proj_slice = layers_6_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_19 = layers_6_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_20 = layers_6_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_21 = layers_6_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_7, kv[6] = paged_attention(reshape_20, reshape_21, reshape_19, kv[6], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_6_self_attn_reshape = rope_paged_attention_7.reshape([1, sym_size, -1])
-    layers_6_self_attn_o_proj = layers_6_self_attn_reshape @ w["model.layers.6.self_attn.o_proj.weight.T"]
+    layers_6_self_attn_q_proj_slice = layers_6_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_6_self_attn_k_proj_slice = layers_6_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_6_self_attn_v_proj_slice = layers_6_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_7, kv[6] = paged_attention(layers_6_self_attn_q_proj_slice, layers_6_self_attn_k_proj_slice, layers_6_self_attn_v_proj_slice, kv[6], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_6_self_attn_o_proj = rope_paged_attention_7 @ w["model.layers.6.self_attn.o_proj.weight.T"]
     layers_6_add, layers_6_post_attention_layernorm_rms_norm = add_rms_norm(layers_5_add_2, layers_6_self_attn_o_proj, w["model.layers.6.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_6_mlp_gate_proj_up_proj = layers_6_post_attention_layernorm_rms_norm @ w["model.layers.6.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_6_mlp_gate_proj_slice = layers_6_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_6_mlp_up_proj_slice = layers_6_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_6_mlp_gate_proj_slice = layers_6_mlp_gate_proj_up_proj[:, :1536]
+    layers_6_mlp_up_proj_slice = layers_6_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_6_mlp_silu_mul = fm.silu(layers_6_mlp_gate_proj_slice) * layers_6_mlp_up_proj_slice  # fused: silu_mul
     layers_6_mlp_down_proj = layers_6_mlp_silu_mul @ w["model.layers.6.mlp.down_proj.weight.T"]
 
     # layer 7
     layers_6_add_2, layers_7_input_layernorm_rms_norm = add_rms_norm(layers_6_add, layers_6_mlp_down_proj, w["model.layers.7.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_7_self_attn_q_proj_k_proj_v_proj = layers_7_input_layernorm_rms_norm @ w["model.layers.7.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_7_self_attn_q_proj_slice = layers_7_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_7_self_attn_k_proj_slice = layers_7_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_7_self_attn_v_proj_slice = layers_7_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_22 = layers_7_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_23 = layers_7_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_24 = layers_7_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_8, kv[7] = paged_attention(reshape_23, reshape_24, reshape_22, kv[7], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_7_self_attn_reshape = rope_paged_attention_8.reshape([1, sym_size, -1])
-    layers_7_self_attn_o_proj = layers_7_self_attn_reshape @ w["model.layers.7.self_attn.o_proj.weight.T"]
+    layers_7_self_attn_q_proj_slice = layers_7_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_7_self_attn_k_proj_slice = layers_7_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_7_self_attn_v_proj_slice = layers_7_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_8, kv[7] = paged_attention(layers_7_self_attn_q_proj_slice, layers_7_self_attn_k_proj_slice, layers_7_self_attn_v_proj_slice, kv[7], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_7_self_attn_o_proj = rope_paged_attention_8 @ w["model.layers.7.self_attn.o_proj.weight.T"]
     layers_7_add, layers_7_post_attention_layernorm_rms_norm = add_rms_norm(layers_6_add_2, layers_7_self_attn_o_proj, w["model.layers.7.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_7_mlp_gate_proj_up_proj = layers_7_post_attention_layernorm_rms_norm @ w["model.layers.7.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_7_mlp_gate_proj_slice = layers_7_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_7_mlp_up_proj_slice = layers_7_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_7_mlp_gate_proj_slice = layers_7_mlp_gate_proj_up_proj[:, :1536]
+    layers_7_mlp_up_proj_slice = layers_7_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_7_mlp_silu_mul = fm.silu(layers_7_mlp_gate_proj_slice) * layers_7_mlp_up_proj_slice  # fused: silu_mul
     layers_7_mlp_down_proj = layers_7_mlp_silu_mul @ w["model.layers.7.mlp.down_proj.weight.T"]
 
     # layer 8
     layers_7_add_2, layers_8_input_layernorm_rms_norm = add_rms_norm(layers_7_add, layers_7_mlp_down_proj, w["model.layers.8.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_8_self_attn_q_proj_k_proj_v_proj = layers_8_input_layernorm_rms_norm @ w["model.layers.8.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_8_self_attn_q_proj_slice = layers_8_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_8_self_attn_k_proj_slice = layers_8_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_8_self_attn_v_proj_slice = layers_8_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_25 = layers_8_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_26 = layers_8_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_27 = layers_8_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_9, kv[8] = paged_attention(reshape_26, reshape_27, reshape_25, kv[8], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_8_self_attn_reshape = rope_paged_attention_9.reshape([1, sym_size, -1])
-    layers_8_self_attn_o_proj = layers_8_self_attn_reshape @ w["model.layers.8.self_attn.o_proj.weight.T"]
+    layers_8_self_attn_q_proj_slice = layers_8_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_8_self_attn_k_proj_slice = layers_8_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_8_self_attn_v_proj_slice = layers_8_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_9, kv[8] = paged_attention(layers_8_self_attn_q_proj_slice, layers_8_self_attn_k_proj_slice, layers_8_self_attn_v_proj_slice, kv[8], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_8_self_attn_o_proj = rope_paged_attention_9 @ w["model.layers.8.self_attn.o_proj.weight.T"]
     layers_8_add, layers_8_post_attention_layernorm_rms_norm = add_rms_norm(layers_7_add_2, layers_8_self_attn_o_proj, w["model.layers.8.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_8_mlp_gate_proj_up_proj = layers_8_post_attention_layernorm_rms_norm @ w["model.layers.8.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_8_mlp_gate_proj_slice = layers_8_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_8_mlp_up_proj_slice = layers_8_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_8_mlp_gate_proj_slice = layers_8_mlp_gate_proj_up_proj[:, :1536]
+    layers_8_mlp_up_proj_slice = layers_8_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_8_mlp_silu_mul = fm.silu(layers_8_mlp_gate_proj_slice) * layers_8_mlp_up_proj_slice  # fused: silu_mul
     layers_8_mlp_down_proj = layers_8_mlp_silu_mul @ w["model.layers.8.mlp.down_proj.weight.T"]
 
     # layer 9
     layers_8_add_2, layers_9_input_layernorm_rms_norm = add_rms_norm(layers_8_add, layers_8_mlp_down_proj, w["model.layers.9.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_9_self_attn_q_proj_k_proj_v_proj = layers_9_input_layernorm_rms_norm @ w["model.layers.9.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_9_self_attn_q_proj_slice = layers_9_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_9_self_attn_k_proj_slice = layers_9_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_9_self_attn_v_proj_slice = layers_9_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_28 = layers_9_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_29 = layers_9_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_30 = layers_9_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_10, kv[9] = paged_attention(reshape_29, reshape_30, reshape_28, kv[9], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_9_self_attn_reshape = rope_paged_attention_10.reshape([1, sym_size, -1])
-    layers_9_self_attn_o_proj = layers_9_self_attn_reshape @ w["model.layers.9.self_attn.o_proj.weight.T"]
+    layers_9_self_attn_q_proj_slice = layers_9_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_9_self_attn_k_proj_slice = layers_9_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_9_self_attn_v_proj_slice = layers_9_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_10, kv[9] = paged_attention(layers_9_self_attn_q_proj_slice, layers_9_self_attn_k_proj_slice, layers_9_self_attn_v_proj_slice, kv[9], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_9_self_attn_o_proj = rope_paged_attention_10 @ w["model.layers.9.self_attn.o_proj.weight.T"]
     layers_9_add, layers_9_post_attention_layernorm_rms_norm = add_rms_norm(layers_8_add_2, layers_9_self_attn_o_proj, w["model.layers.9.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_9_mlp_gate_proj_up_proj = layers_9_post_attention_layernorm_rms_norm @ w["model.layers.9.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_9_mlp_gate_proj_slice = layers_9_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_9_mlp_up_proj_slice = layers_9_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_9_mlp_gate_proj_slice = layers_9_mlp_gate_proj_up_proj[:, :1536]
+    layers_9_mlp_up_proj_slice = layers_9_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_9_mlp_silu_mul = fm.silu(layers_9_mlp_gate_proj_slice) * layers_9_mlp_up_proj_slice  # fused: silu_mul
     layers_9_mlp_down_proj = layers_9_mlp_silu_mul @ w["model.layers.9.mlp.down_proj.weight.T"]
 
     # layer 10
     layers_9_add_2, layers_10_input_layernorm_rms_norm = add_rms_norm(layers_9_add, layers_9_mlp_down_proj, w["model.layers.10.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_10_self_attn_q_proj_k_proj_v_proj = layers_10_input_layernorm_rms_norm @ w["model.layers.10.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_10_self_attn_q_proj_slice = layers_10_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_10_self_attn_k_proj_slice = layers_10_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_10_self_attn_v_proj_slice = layers_10_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_31 = layers_10_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_32 = layers_10_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_33 = layers_10_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_11, kv[10] = paged_attention(reshape_32, reshape_33, reshape_31, kv[10], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_10_self_attn_reshape = rope_paged_attention_11.reshape([1, sym_size, -1])
-    layers_10_self_attn_o_proj = layers_10_self_attn_reshape @ w["model.layers.10.self_attn.o_proj.weight.T"]
+    layers_10_self_attn_q_proj_slice = layers_10_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_10_self_attn_k_proj_slice = layers_10_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_10_self_attn_v_proj_slice = layers_10_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_11, kv[10] = paged_attention(layers_10_self_attn_q_proj_slice, layers_10_self_attn_k_proj_slice, layers_10_self_attn_v_proj_slice, kv[10], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_10_self_attn_o_proj = rope_paged_attention_11 @ w["model.layers.10.self_attn.o_proj.weight.T"]
     layers_10_add, layers_10_post_attention_layernorm_rms_norm = add_rms_norm(layers_9_add_2, layers_10_self_attn_o_proj, w["model.layers.10.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_10_mlp_gate_proj_up_proj = layers_10_post_attention_layernorm_rms_norm @ w["model.layers.10.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_10_mlp_gate_proj_slice = layers_10_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_10_mlp_up_proj_slice = layers_10_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_10_mlp_gate_proj_slice = layers_10_mlp_gate_proj_up_proj[:, :1536]
+    layers_10_mlp_up_proj_slice = layers_10_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_10_mlp_silu_mul = fm.silu(layers_10_mlp_gate_proj_slice) * layers_10_mlp_up_proj_slice  # fused: silu_mul
     layers_10_mlp_down_proj = layers_10_mlp_silu_mul @ w["model.layers.10.mlp.down_proj.weight.T"]
 
     # layer 11
     layers_10_add_2, layers_11_input_layernorm_rms_norm = add_rms_norm(layers_10_add, layers_10_mlp_down_proj, w["model.layers.11.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_11_self_attn_q_proj_k_proj_v_proj = layers_11_input_layernorm_rms_norm @ w["model.layers.11.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_11_self_attn_q_proj_slice = layers_11_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_11_self_attn_k_proj_slice = layers_11_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_11_self_attn_v_proj_slice = layers_11_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_34 = layers_11_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_35 = layers_11_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_36 = layers_11_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_12, kv[11] = paged_attention(reshape_35, reshape_36, reshape_34, kv[11], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_11_self_attn_reshape = rope_paged_attention_12.reshape([1, sym_size, -1])
-    layers_11_self_attn_o_proj = layers_11_self_attn_reshape @ w["model.layers.11.self_attn.o_proj.weight.T"]
+    layers_11_self_attn_q_proj_slice = layers_11_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_11_self_attn_k_proj_slice = layers_11_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_11_self_attn_v_proj_slice = layers_11_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_12, kv[11] = paged_attention(layers_11_self_attn_q_proj_slice, layers_11_self_attn_k_proj_slice, layers_11_self_attn_v_proj_slice, kv[11], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_11_self_attn_o_proj = rope_paged_attention_12 @ w["model.layers.11.self_attn.o_proj.weight.T"]
     layers_11_add, layers_11_post_attention_layernorm_rms_norm = add_rms_norm(layers_10_add_2, layers_11_self_attn_o_proj, w["model.layers.11.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_11_mlp_gate_proj_up_proj = layers_11_post_attention_layernorm_rms_norm @ w["model.layers.11.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_11_mlp_gate_proj_slice = layers_11_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_11_mlp_up_proj_slice = layers_11_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_11_mlp_gate_proj_slice = layers_11_mlp_gate_proj_up_proj[:, :1536]
+    layers_11_mlp_up_proj_slice = layers_11_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_11_mlp_silu_mul = fm.silu(layers_11_mlp_gate_proj_slice) * layers_11_mlp_up_proj_slice  # fused: silu_mul
     layers_11_mlp_down_proj = layers_11_mlp_silu_mul @ w["model.layers.11.mlp.down_proj.weight.T"]
 
     # layer 12
     layers_11_add_2, layers_12_input_layernorm_rms_norm = add_rms_norm(layers_11_add, layers_11_mlp_down_proj, w["model.layers.12.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_12_self_attn_q_proj_k_proj_v_proj = layers_12_input_layernorm_rms_norm @ w["model.layers.12.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_12_self_attn_q_proj_slice = layers_12_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_12_self_attn_k_proj_slice = layers_12_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_12_self_attn_v_proj_slice = layers_12_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_37 = layers_12_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_38 = layers_12_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_39 = layers_12_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_13, kv[12] = paged_attention(reshape_38, reshape_39, reshape_37, kv[12], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_12_self_attn_reshape = rope_paged_attention_13.reshape([1, sym_size, -1])
-    layers_12_self_attn_o_proj = layers_12_self_attn_reshape @ w["model.layers.12.self_attn.o_proj.weight.T"]
+    layers_12_self_attn_q_proj_slice = layers_12_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_12_self_attn_k_proj_slice = layers_12_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_12_self_attn_v_proj_slice = layers_12_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_13, kv[12] = paged_attention(layers_12_self_attn_q_proj_slice, layers_12_self_attn_k_proj_slice, layers_12_self_attn_v_proj_slice, kv[12], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_12_self_attn_o_proj = rope_paged_attention_13 @ w["model.layers.12.self_attn.o_proj.weight.T"]
     layers_12_add, layers_12_post_attention_layernorm_rms_norm = add_rms_norm(layers_11_add_2, layers_12_self_attn_o_proj, w["model.layers.12.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_12_mlp_gate_proj_up_proj = layers_12_post_attention_layernorm_rms_norm @ w["model.layers.12.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_12_mlp_gate_proj_slice = layers_12_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_12_mlp_up_proj_slice = layers_12_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_12_mlp_gate_proj_slice = layers_12_mlp_gate_proj_up_proj[:, :1536]
+    layers_12_mlp_up_proj_slice = layers_12_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_12_mlp_silu_mul = fm.silu(layers_12_mlp_gate_proj_slice) * layers_12_mlp_up_proj_slice  # fused: silu_mul
     layers_12_mlp_down_proj = layers_12_mlp_silu_mul @ w["model.layers.12.mlp.down_proj.weight.T"]
 
     # layer 13
     layers_12_add_2, layers_13_input_layernorm_rms_norm = add_rms_norm(layers_12_add, layers_12_mlp_down_proj, w["model.layers.13.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_13_self_attn_q_proj_k_proj_v_proj = layers_13_input_layernorm_rms_norm @ w["model.layers.13.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_13_self_attn_q_proj_slice = layers_13_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_13_self_attn_k_proj_slice = layers_13_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_13_self_attn_v_proj_slice = layers_13_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_40 = layers_13_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_41 = layers_13_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_42 = layers_13_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_14, kv[13] = paged_attention(reshape_41, reshape_42, reshape_40, kv[13], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_13_self_attn_reshape = rope_paged_attention_14.reshape([1, sym_size, -1])
-    layers_13_self_attn_o_proj = layers_13_self_attn_reshape @ w["model.layers.13.self_attn.o_proj.weight.T"]
+    layers_13_self_attn_q_proj_slice = layers_13_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_13_self_attn_k_proj_slice = layers_13_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_13_self_attn_v_proj_slice = layers_13_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_14, kv[13] = paged_attention(layers_13_self_attn_q_proj_slice, layers_13_self_attn_k_proj_slice, layers_13_self_attn_v_proj_slice, kv[13], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_13_self_attn_o_proj = rope_paged_attention_14 @ w["model.layers.13.self_attn.o_proj.weight.T"]
     layers_13_add, layers_13_post_attention_layernorm_rms_norm = add_rms_norm(layers_12_add_2, layers_13_self_attn_o_proj, w["model.layers.13.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_13_mlp_gate_proj_up_proj = layers_13_post_attention_layernorm_rms_norm @ w["model.layers.13.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_13_mlp_gate_proj_slice = layers_13_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_13_mlp_up_proj_slice = layers_13_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_13_mlp_gate_proj_slice = layers_13_mlp_gate_proj_up_proj[:, :1536]
+    layers_13_mlp_up_proj_slice = layers_13_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_13_mlp_silu_mul = fm.silu(layers_13_mlp_gate_proj_slice) * layers_13_mlp_up_proj_slice  # fused: silu_mul
     layers_13_mlp_down_proj = layers_13_mlp_silu_mul @ w["model.layers.13.mlp.down_proj.weight.T"]
 
     # layer 14
     layers_13_add_2, layers_14_input_layernorm_rms_norm = add_rms_norm(layers_13_add, layers_13_mlp_down_proj, w["model.layers.14.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_14_self_attn_q_proj_k_proj_v_proj = layers_14_input_layernorm_rms_norm @ w["model.layers.14.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_14_self_attn_q_proj_slice = layers_14_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_14_self_attn_k_proj_slice = layers_14_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_14_self_attn_v_proj_slice = layers_14_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_43 = layers_14_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_44 = layers_14_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_45 = layers_14_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_15, kv[14] = paged_attention(reshape_44, reshape_45, reshape_43, kv[14], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_14_self_attn_reshape = rope_paged_attention_15.reshape([1, sym_size, -1])
-    layers_14_self_attn_o_proj = layers_14_self_attn_reshape @ w["model.layers.14.self_attn.o_proj.weight.T"]
+    layers_14_self_attn_q_proj_slice = layers_14_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_14_self_attn_k_proj_slice = layers_14_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_14_self_attn_v_proj_slice = layers_14_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_15, kv[14] = paged_attention(layers_14_self_attn_q_proj_slice, layers_14_self_attn_k_proj_slice, layers_14_self_attn_v_proj_slice, kv[14], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_14_self_attn_o_proj = rope_paged_attention_15 @ w["model.layers.14.self_attn.o_proj.weight.T"]
     layers_14_add, layers_14_post_attention_layernorm_rms_norm = add_rms_norm(layers_13_add_2, layers_14_self_attn_o_proj, w["model.layers.14.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_14_mlp_gate_proj_up_proj = layers_14_post_attention_layernorm_rms_norm @ w["model.layers.14.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_14_mlp_gate_proj_slice = layers_14_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_14_mlp_up_proj_slice = layers_14_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_14_mlp_gate_proj_slice = layers_14_mlp_gate_proj_up_proj[:, :1536]
+    layers_14_mlp_up_proj_slice = layers_14_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_14_mlp_silu_mul = fm.silu(layers_14_mlp_gate_proj_slice) * layers_14_mlp_up_proj_slice  # fused: silu_mul
     layers_14_mlp_down_proj = layers_14_mlp_silu_mul @ w["model.layers.14.mlp.down_proj.weight.T"]
 
     # layer 15
     layers_14_add_2, layers_15_input_layernorm_rms_norm = add_rms_norm(layers_14_add, layers_14_mlp_down_proj, w["model.layers.15.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_15_self_attn_q_proj_k_proj_v_proj = layers_15_input_layernorm_rms_norm @ w["model.layers.15.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_15_self_attn_q_proj_slice = layers_15_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_15_self_attn_k_proj_slice = layers_15_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_15_self_attn_v_proj_slice = layers_15_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_46 = layers_15_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_47 = layers_15_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_48 = layers_15_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_16, kv[15] = paged_attention(reshape_47, reshape_48, reshape_46, kv[15], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_15_self_attn_reshape = rope_paged_attention_16.reshape([1, sym_size, -1])
-    layers_15_self_attn_o_proj = layers_15_self_attn_reshape @ w["model.layers.15.self_attn.o_proj.weight.T"]
+    layers_15_self_attn_q_proj_slice = layers_15_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_15_self_attn_k_proj_slice = layers_15_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_15_self_attn_v_proj_slice = layers_15_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_16, kv[15] = paged_attention(layers_15_self_attn_q_proj_slice, layers_15_self_attn_k_proj_slice, layers_15_self_attn_v_proj_slice, kv[15], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_15_self_attn_o_proj = rope_paged_attention_16 @ w["model.layers.15.self_attn.o_proj.weight.T"]
     layers_15_add, layers_15_post_attention_layernorm_rms_norm = add_rms_norm(layers_14_add_2, layers_15_self_attn_o_proj, w["model.layers.15.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_15_mlp_gate_proj_up_proj = layers_15_post_attention_layernorm_rms_norm @ w["model.layers.15.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_15_mlp_gate_proj_slice = layers_15_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_15_mlp_up_proj_slice = layers_15_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_15_mlp_gate_proj_slice = layers_15_mlp_gate_proj_up_proj[:, :1536]
+    layers_15_mlp_up_proj_slice = layers_15_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_15_mlp_silu_mul = fm.silu(layers_15_mlp_gate_proj_slice) * layers_15_mlp_up_proj_slice  # fused: silu_mul
     layers_15_mlp_down_proj = layers_15_mlp_silu_mul @ w["model.layers.15.mlp.down_proj.weight.T"]
 
     # layer 16
     layers_15_add_2, layers_16_input_layernorm_rms_norm = add_rms_norm(layers_15_add, layers_15_mlp_down_proj, w["model.layers.16.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_16_self_attn_q_proj_k_proj_v_proj = layers_16_input_layernorm_rms_norm @ w["model.layers.16.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_16_self_attn_q_proj_slice = layers_16_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_16_self_attn_k_proj_slice = layers_16_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_16_self_attn_v_proj_slice = layers_16_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_49 = layers_16_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_50 = layers_16_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_51 = layers_16_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_17, kv[16] = paged_attention(reshape_50, reshape_51, reshape_49, kv[16], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_16_self_attn_reshape = rope_paged_attention_17.reshape([1, sym_size, -1])
-    layers_16_self_attn_o_proj = layers_16_self_attn_reshape @ w["model.layers.16.self_attn.o_proj.weight.T"]
+    layers_16_self_attn_q_proj_slice = layers_16_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_16_self_attn_k_proj_slice = layers_16_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_16_self_attn_v_proj_slice = layers_16_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_17, kv[16] = paged_attention(layers_16_self_attn_q_proj_slice, layers_16_self_attn_k_proj_slice, layers_16_self_attn_v_proj_slice, kv[16], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_16_self_attn_o_proj = rope_paged_attention_17 @ w["model.layers.16.self_attn.o_proj.weight.T"]
     layers_16_add, layers_16_post_attention_layernorm_rms_norm = add_rms_norm(layers_15_add_2, layers_16_self_attn_o_proj, w["model.layers.16.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_16_mlp_gate_proj_up_proj = layers_16_post_attention_layernorm_rms_norm @ w["model.layers.16.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_16_mlp_gate_proj_slice = layers_16_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_16_mlp_up_proj_slice = layers_16_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_16_mlp_gate_proj_slice = layers_16_mlp_gate_proj_up_proj[:, :1536]
+    layers_16_mlp_up_proj_slice = layers_16_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_16_mlp_silu_mul = fm.silu(layers_16_mlp_gate_proj_slice) * layers_16_mlp_up_proj_slice  # fused: silu_mul
     layers_16_mlp_down_proj = layers_16_mlp_silu_mul @ w["model.layers.16.mlp.down_proj.weight.T"]
 
     # layer 17
     layers_16_add_2, layers_17_input_layernorm_rms_norm = add_rms_norm(layers_16_add, layers_16_mlp_down_proj, w["model.layers.17.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_17_self_attn_q_proj_k_proj_v_proj = layers_17_input_layernorm_rms_norm @ w["model.layers.17.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_17_self_attn_q_proj_slice = layers_17_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_17_self_attn_k_proj_slice = layers_17_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_17_self_attn_v_proj_slice = layers_17_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_52 = layers_17_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_53 = layers_17_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_54 = layers_17_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_18, kv[17] = paged_attention(reshape_53, reshape_54, reshape_52, kv[17], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_17_self_attn_reshape = rope_paged_attention_18.reshape([1, sym_size, -1])
-    layers_17_self_attn_o_proj = layers_17_self_attn_reshape @ w["model.layers.17.self_attn.o_proj.weight.T"]
+    layers_17_self_attn_q_proj_slice = layers_17_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_17_self_attn_k_proj_slice = layers_17_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_17_self_attn_v_proj_slice = layers_17_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_18, kv[17] = paged_attention(layers_17_self_attn_q_proj_slice, layers_17_self_attn_k_proj_slice, layers_17_self_attn_v_proj_slice, kv[17], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_17_self_attn_o_proj = rope_paged_attention_18 @ w["model.layers.17.self_attn.o_proj.weight.T"]
     layers_17_add, layers_17_post_attention_layernorm_rms_norm = add_rms_norm(layers_16_add_2, layers_17_self_attn_o_proj, w["model.layers.17.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_17_mlp_gate_proj_up_proj = layers_17_post_attention_layernorm_rms_norm @ w["model.layers.17.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_17_mlp_gate_proj_slice = layers_17_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_17_mlp_up_proj_slice = layers_17_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_17_mlp_gate_proj_slice = layers_17_mlp_gate_proj_up_proj[:, :1536]
+    layers_17_mlp_up_proj_slice = layers_17_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_17_mlp_silu_mul = fm.silu(layers_17_mlp_gate_proj_slice) * layers_17_mlp_up_proj_slice  # fused: silu_mul
     layers_17_mlp_down_proj = layers_17_mlp_silu_mul @ w["model.layers.17.mlp.down_proj.weight.T"]
 
     # layer 18
     layers_17_add_2, layers_18_input_layernorm_rms_norm = add_rms_norm(layers_17_add, layers_17_mlp_down_proj, w["model.layers.18.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_18_self_attn_q_proj_k_proj_v_proj = layers_18_input_layernorm_rms_norm @ w["model.layers.18.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_18_self_attn_q_proj_slice = layers_18_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_18_self_attn_k_proj_slice = layers_18_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_18_self_attn_v_proj_slice = layers_18_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_55 = layers_18_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_56 = layers_18_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_57 = layers_18_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_19, kv[18] = paged_attention(reshape_56, reshape_57, reshape_55, kv[18], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_18_self_attn_reshape = rope_paged_attention_19.reshape([1, sym_size, -1])
-    layers_18_self_attn_o_proj = layers_18_self_attn_reshape @ w["model.layers.18.self_attn.o_proj.weight.T"]
+    layers_18_self_attn_q_proj_slice = layers_18_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_18_self_attn_k_proj_slice = layers_18_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_18_self_attn_v_proj_slice = layers_18_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_19, kv[18] = paged_attention(layers_18_self_attn_q_proj_slice, layers_18_self_attn_k_proj_slice, layers_18_self_attn_v_proj_slice, kv[18], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_18_self_attn_o_proj = rope_paged_attention_19 @ w["model.layers.18.self_attn.o_proj.weight.T"]
     layers_18_add, layers_18_post_attention_layernorm_rms_norm = add_rms_norm(layers_17_add_2, layers_18_self_attn_o_proj, w["model.layers.18.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_18_mlp_gate_proj_up_proj = layers_18_post_attention_layernorm_rms_norm @ w["model.layers.18.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_18_mlp_gate_proj_slice = layers_18_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_18_mlp_up_proj_slice = layers_18_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_18_mlp_gate_proj_slice = layers_18_mlp_gate_proj_up_proj[:, :1536]
+    layers_18_mlp_up_proj_slice = layers_18_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_18_mlp_silu_mul = fm.silu(layers_18_mlp_gate_proj_slice) * layers_18_mlp_up_proj_slice  # fused: silu_mul
     layers_18_mlp_down_proj = layers_18_mlp_silu_mul @ w["model.layers.18.mlp.down_proj.weight.T"]
 
     # layer 19
     layers_18_add_2, layers_19_input_layernorm_rms_norm = add_rms_norm(layers_18_add, layers_18_mlp_down_proj, w["model.layers.19.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_19_self_attn_q_proj_k_proj_v_proj = layers_19_input_layernorm_rms_norm @ w["model.layers.19.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_19_self_attn_q_proj_slice = layers_19_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_19_self_attn_k_proj_slice = layers_19_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_19_self_attn_v_proj_slice = layers_19_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_58 = layers_19_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_59 = layers_19_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_60 = layers_19_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_20, kv[19] = paged_attention(reshape_59, reshape_60, reshape_58, kv[19], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_19_self_attn_reshape = rope_paged_attention_20.reshape([1, sym_size, -1])
-    layers_19_self_attn_o_proj = layers_19_self_attn_reshape @ w["model.layers.19.self_attn.o_proj.weight.T"]
+    layers_19_self_attn_q_proj_slice = layers_19_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_19_self_attn_k_proj_slice = layers_19_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_19_self_attn_v_proj_slice = layers_19_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_20, kv[19] = paged_attention(layers_19_self_attn_q_proj_slice, layers_19_self_attn_k_proj_slice, layers_19_self_attn_v_proj_slice, kv[19], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_19_self_attn_o_proj = rope_paged_attention_20 @ w["model.layers.19.self_attn.o_proj.weight.T"]
     layers_19_add, layers_19_post_attention_layernorm_rms_norm = add_rms_norm(layers_18_add_2, layers_19_self_attn_o_proj, w["model.layers.19.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_19_mlp_gate_proj_up_proj = layers_19_post_attention_layernorm_rms_norm @ w["model.layers.19.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_19_mlp_gate_proj_slice = layers_19_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_19_mlp_up_proj_slice = layers_19_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_19_mlp_gate_proj_slice = layers_19_mlp_gate_proj_up_proj[:, :1536]
+    layers_19_mlp_up_proj_slice = layers_19_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_19_mlp_silu_mul = fm.silu(layers_19_mlp_gate_proj_slice) * layers_19_mlp_up_proj_slice  # fused: silu_mul
     layers_19_mlp_down_proj = layers_19_mlp_silu_mul @ w["model.layers.19.mlp.down_proj.weight.T"]
 
     # layer 20
     layers_19_add_2, layers_20_input_layernorm_rms_norm = add_rms_norm(layers_19_add, layers_19_mlp_down_proj, w["model.layers.20.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_20_self_attn_q_proj_k_proj_v_proj = layers_20_input_layernorm_rms_norm @ w["model.layers.20.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_20_self_attn_q_proj_slice = layers_20_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_20_self_attn_k_proj_slice = layers_20_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_20_self_attn_v_proj_slice = layers_20_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_61 = layers_20_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_62 = layers_20_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_63 = layers_20_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_21, kv[20] = paged_attention(reshape_62, reshape_63, reshape_61, kv[20], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_20_self_attn_reshape = rope_paged_attention_21.reshape([1, sym_size, -1])
-    layers_20_self_attn_o_proj = layers_20_self_attn_reshape @ w["model.layers.20.self_attn.o_proj.weight.T"]
+    layers_20_self_attn_q_proj_slice = layers_20_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_20_self_attn_k_proj_slice = layers_20_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_20_self_attn_v_proj_slice = layers_20_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_21, kv[20] = paged_attention(layers_20_self_attn_q_proj_slice, layers_20_self_attn_k_proj_slice, layers_20_self_attn_v_proj_slice, kv[20], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_20_self_attn_o_proj = rope_paged_attention_21 @ w["model.layers.20.self_attn.o_proj.weight.T"]
     layers_20_add, layers_20_post_attention_layernorm_rms_norm = add_rms_norm(layers_19_add_2, layers_20_self_attn_o_proj, w["model.layers.20.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_20_mlp_gate_proj_up_proj = layers_20_post_attention_layernorm_rms_norm @ w["model.layers.20.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_20_mlp_gate_proj_slice = layers_20_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_20_mlp_up_proj_slice = layers_20_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_20_mlp_gate_proj_slice = layers_20_mlp_gate_proj_up_proj[:, :1536]
+    layers_20_mlp_up_proj_slice = layers_20_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_20_mlp_silu_mul = fm.silu(layers_20_mlp_gate_proj_slice) * layers_20_mlp_up_proj_slice  # fused: silu_mul
     layers_20_mlp_down_proj = layers_20_mlp_silu_mul @ w["model.layers.20.mlp.down_proj.weight.T"]
 
     # layer 21
     layers_20_add_2, layers_21_input_layernorm_rms_norm = add_rms_norm(layers_20_add, layers_20_mlp_down_proj, w["model.layers.21.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_21_self_attn_q_proj_k_proj_v_proj = layers_21_input_layernorm_rms_norm @ w["model.layers.21.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_21_self_attn_q_proj_slice = layers_21_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_21_self_attn_k_proj_slice = layers_21_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_21_self_attn_v_proj_slice = layers_21_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_64 = layers_21_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_65 = layers_21_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_66 = layers_21_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_22, kv[21] = paged_attention(reshape_65, reshape_66, reshape_64, kv[21], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_21_self_attn_reshape = rope_paged_attention_22.reshape([1, sym_size, -1])
-    layers_21_self_attn_o_proj = layers_21_self_attn_reshape @ w["model.layers.21.self_attn.o_proj.weight.T"]
+    layers_21_self_attn_q_proj_slice = layers_21_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_21_self_attn_k_proj_slice = layers_21_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_21_self_attn_v_proj_slice = layers_21_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_22, kv[21] = paged_attention(layers_21_self_attn_q_proj_slice, layers_21_self_attn_k_proj_slice, layers_21_self_attn_v_proj_slice, kv[21], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_21_self_attn_o_proj = rope_paged_attention_22 @ w["model.layers.21.self_attn.o_proj.weight.T"]
     layers_21_add, layers_21_post_attention_layernorm_rms_norm = add_rms_norm(layers_20_add_2, layers_21_self_attn_o_proj, w["model.layers.21.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_21_mlp_gate_proj_up_proj = layers_21_post_attention_layernorm_rms_norm @ w["model.layers.21.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_21_mlp_gate_proj_slice = layers_21_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_21_mlp_up_proj_slice = layers_21_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_21_mlp_gate_proj_slice = layers_21_mlp_gate_proj_up_proj[:, :1536]
+    layers_21_mlp_up_proj_slice = layers_21_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_21_mlp_silu_mul = fm.silu(layers_21_mlp_gate_proj_slice) * layers_21_mlp_up_proj_slice  # fused: silu_mul
     layers_21_mlp_down_proj = layers_21_mlp_silu_mul @ w["model.layers.21.mlp.down_proj.weight.T"]
 
     # layer 22
     layers_21_add_2, layers_22_input_layernorm_rms_norm = add_rms_norm(layers_21_add, layers_21_mlp_down_proj, w["model.layers.22.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_22_self_attn_q_proj_k_proj_v_proj = layers_22_input_layernorm_rms_norm @ w["model.layers.22.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_22_self_attn_q_proj_slice = layers_22_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_22_self_attn_k_proj_slice = layers_22_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_22_self_attn_v_proj_slice = layers_22_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_67 = layers_22_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_68 = layers_22_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_69 = layers_22_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_23, kv[22] = paged_attention(reshape_68, reshape_69, reshape_67, kv[22], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_22_self_attn_reshape = rope_paged_attention_23.reshape([1, sym_size, -1])
-    layers_22_self_attn_o_proj = layers_22_self_attn_reshape @ w["model.layers.22.self_attn.o_proj.weight.T"]
+    layers_22_self_attn_q_proj_slice = layers_22_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_22_self_attn_k_proj_slice = layers_22_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_22_self_attn_v_proj_slice = layers_22_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_23, kv[22] = paged_attention(layers_22_self_attn_q_proj_slice, layers_22_self_attn_k_proj_slice, layers_22_self_attn_v_proj_slice, kv[22], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_22_self_attn_o_proj = rope_paged_attention_23 @ w["model.layers.22.self_attn.o_proj.weight.T"]
     layers_22_add, layers_22_post_attention_layernorm_rms_norm = add_rms_norm(layers_21_add_2, layers_22_self_attn_o_proj, w["model.layers.22.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_22_mlp_gate_proj_up_proj = layers_22_post_attention_layernorm_rms_norm @ w["model.layers.22.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_22_mlp_gate_proj_slice = layers_22_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_22_mlp_up_proj_slice = layers_22_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_22_mlp_gate_proj_slice = layers_22_mlp_gate_proj_up_proj[:, :1536]
+    layers_22_mlp_up_proj_slice = layers_22_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_22_mlp_silu_mul = fm.silu(layers_22_mlp_gate_proj_slice) * layers_22_mlp_up_proj_slice  # fused: silu_mul
     layers_22_mlp_down_proj = layers_22_mlp_silu_mul @ w["model.layers.22.mlp.down_proj.weight.T"]
 
     # layer 23
     layers_22_add_2, layers_23_input_layernorm_rms_norm = add_rms_norm(layers_22_add, layers_22_mlp_down_proj, w["model.layers.23.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_23_self_attn_q_proj_k_proj_v_proj = layers_23_input_layernorm_rms_norm @ w["model.layers.23.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_23_self_attn_q_proj_slice = layers_23_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_23_self_attn_k_proj_slice = layers_23_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_23_self_attn_v_proj_slice = layers_23_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_70 = layers_23_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_71 = layers_23_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_72 = layers_23_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_24, kv[23] = paged_attention(reshape_71, reshape_72, reshape_70, kv[23], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_23_self_attn_reshape = rope_paged_attention_24.reshape([1, sym_size, -1])
-    layers_23_self_attn_o_proj = layers_23_self_attn_reshape @ w["model.layers.23.self_attn.o_proj.weight.T"]
+    layers_23_self_attn_q_proj_slice = layers_23_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_23_self_attn_k_proj_slice = layers_23_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_23_self_attn_v_proj_slice = layers_23_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_24, kv[23] = paged_attention(layers_23_self_attn_q_proj_slice, layers_23_self_attn_k_proj_slice, layers_23_self_attn_v_proj_slice, kv[23], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_23_self_attn_o_proj = rope_paged_attention_24 @ w["model.layers.23.self_attn.o_proj.weight.T"]
     layers_23_add, layers_23_post_attention_layernorm_rms_norm = add_rms_norm(layers_22_add_2, layers_23_self_attn_o_proj, w["model.layers.23.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_23_mlp_gate_proj_up_proj = layers_23_post_attention_layernorm_rms_norm @ w["model.layers.23.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_23_mlp_gate_proj_slice = layers_23_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_23_mlp_up_proj_slice = layers_23_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_23_mlp_gate_proj_slice = layers_23_mlp_gate_proj_up_proj[:, :1536]
+    layers_23_mlp_up_proj_slice = layers_23_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_23_mlp_silu_mul = fm.silu(layers_23_mlp_gate_proj_slice) * layers_23_mlp_up_proj_slice  # fused: silu_mul
     layers_23_mlp_down_proj = layers_23_mlp_silu_mul @ w["model.layers.23.mlp.down_proj.weight.T"]
 
     # layer 24
     layers_23_add_2, layers_24_input_layernorm_rms_norm = add_rms_norm(layers_23_add, layers_23_mlp_down_proj, w["model.layers.24.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_24_self_attn_q_proj_k_proj_v_proj = layers_24_input_layernorm_rms_norm @ w["model.layers.24.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_24_self_attn_q_proj_slice = layers_24_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_24_self_attn_k_proj_slice = layers_24_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_24_self_attn_v_proj_slice = layers_24_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_73 = layers_24_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_74 = layers_24_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_75 = layers_24_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_25, kv[24] = paged_attention(reshape_74, reshape_75, reshape_73, kv[24], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_24_self_attn_reshape = rope_paged_attention_25.reshape([1, sym_size, -1])
-    layers_24_self_attn_o_proj = layers_24_self_attn_reshape @ w["model.layers.24.self_attn.o_proj.weight.T"]
+    layers_24_self_attn_q_proj_slice = layers_24_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_24_self_attn_k_proj_slice = layers_24_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_24_self_attn_v_proj_slice = layers_24_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_25, kv[24] = paged_attention(layers_24_self_attn_q_proj_slice, layers_24_self_attn_k_proj_slice, layers_24_self_attn_v_proj_slice, kv[24], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_24_self_attn_o_proj = rope_paged_attention_25 @ w["model.layers.24.self_attn.o_proj.weight.T"]
     layers_24_add, layers_24_post_attention_layernorm_rms_norm = add_rms_norm(layers_23_add_2, layers_24_self_attn_o_proj, w["model.layers.24.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_24_mlp_gate_proj_up_proj = layers_24_post_attention_layernorm_rms_norm @ w["model.layers.24.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_24_mlp_gate_proj_slice = layers_24_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_24_mlp_up_proj_slice = layers_24_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_24_mlp_gate_proj_slice = layers_24_mlp_gate_proj_up_proj[:, :1536]
+    layers_24_mlp_up_proj_slice = layers_24_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_24_mlp_silu_mul = fm.silu(layers_24_mlp_gate_proj_slice) * layers_24_mlp_up_proj_slice  # fused: silu_mul
     layers_24_mlp_down_proj = layers_24_mlp_silu_mul @ w["model.layers.24.mlp.down_proj.weight.T"]
 
     # layer 25
     layers_24_add_2, layers_25_input_layernorm_rms_norm = add_rms_norm(layers_24_add, layers_24_mlp_down_proj, w["model.layers.25.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_25_self_attn_q_proj_k_proj_v_proj = layers_25_input_layernorm_rms_norm @ w["model.layers.25.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_25_self_attn_q_proj_slice = layers_25_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_25_self_attn_k_proj_slice = layers_25_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_25_self_attn_v_proj_slice = layers_25_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_76 = layers_25_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_77 = layers_25_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_78 = layers_25_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_26, kv[25] = paged_attention(reshape_77, reshape_78, reshape_76, kv[25], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_25_self_attn_reshape = rope_paged_attention_26.reshape([1, sym_size, -1])
-    layers_25_self_attn_o_proj = layers_25_self_attn_reshape @ w["model.layers.25.self_attn.o_proj.weight.T"]
+    layers_25_self_attn_q_proj_slice = layers_25_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_25_self_attn_k_proj_slice = layers_25_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_25_self_attn_v_proj_slice = layers_25_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_26, kv[25] = paged_attention(layers_25_self_attn_q_proj_slice, layers_25_self_attn_k_proj_slice, layers_25_self_attn_v_proj_slice, kv[25], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_25_self_attn_o_proj = rope_paged_attention_26 @ w["model.layers.25.self_attn.o_proj.weight.T"]
     layers_25_add, layers_25_post_attention_layernorm_rms_norm = add_rms_norm(layers_24_add_2, layers_25_self_attn_o_proj, w["model.layers.25.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_25_mlp_gate_proj_up_proj = layers_25_post_attention_layernorm_rms_norm @ w["model.layers.25.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_25_mlp_gate_proj_slice = layers_25_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_25_mlp_up_proj_slice = layers_25_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_25_mlp_gate_proj_slice = layers_25_mlp_gate_proj_up_proj[:, :1536]
+    layers_25_mlp_up_proj_slice = layers_25_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_25_mlp_silu_mul = fm.silu(layers_25_mlp_gate_proj_slice) * layers_25_mlp_up_proj_slice  # fused: silu_mul
     layers_25_mlp_down_proj = layers_25_mlp_silu_mul @ w["model.layers.25.mlp.down_proj.weight.T"]
 
     # layer 26
     layers_25_add_2, layers_26_input_layernorm_rms_norm = add_rms_norm(layers_25_add, layers_25_mlp_down_proj, w["model.layers.26.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_26_self_attn_q_proj_k_proj_v_proj = layers_26_input_layernorm_rms_norm @ w["model.layers.26.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_26_self_attn_q_proj_slice = layers_26_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_26_self_attn_k_proj_slice = layers_26_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_26_self_attn_v_proj_slice = layers_26_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_79 = layers_26_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_80 = layers_26_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_81 = layers_26_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_27, kv[26] = paged_attention(reshape_80, reshape_81, reshape_79, kv[26], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_26_self_attn_reshape = rope_paged_attention_27.reshape([1, sym_size, -1])
-    layers_26_self_attn_o_proj = layers_26_self_attn_reshape @ w["model.layers.26.self_attn.o_proj.weight.T"]
+    layers_26_self_attn_q_proj_slice = layers_26_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_26_self_attn_k_proj_slice = layers_26_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_26_self_attn_v_proj_slice = layers_26_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_27, kv[26] = paged_attention(layers_26_self_attn_q_proj_slice, layers_26_self_attn_k_proj_slice, layers_26_self_attn_v_proj_slice, kv[26], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_26_self_attn_o_proj = rope_paged_attention_27 @ w["model.layers.26.self_attn.o_proj.weight.T"]
     layers_26_add, layers_26_post_attention_layernorm_rms_norm = add_rms_norm(layers_25_add_2, layers_26_self_attn_o_proj, w["model.layers.26.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_26_mlp_gate_proj_up_proj = layers_26_post_attention_layernorm_rms_norm @ w["model.layers.26.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_26_mlp_gate_proj_slice = layers_26_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_26_mlp_up_proj_slice = layers_26_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_26_mlp_gate_proj_slice = layers_26_mlp_gate_proj_up_proj[:, :1536]
+    layers_26_mlp_up_proj_slice = layers_26_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_26_mlp_silu_mul = fm.silu(layers_26_mlp_gate_proj_slice) * layers_26_mlp_up_proj_slice  # fused: silu_mul
     layers_26_mlp_down_proj = layers_26_mlp_silu_mul @ w["model.layers.26.mlp.down_proj.weight.T"]
 
     # layer 27
     layers_26_add_2, layers_27_input_layernorm_rms_norm = add_rms_norm(layers_26_add, layers_26_mlp_down_proj, w["model.layers.27.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_27_self_attn_q_proj_k_proj_v_proj = layers_27_input_layernorm_rms_norm @ w["model.layers.27.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_27_self_attn_q_proj_slice = layers_27_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_27_self_attn_k_proj_slice = layers_27_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_27_self_attn_v_proj_slice = layers_27_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_82 = layers_27_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_83 = layers_27_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_84 = layers_27_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_28, kv[27] = paged_attention(reshape_83, reshape_84, reshape_82, kv[27], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_27_self_attn_reshape = rope_paged_attention_28.reshape([1, sym_size, -1])
-    layers_27_self_attn_o_proj = layers_27_self_attn_reshape @ w["model.layers.27.self_attn.o_proj.weight.T"]
+    layers_27_self_attn_q_proj_slice = layers_27_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_27_self_attn_k_proj_slice = layers_27_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_27_self_attn_v_proj_slice = layers_27_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_28, kv[27] = paged_attention(layers_27_self_attn_q_proj_slice, layers_27_self_attn_k_proj_slice, layers_27_self_attn_v_proj_slice, kv[27], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_27_self_attn_o_proj = rope_paged_attention_28 @ w["model.layers.27.self_attn.o_proj.weight.T"]
     layers_27_add, layers_27_post_attention_layernorm_rms_norm = add_rms_norm(layers_26_add_2, layers_27_self_attn_o_proj, w["model.layers.27.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_27_mlp_gate_proj_up_proj = layers_27_post_attention_layernorm_rms_norm @ w["model.layers.27.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_27_mlp_gate_proj_slice = layers_27_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_27_mlp_up_proj_slice = layers_27_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_27_mlp_gate_proj_slice = layers_27_mlp_gate_proj_up_proj[:, :1536]
+    layers_27_mlp_up_proj_slice = layers_27_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_27_mlp_silu_mul = fm.silu(layers_27_mlp_gate_proj_slice) * layers_27_mlp_up_proj_slice  # fused: silu_mul
     layers_27_mlp_down_proj = layers_27_mlp_silu_mul @ w["model.layers.27.mlp.down_proj.weight.T"]
 
     # layer 28
     layers_27_add_2, layers_28_input_layernorm_rms_norm = add_rms_norm(layers_27_add, layers_27_mlp_down_proj, w["model.layers.28.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_28_self_attn_q_proj_k_proj_v_proj = layers_28_input_layernorm_rms_norm @ w["model.layers.28.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_28_self_attn_q_proj_slice = layers_28_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_28_self_attn_k_proj_slice = layers_28_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_28_self_attn_v_proj_slice = layers_28_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_85 = layers_28_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_86 = layers_28_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_87 = layers_28_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_29, kv[28] = paged_attention(reshape_86, reshape_87, reshape_85, kv[28], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_28_self_attn_reshape = rope_paged_attention_29.reshape([1, sym_size, -1])
-    layers_28_self_attn_o_proj = layers_28_self_attn_reshape @ w["model.layers.28.self_attn.o_proj.weight.T"]
+    layers_28_self_attn_q_proj_slice = layers_28_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_28_self_attn_k_proj_slice = layers_28_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_28_self_attn_v_proj_slice = layers_28_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_29, kv[28] = paged_attention(layers_28_self_attn_q_proj_slice, layers_28_self_attn_k_proj_slice, layers_28_self_attn_v_proj_slice, kv[28], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_28_self_attn_o_proj = rope_paged_attention_29 @ w["model.layers.28.self_attn.o_proj.weight.T"]
     layers_28_add, layers_28_post_attention_layernorm_rms_norm = add_rms_norm(layers_27_add_2, layers_28_self_attn_o_proj, w["model.layers.28.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_28_mlp_gate_proj_up_proj = layers_28_post_attention_layernorm_rms_norm @ w["model.layers.28.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_28_mlp_gate_proj_slice = layers_28_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_28_mlp_up_proj_slice = layers_28_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_28_mlp_gate_proj_slice = layers_28_mlp_gate_proj_up_proj[:, :1536]
+    layers_28_mlp_up_proj_slice = layers_28_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_28_mlp_silu_mul = fm.silu(layers_28_mlp_gate_proj_slice) * layers_28_mlp_up_proj_slice  # fused: silu_mul
     layers_28_mlp_down_proj = layers_28_mlp_silu_mul @ w["model.layers.28.mlp.down_proj.weight.T"]
 
     # layer 29
     layers_28_add_2, layers_29_input_layernorm_rms_norm = add_rms_norm(layers_28_add, layers_28_mlp_down_proj, w["model.layers.29.input_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_29_self_attn_q_proj_k_proj_v_proj = layers_29_input_layernorm_rms_norm @ w["model.layers.29.self_attn.q_proj+k_proj+v_proj.weight.T"]  # fused: merge_projections
-    layers_29_self_attn_q_proj_slice = layers_29_self_attn_q_proj_k_proj_v_proj[:, :, :576]
-    layers_29_self_attn_k_proj_slice = layers_29_self_attn_q_proj_k_proj_v_proj[:, :, 576:768]
-    layers_29_self_attn_v_proj_slice = layers_29_self_attn_q_proj_k_proj_v_proj[:, :, 768:960]
-    reshape_88 = layers_29_self_attn_v_proj_slice.reshape([-1, 192])
-    reshape_89 = layers_29_self_attn_q_proj_slice.reshape([-1, 576])
-    reshape_90 = layers_29_self_attn_k_proj_slice.reshape([-1, 192])
-    rope_paged_attention_30, kv[29] = paged_attention(reshape_89, reshape_90, reshape_88, kv[29], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
-    layers_29_self_attn_reshape = rope_paged_attention_30.reshape([1, sym_size, -1])
-    layers_29_self_attn_o_proj = layers_29_self_attn_reshape @ w["model.layers.29.self_attn.o_proj.weight.T"]
+    layers_29_self_attn_q_proj_slice = layers_29_self_attn_q_proj_k_proj_v_proj[:, :576]
+    layers_29_self_attn_k_proj_slice = layers_29_self_attn_q_proj_k_proj_v_proj[:, 576:768]
+    layers_29_self_attn_v_proj_slice = layers_29_self_attn_q_proj_k_proj_v_proj[:, 768:960]
+    rope_paged_attention_30, kv[29] = paged_attention(layers_29_self_attn_q_proj_slice, layers_29_self_attn_k_proj_slice, layers_29_self_attn_v_proj_slice, kv[29], batch, num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, window=-1, cap=0.0, rope=(positions, w["rope_neox_4d_inv_freq"], False, 1.0))  # fused: rope_attention
+    layers_29_self_attn_o_proj = rope_paged_attention_30 @ w["model.layers.29.self_attn.o_proj.weight.T"]
     layers_29_add, layers_29_post_attention_layernorm_rms_norm = add_rms_norm(layers_28_add_2, layers_29_self_attn_o_proj, w["model.layers.29.post_attention_layernorm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     layers_29_mlp_gate_proj_up_proj = layers_29_post_attention_layernorm_rms_norm @ w["model.layers.29.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
-    layers_29_mlp_gate_proj_slice = layers_29_mlp_gate_proj_up_proj[:, :, :1536]
-    layers_29_mlp_up_proj_slice = layers_29_mlp_gate_proj_up_proj[:, :, 1536:3072]
+    layers_29_mlp_gate_proj_slice = layers_29_mlp_gate_proj_up_proj[:, :1536]
+    layers_29_mlp_up_proj_slice = layers_29_mlp_gate_proj_up_proj[:, 1536:3072]
     layers_29_mlp_silu_mul = fm.silu(layers_29_mlp_gate_proj_slice) * layers_29_mlp_up_proj_slice  # fused: silu_mul
     layers_29_mlp_down_proj = layers_29_mlp_silu_mul @ w["model.layers.29.mlp.down_proj.weight.T"]
     _, norm_rms_norm = add_rms_norm(layers_29_add, layers_29_mlp_down_proj, w["model.norm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
-    select = norm_rms_norm[0]
-    index = select[logits_indices]
+    index = norm_rms_norm[logits_indices]
     lm_head = index @ w["lm_head.weight.T"]
     return lm_head, kv
 
