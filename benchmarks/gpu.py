@@ -432,19 +432,20 @@ class OursComposed(_KernelOff):
 
 
 class _UsableOff(_KernelOff):
-    """A kernel module's `usable` answers False while the step is traced: MLX's own ops run instead.
-    A benchmark-only switch."""
-    module = ""
+    """A kernel module's `usable` (or another switch, `attr`) answers False while the step is traced: MLX's
+    own ops run instead. A benchmark-only switch."""
+    module, attr = "", "usable"
 
     def _off(self, fn, *args, **kw):
         import importlib
 
         kernel = importlib.import_module(self.module)
-        usable, kernel.usable = kernel.usable, lambda *a: False
+        usable = getattr(kernel, self.attr)
+        setattr(kernel, self.attr, lambda *a: False)
         try:
             return fn(*args, **kw)
         finally:
-            kernel.usable = usable
+            setattr(kernel, self.attr, usable)
 
 
 class OursNormOff(_UsableOff):
@@ -459,8 +460,14 @@ class OursRopeOff(_UsableOff):
     name, module = "ours_rope_off", "runtime.rope_kernel"
 
 
+class OursKvScatter(_UsableOff):
+    """Decode steps write K/V into the cache with a scatter of the RoPE kernel's rows (a kernel a layer), not
+    from the RoPE kernel itself (runtime/rope_kernel.py `rope_qkv_into_cache`)."""
+    name, module, attr = "ours_kv_scatter", "runtime.rope_kernel", "in_place_usable"
+
+
 _VARIANTS = {"ours_composed": OursComposed, "ours_norm_off": OursNormOff,  # ours with one kernel off, own trace
-             "ours_rope_off": OursRopeOff}
+             "ours_rope_off": OursRopeOff, "ours_kv_scatter": OursKvScatter}
 
 
 class MlxLm:
@@ -858,6 +865,9 @@ def cmd_ab(args) -> int:
         for f, meta in zip(folders, metas):
             source = (f / f"{name}-bfloat16" / "step.py").read_text()
             sides[f.name] = Ours(*build_ours(source, weights, meta["layers"], mx.bfloat16, blocks))
+        for v in [v for v in args.variants.split(",") if v]:  # the first lowering with one kernel off
+            source = (folders[0] / f"{name}-bfloat16" / "step.py").read_text()
+            sides[v] = _VARIANTS[v](*build_ours(source, weights, metas[0]["layers"], mx.bfloat16, blocks))
         if args.mlx_lm:
             sides["mlx_lm"] = MlxLm(cfg, weights)
         labels = list(sides)
@@ -1238,6 +1248,7 @@ def main(argv=None) -> int:
     q.add_argument("--prefills", default="")
     q.add_argument("--rounds", type=int, default=6)
     q.add_argument("--mlx-lm", action="store_true", help="mlx-lm's model as one more side")
+    q.add_argument("--variants", default="", help=f"the first lowering with a kernel off, as more sides: {', '.join(_VARIANTS)}")
     q.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     q.add_argument("--out")
     q = sub.add_parser("kernel")

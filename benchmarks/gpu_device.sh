@@ -3,7 +3,8 @@
 #   stage1   copy the first half of the MLX CUDA wheel (.gpuwhl/p1, carried) to /root/whl
 #   full     kernel tests, checks, profiles (decode batch 1 with AB=ours_rope_off by default, 128; prefills)
 #   compare  (after full) the benchmark: ours vs AB (one kernel off) vs mlx-lm, each model in its own process; a batch-1 profile
-#   ab       (after stage1) tests, checks, profiles, then gpu.py ab: ours, an older lowering ($OLD), mlx-lm paired in one process
+#   ab       (after stage1) tests, checks, profiles, then gpu.py ab: ours, an older lowering ($OLD), ours with kernels
+#            off ($VARIANTS, e.g. ours_kv_scatter), mlx-lm paired in one process
 #   run      (after stage1) the command that follows, e.g. `run python3 benchmarks/gpu.py ab --artefacts A,B`
 #   torch    torch eager (TORCH_SYSTEMS=eager,compile for both) and torch's copy bandwidth, same machine
 #   sweep    prefill profiles; the batch-1 decode profile at several MLX_MAX_OPS_PER_BUFFER and without CUDA graphs
@@ -101,10 +102,11 @@ ab)  # GPU tests, checks and batch-1 profiles, then the paired benchmark (gpu.py
     git_state > "$OUT/tree-ab.txt"
     gpu_tests pytest-ab.log "(paged and (block_shapes or compiled)) or add_rms_norm or rope or off_on_cpu"
     checks
-    python3 benchmarks/gpu.py profile --systems ours,mlx_lm --out "$OUT/gpu-$R-profile.json"
+    python3 benchmarks/gpu.py profile --systems ours,${VARIANTS:+$VARIANTS,}mlx_lm --out "$OUT/gpu-$R-profile.json"
     mkdir -p .gpuab && rm -rf .gpuab/ours && cp -r benchmarks/results/gpu-lowered .gpuab/ours
     for model in ${MODELS:-llama8b smollm2}; do
-        python3 benchmarks/gpu.py ab --artefacts .gpuab/ours${OLD:+,$OLD} --mlx-lm --models $model --rounds ${ROUNDS:-5} \
+        python3 benchmarks/gpu.py ab --artefacts .gpuab/ours${OLD:+,$OLD} ${VARIANTS:+--variants $VARIANTS} --mlx-lm \
+            --models $model --rounds ${ROUNDS:-5} \
             --batches ${BATCHES:-1,8,32,128} --prefills ${PREFILLS:-512,4096} --out "$OUT/gpu-$R-ab-$model.json"
     done
     ;;

@@ -30,10 +30,17 @@ def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim,
     Returns (out [T, H*D], updated cache). GQA is handled by SDPA without repeating K/V.
     """
     t = q.shape[0]
+    groups = batch["groups"]
+    decode = len(groups) == 1 and groups[0]["q_index"].shape == (t, 1)  # static: shapes only
+    if decode and _in_place(q, k, v, rope, head_dim, batch):
+        # one kernel rotates q and k and writes K/V into the cache; the fused attention, ordered after
+        # it by reading its q, is the cache's only reader here (runtime/rope_kernel.py)
+        q = rope_kernel.rope_qkv_into_cache(q, k, v, *rope, cache, batch["kv_rows"], num_heads=num_heads,
+                                            num_kv_heads=num_kv_heads, head_dim=head_dim)
+        return _attend_decode(q, cache, groups[0], scale, window, cap), cache
     q, k, v, rows = _new_kv(q, k, v, rope, num_heads, num_kv_heads, head_dim)
     cache = _write(cache, rows, batch)
-    groups = batch["groups"]
-    if len(groups) == 1 and groups[0]["q_index"].shape == (t, 1):  # static: shapes only
+    if decode:
         return _attend_decode(q, cache, groups[0], scale, window, cap), cache
     # One group whose [S, Lq] layout holds exactly the T tokens: every sequence has Lq of them, so the
     # layout is the token order itself (q_index = arange(T) as [S, Lq], out_index = arange(T)) and
@@ -47,6 +54,13 @@ def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim,
         return outs[0], cache
     out = (outs[0] if len(outs) == 1 else mx.concatenate(outs))[batch["out_index"]]
     return out, cache
+
+
+def _in_place(q, k, v, rope, head_dim, batch) -> bool:
+    """A decode step's K/V go into the cache from the RoPE kernel (no scatter) where both CUDA kernels
+    serve the call: the rope one and the fused attention that reads the cache after it."""
+    return (rope is not None and "kv_rows" in batch and rope_kernel.usable(q, k, v, rope, head_dim)
+            and rope_kernel.in_place_usable() and paged_kernel.usable(head_dim))
 
 
 def _new_kv(q, k, v, rope, num_heads, num_kv_heads, head_dim):

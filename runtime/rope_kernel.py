@@ -62,28 +62,35 @@ _SOURCE = r"""
         q_out[o + a] = static_cast<X>(y1);
         q_out[o + b] = static_cast<X>(y2);
     } else {
-        const size_t o = ((size_t)(head - H) * T + t) * D;  // K heads then V heads, tokens in order
-        rows[o + a] = static_cast<X>(y1);
-        rows[o + b] = static_cast<X>(y2);
+        STORE_KV
     }
 """
 
-_KERNEL = None
+# K heads then V heads, each head's tokens in order: the rows one scatter writes into the cache
+_TO_ROWS = """const size_t o = ((size_t)(head - H) * T + t) * D;
+        rows[o + a] = static_cast<X>(y1);
+        rows[o + b] = static_cast<X>(y2);"""
+# straight into the cache's row kv_rows[row] (the scatter's index): the cache buffer is written in place
+_TO_CACHE = """C* dst = const_cast<C*>(cache) + (size_t)kv_rows[(size_t)(head - H) * T + t] * D;
+        dst[a] = static_cast<C>(y1);
+        dst[b] = static_cast<C>(y2);"""
+
+_KERNELS = {}
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 _THREADS = 256
 
 
-def _kernel():
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = mx.fast.cuda_kernel(
-            name="rope_qkv_v1",  # a new name per source change: MLX caches compiled kernels by name
-            input_names=["q", "k", "v", "positions", "inv_freq"],
-            output_names=["q_out", "rows"],
-            source=_SOURCE,
+def _kernel(into_cache: bool = False):
+    if into_cache not in _KERNELS:
+        _KERNELS[into_cache] = mx.fast.cuda_kernel(
+            # a new name per source change: MLX caches compiled kernels by name
+            name="rope_qkv_cache_v1" if into_cache else "rope_qkv_v1",
+            input_names=["q", "k", "v", "positions", "inv_freq"] + (["cache", "kv_rows"] if into_cache else []),
+            output_names=["q_out"] if into_cache else ["q_out", "rows"],
+            source=_SOURCE.replace("STORE_KV", _TO_CACHE if into_cache else _TO_ROWS),
             ensure_row_contiguous=False,  # strided slices are read in place (q_strides ...)
         )
-    return _KERNEL
+    return _KERNELS[into_cache]
 
 
 def usable(q: mx.array, k: mx.array, v: mx.array, rope: tuple, head_dim: int) -> bool:
@@ -98,17 +105,45 @@ def rope_qkv(q, k, v, positions, inv_freq, traditional: bool, mscale: float, *, 
              num_kv_heads: int, head_dim: int) -> tuple[mx.array, mx.array]:
     """q [T, H*D], k and v [T, KVH*D] (any strides), positions [T] int, inv_freq [R/2] -> (q rotated
     [T, H, D], rows [2 * KVH * T, D]: k rotated then v, head-major), in q's dtype."""
+    return _call(q, k, v, positions, inv_freq, traditional, mscale, num_heads, num_kv_heads, head_dim)
+
+
+def in_place_usable() -> bool:
+    """Whether decode steps write K/V into the cache from this kernel (`rope_qkv_into_cache`) instead of
+    handing rows to a scatter. A separate switch for A/B runs (benchmarks/gpu.py `ours_kv_scatter`)."""
+    return True
+
+
+def rope_qkv_into_cache(q, k, v, positions, inv_freq, traditional: bool, mscale: float, cache, kv_rows, *,
+                        num_heads: int, num_kv_heads: int, head_dim: int) -> mx.array:
+    """As `rope_qkv`, but this step's K (rotated) and V go straight into `cache` [2, KVH, blocks,
+    block_size, D] (row-contiguous, as runtime.model allocates it) at the rows `kv_rows` [2 * KVH * T]
+    of its [2 * KVH * slots, D] view: the scatter's kernel, and its graph nodes, drop out of the step.
+    Returns q rotated [T, H, D].
+
+    MLX arrays are immutable, so this writes under MLX's feet, as vLLM's reshape_and_cache does under
+    torch's: the caller keeps using `cache` itself as the updated cache, and only a reader that depends
+    on the returned q (the fused decode attention) is ordered after the write. Hence decode steps only
+    (runtime/attention.py), where that one kernel is the cache's only reader in the layer."""
+    (q_out,) = _call(q, k, v, positions, inv_freq, traditional, mscale, num_heads, num_kv_heads, head_dim,
+                     cache=cache, kv_rows=kv_rows)
+    return q_out
+
+
+def _call(q, k, v, positions, inv_freq, traditional, mscale, num_heads, num_kv_heads, head_dim, cache=None,
+          kv_rows=None):
     t = q.shape[0]
     # views of the projection's columns; explicit sizes: a reshape to the same shape adds no graph node
     q, k, v = q.reshape(t, num_heads * head_dim), k.reshape(t, num_kv_heads * head_dim), v.reshape(t, num_kv_heads * head_dim)
     threads = t * (num_heads + 2 * num_kv_heads) * (head_dim // 2)
-    q_out, rows = _kernel()(
-        inputs=[q, k, v, positions, inv_freq],
-        template=[("X", q.dtype), ("H", num_heads), ("KVH", num_kv_heads), ("D", head_dim),
-                  ("R", 2 * inv_freq.shape[0]), ("TRAD", bool(traditional)), ("MSCALE_BITS", float_bits(mscale))],
+    template = [("X", q.dtype), ("H", num_heads), ("KVH", num_kv_heads), ("D", head_dim),
+                ("R", 2 * inv_freq.shape[0]), ("TRAD", bool(traditional)), ("MSCALE_BITS", float_bits(mscale))]
+    into_cache = cache is not None
+    return _kernel(into_cache)(
+        inputs=[q, k, v, positions, inv_freq] + ([cache, kv_rows] if into_cache else []),
+        template=template + ([("C", cache.dtype)] if into_cache else []),
         grid=(max(threads, 1), 1, 1),
         threadgroup=(_THREADS, 1, 1),
-        output_shapes=[(t, num_heads, head_dim), (2 * num_kv_heads * t, head_dim)],
-        output_dtypes=[q.dtype, q.dtype],
+        output_shapes=[(t, num_heads, head_dim)] + ([] if into_cache else [(2 * num_kv_heads * t, head_dim)]),
+        output_dtypes=[q.dtype] * (1 if into_cache else 2),
     )
-    return q_out, rows

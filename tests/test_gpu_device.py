@@ -335,3 +335,49 @@ def test_paged_attention_rope_kernel_vs_rotating_first(decode):
     assert err <= 2e-2, f"output: max abs error {err}"
     cache_err = mx.abs(fused[1].astype(mx.float32) - first[1].astype(mx.float32)).max().item()
     assert cache_err <= 2 * 2.0 ** -7 * 4, f"cache: max abs error {cache_err}"  # rows of |x| < ~4, an ulp or two
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_rope_kernel_writes_decode_kv_into_the_cache(dtype_name, monkeypatch):
+    """A decode layer under mx.compile: the RoPE kernel writing K/V straight into the cache (no scatter)
+    against the rows + scatter path, each on its own copy of the cache: the same output and the same
+    cache, bit for bit (the same kernel math), and the in-place layer hands back the cache it was given."""
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime import rope_kernel
+    from runtime.attention import paged_attention
+    from runtime.batch import StepInput, attention_arrays, to_mlx
+    from runtime.model import CacheLayout, device_batch
+
+    dtype = getattr(mx, dtype_name)
+    kvh, g, d, bs, blocks = 8, 4, 128, 16, 160
+    layout = CacheLayout(1, kvh, d, bs, dtype)
+    rng = np.random.default_rng(3)
+    ctx = np.array([0, 15, 16, 90, 200, 300, 7])
+    lens, s = ctx + 1, len(ctx)
+    table = rng.permutation(np.arange(1, blocks))[:s * 20].reshape(s, 20)
+    seq = np.arange(s)
+    step = StepInput(input_ids=np.zeros(s, np.int64), positions=ctx, query_start_loc=np.arange(s + 1), seq_lens=lens,
+                     block_table=table, slot_mapping=table[seq, ctx // bs] * bs + ctx % bs, logits_indices=np.array([0]))
+    batch = to_mlx(device_batch(attention_arrays(step, bs), layout, blocks))
+    q, k, v, _ = _merged_qkv(s, kvh * g, kvh, d, dtype, seed=4)
+    rope = (mx.array(ctx.astype(np.int32)), mx.array((1.0 / 500000 ** (np.arange(0, d, 2) / d)).astype(np.float32)),
+            False, 1.0)
+    kw = dict(num_heads=kvh * g, num_kv_heads=kvh, head_dim=d, scale=d ** -0.5, rope=rope)
+    start = mx.array(rng.standard_normal(layout.cache_shape(blocks), np.float32)).astype(dtype)
+    in_place_cache, scatter_cache = start + 0, start + 0
+    mx.eval(in_place_cache, scatter_cache)
+
+    in_place = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw))(q, k, v, in_place_cache)
+    mx.eval(in_place)
+    monkeypatch.setattr(rope_kernel, "in_place_usable", lambda: False)
+    scattered = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw))(q, k, v, scatter_cache)
+    mx.eval(scattered)
+    assert in_place[1] is in_place_cache or mx.array_equal(in_place[1], in_place_cache).item()
+    assert mx.array_equal(in_place[0], scattered[0]).item(), \
+        f"output: max abs diff {mx.abs(in_place[0].astype(mx.float32) - scattered[0].astype(mx.float32)).max().item()}"
+    diff = mx.abs(in_place_cache.astype(mx.float32) - scattered[1].astype(mx.float32))
+    assert diff.max().item() == 0, f"cache: {int((diff > 0).sum().item())} elements differ, max {diff.max().item()}"
+    assert not mx.array_equal(in_place_cache, start).item()  # the step's rows were written
