@@ -466,8 +466,14 @@ class OursKvScatter(_UsableOff):
     name, module, attr = "ours_kv_scatter", "runtime.rope_kernel", "in_place_usable"
 
 
+class OursRopeApart(_UsableOff):
+    """Decode attention in two kernels (RoPE + K/V write, then the attention) instead of
+    runtime/paged_kernel.py's one `paged_decode_rope_attention`."""
+    name, module, attr = "ours_rope_apart", "runtime.paged_kernel", "rope_usable"
+
+
 _VARIANTS = {"ours_composed": OursComposed, "ours_norm_off": OursNormOff,  # ours with one kernel off, own trace
-             "ours_rope_off": OursRopeOff, "ours_kv_scatter": OursKvScatter}
+             "ours_rope_off": OursRopeOff, "ours_kv_scatter": OursKvScatter, "ours_rope_apart": OursRopeApart}
 
 
 class MlxLm:

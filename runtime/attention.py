@@ -33,11 +33,17 @@ def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim,
     groups = batch["groups"]
     decode = len(groups) == 1 and groups[0]["q_index"].shape == (t, 1)  # static: shapes only
     if decode and _in_place(q, k, v, rope, head_dim, batch):
+        group = groups[0]
+        if paged_kernel.rope_usable(head_dim, 2 * rope[1].shape[0], rope[2]):
+            # one kernel: RoPE, this step's K/V into the cache, the attention (runtime/paged_kernel.py)
+            return paged_kernel.paged_decode_rope_attention(
+                q, k, v, *rope, cache, batch["kv_rows"], group["blocks"], group["q_pos"], num_heads=num_heads,
+                scale=scale, window=window, cap=cap), cache
         # one kernel rotates q and k and writes K/V into the cache; the fused attention, ordered after
         # it by reading its q, is the cache's only reader here (runtime/rope_kernel.py)
         q = rope_kernel.rope_qkv_into_cache(q, k, v, *rope, cache, batch["kv_rows"], num_heads=num_heads,
                                             num_kv_heads=num_kv_heads, head_dim=head_dim)
-        return _attend_decode(q, cache, groups[0], scale, window, cap), cache
+        return _attend_decode(q, cache, group, scale, window, cap), cache
     q, k, v, rows = _new_kv(q, k, v, rope, num_heads, num_kv_heads, head_dim)
     cache = _write(cache, rows, batch)
     if decode:

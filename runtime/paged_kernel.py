@@ -38,13 +38,7 @@ _SOURCE = r"""
     const float log2e = 1.4426950408889634f;
     const float NEG_INF = -__int_as_float(0x7f800000);  // MLX 0.32.4's kernel header has no `inf`
 
-    float qv[E];
-    const size_t qo = ((size_t)t * gridDim.x + h) * D + lane * E;
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-        // no cap: scores go straight to the log2 domain; with one, tanh needs the scaled logit first
-        qv[e] = static_cast<float>(q[qo + e]) * (CAP ? scale : scale * log2e);
-    }
+LOAD_Q
     // this sequence's block ids in shared memory: a key's address then costs no global round trip
     constexpr int TABLE_CAP = 1024;
     __shared__ int sm_table[TABLE_CAP];
@@ -59,6 +53,7 @@ _SOURCE = r"""
     const KT* k_cache = cache;
     const KT* v_cache = cache + plane;
     using Vec = AlignedVector<KT, E>;              // a lane's E elements of one K (or V) row, one load
+NEW_KV
 
     float m = NEG_INF, l = 0.f, acc[E];
 #pragma unroll
@@ -73,8 +68,7 @@ _SOURCE = r"""
             const int j = min(base + u, p);        // past p: recompute key p, dropped below
             const int blk = in_smem ? sm_table[j / BS] : table[j / BS];
             const size_t off = head + ((size_t)blk * BS + j % BS) * D;
-            const Vec kk = *reinterpret_cast<const Vec*>(k_cache + off);
-            vv[u] = *reinterpret_cast<const Vec*>(v_cache + off);
+LOAD_KV
             float dot = 0.f;
 #pragma unroll
             for (int e = 0; e < E; ++e) dot += qv[e] * static_cast<float>(kk[e]);
@@ -124,7 +118,89 @@ _SOURCE = r"""
     }
 """
 
+# the plain kernel: q rotated already, this step's K/V in the cache already
+_PLAIN = {
+    "LOAD_Q": """
+    float qv[E];
+    const size_t qo = ((size_t)t * gridDim.x + h) * D + lane * E;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        // no cap: scores go straight to the log2 domain; with one, tanh needs the scaled logit first
+        qv[e] = static_cast<float>(q[qo + e]) * (CAP ? scale : scale * log2e);
+    }""",
+    "NEW_KV": "",
+    "LOAD_KV": """
+            const Vec kk = *reinterpret_cast<const Vec*>(k_cache + off);
+            vv[u] = *reinterpret_cast<const Vec*>(v_cache + off);""",
+}
+
+# with RoPE: q, k and v arrive as the projection left them (strided column slices, un-rotated). Each block
+# rotates its q head and its KV head's new key as runtime/rope_kernel.py does (f32, sincosf, rounded once);
+# the first q head of each KV head writes the new K and V rows into the cache (in place, at kv_rows, as
+# rope_kernel.rope_qkv_into_cache does), and every block uses its own registers for that key instead of
+# reading it back, so no block waits on another's write. NeoX pairs (d, d + R/2) sit in lanes R/(2E) apart
+# (one shuffle); GPT-J pairs (2j, 2j + 1) inside a lane.
+_ROPE = {
+    "LOAD_Q": """
+    constexpr int P2 = R / 2;
+    const int d0 = lane * E;                        // this lane's first head dim
+    const int partner = (TRAD || d0 >= R) ? lane : (d0 < P2 ? lane + P2 / E : lane - P2 / E);
+    const float pos = static_cast<float>(positions[(size_t)t * positions_strides[0]]);
+    const float msc = __int_as_float(MSCALE_BITS);
+    auto rotate = [&](const OutT* src, int64_t col, float* y, bool rope_it) {
+        float x[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) x[e] = static_cast<float>(src[(d0 + e) * col]);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const float other = TRAD ? x[e ^ 1] : __shfl_sync(0xffffffff, x[e], partner);
+            const int d = d0 + e;
+            if (!rope_it || d >= R) { y[e] = x[e]; continue; }
+            const int jj = TRAD ? d / 2 : d % P2;
+            float sn, cs;
+            sincosf(pos * static_cast<float>(inv_freq[(size_t)jj * inv_freq_strides[0]]), &sn, &cs);
+            const bool first = TRAD ? (d % 2 == 0) : d < P2;
+            y[e] = (first ? x[e] * cs - other * sn : x[e] * cs + other * sn) * msc;
+        }
+    };
+    float qv[E], kr[E], vr[E];
+    rotate(q + (size_t)t * q_strides[0] + (size_t)h * D * q_strides[1], q_strides[1], qv, true);
+    rotate(k + (size_t)t * k_strides[0] + (size_t)kvh * D * k_strides[1], k_strides[1], kr, true);
+    rotate(v + (size_t)t * v_strides[0] + (size_t)kvh * D * v_strides[1], v_strides[1], vr, false);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {                   // q as the rope kernel would have stored it
+        qv[e] = static_cast<float>(static_cast<OutT>(qv[e])) * (CAP ? scale : scale * log2e);
+    }""",
+    "NEW_KV": """
+    Vec nk, nv;                                     // this step's key and value, as the cache holds them
+#pragma unroll
+    for (int e = 0; e < E; ++e) { nk[e] = static_cast<KT>(kr[e]); nv[e] = static_cast<KT>(vr[e]); }
+    if (h % G == 0) {
+        KT* rows = const_cast<KT*>(cache) + d0;
+        *reinterpret_cast<Vec*>(rows + (size_t)kv_rows[(size_t)kvh * gridDim.y + t] * D) = nk;
+        *reinterpret_cast<Vec*>(rows + (size_t)kv_rows[(size_t)(cache_shape[1] + kvh) * gridDim.y + t] * D) = nv;
+    }""",
+    "LOAD_KV": """
+            Vec kk;
+            if (j == p) {                           // the new key: from registers, not read back
+                kk = nk;
+                vv[u] = nv;
+            } else {
+                kk = *reinterpret_cast<const Vec*>(k_cache + off);
+                vv[u] = *reinterpret_cast<const Vec*>(v_cache + off);
+            }""",
+}
+
+
+def _source(parts: dict) -> str:
+    out = _SOURCE
+    for marker, code in parts.items():  # each marker is a line of its own
+        out = out.replace(marker + "\n", code.strip("\n") + "\n" if code else "")
+    return out
+
+
 _KERNEL = None
+_ROPE_KERNEL = None
 # Warps per (head, sequence) block and keys in flight per warp. The H200 sweep (`benchmarks/gpu.py kernel`,
 # gpu-r4c-kernel.json: 8B attention shape, 32 heads, context 172, bf16; GPU us per call at batch 1 / 8 / 32 / 128):
 # 8x4 9.6 / 7.0 / 19.0 / 68.6, within 4% of the best of 8 shapes at every batch (16x2: 9.6 / 7.4 / 21.4 / 82.7);
@@ -146,9 +222,22 @@ def _kernel():
             name="paged_decode_attention_v3",  # a new name per source change: MLX caches compiled kernels by name
             input_names=["q", "cache", "blocks", "q_pos"],
             output_names=["out"],
-            source=_SOURCE,
+            source=_source(_PLAIN),
         )
     return _KERNEL
+
+
+def _rope_kernel():
+    global _ROPE_KERNEL
+    if _ROPE_KERNEL is None:
+        _ROPE_KERNEL = mx.fast.cuda_kernel(
+            name="paged_decode_rope_attention_v1",
+            input_names=["q", "k", "v", "positions", "inv_freq", "cache", "blocks", "q_pos", "kv_rows"],
+            output_names=["out"],
+            source=_source(_ROPE),
+            ensure_row_contiguous=False,  # q, k, v: column slices read in place; the rest are contiguous
+        )
+    return _ROPE_KERNEL
 
 
 def float_bits(x: float) -> int:
@@ -167,6 +256,42 @@ def usable(head_dim: int) -> bool:
     return enabled == "1" and head_dim % 32 == 0 and head_dim <= 256 and on_cuda()
 
 
+def rope_usable(head_dim: int, rotary_dims: int, traditional: bool) -> bool:
+    """Whether `paged_decode_rope_attention` serves this layer: the plain kernel does, and the rotated pairs
+    map onto a lane's E = D / 32 elements (GPT-J: pairs inside a lane; NeoX: R/2 a multiple of E)."""
+    e = head_dim // 32
+    return usable(head_dim) and (e % 2 == 0 if traditional else (rotary_dims // 2) % e == 0)
+
+
+def paged_decode_rope_attention(q, k, v, positions, inv_freq, traditional: bool, mscale: float, cache, kv_rows,
+                                blocks, q_pos, *, num_heads: int, scale: float, window: int = -1, cap: float = 0.0):
+    """A decode layer in one kernel: RoPE of q [T, H*D] and k [T, KVH*D] (un-rotated, any strides) at
+    `positions` [T], this step's K/V written into `cache` in place at `kv_rows` (as
+    runtime/rope_kernel.rope_qkv_into_cache writes them), and the attention of `paged_decode_attention`.
+    Returns [T, H * D] in q's dtype; the caller keeps `cache` itself as the updated cache."""
+    t, d = q.shape[0], cache.shape[-1]
+    _, kvh, _, block_size, _ = cache.shape
+    blocks = blocks if blocks.dtype == mx.int32 else blocks.astype(mx.int32)
+    q_pos = q_pos if q_pos.dtype == mx.int32 else q_pos.astype(mx.int32)
+    q, k, v = q.reshape(t, num_heads * d), k.reshape(t, kvh * d), v.reshape(t, kvh * d)  # same shapes: no nodes
+    out = _rope_kernel()(
+        inputs=[q, k, v, positions, inv_freq, cache, blocks, q_pos, kv_rows],
+        template=_template(q.dtype, cache.dtype, d, block_size, num_heads // kvh, WARPS, UNROLL, window, scale, cap)
+        + [("R", 2 * inv_freq.shape[0]), ("TRAD", bool(traditional)), ("MSCALE_BITS", float_bits(mscale))],
+        grid=(num_heads * WARPS * 32, t, 1),
+        threadgroup=(WARPS * 32, 1, 1),
+        output_shapes=[(t, num_heads * d)],
+        output_dtypes=[q.dtype],
+    )
+    return out[0]
+
+
+def _template(out_dtype, cache_dtype, d, block_size, g, nw, u, window, scale, cap) -> list:
+    return [("OutT", out_dtype), ("KT", cache_dtype), ("D", d), ("BS", block_size), ("G", g), ("NW", nw), ("U", u),
+            ("WINDOW", max(int(window), 0)), ("CAP", bool(cap > 0)), ("SCALE_BITS", float_bits(scale)),
+            ("CAP_BITS", float_bits(cap if cap > 0 else 1.0))]
+
+
 def paged_decode_attention(q, cache, blocks, q_pos, *, scale: float, window: int = -1, cap: float = 0.0,
                            warps: int | None = None, unroll: int | None = None):
     """q [T, H, D] (one query per sequence); cache [2, KVH, blocks, block_size, D] (K, V); blocks [T, n]
@@ -179,9 +304,7 @@ def paged_decode_attention(q, cache, blocks, q_pos, *, scale: float, window: int
     q_pos = q_pos if q_pos.dtype == mx.int32 else q_pos.astype(mx.int32)
     out = _kernel()(
         inputs=[q, cache, blocks, q_pos],
-        template=[("OutT", q.dtype), ("KT", cache.dtype), ("D", d), ("BS", block_size), ("G", h // kvh), ("NW", nw), ("U", u),
-                  ("WINDOW", max(int(window), 0)), ("CAP", bool(cap > 0)), ("SCALE_BITS", float_bits(scale)),
-                  ("CAP_BITS", float_bits(cap if cap > 0 else 1.0))],
+        template=_template(q.dtype, cache.dtype, d, block_size, h // kvh, nw, u, window, scale, cap),
         grid=(h * nw * 32, t, 1),
         threadgroup=(nw * 32, 1, 1),
         output_shapes=[(t, h * d)],

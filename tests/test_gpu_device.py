@@ -381,3 +381,61 @@ def test_rope_kernel_writes_decode_kv_into_the_cache(dtype_name, monkeypatch):
     diff = mx.abs(in_place_cache.astype(mx.float32) - scattered[1].astype(mx.float32))
     assert diff.max().item() == 0, f"cache: {int((diff > 0).sum().item())} elements differ, max {diff.max().item()}"
     assert not mx.array_equal(in_place_cache, start).item()  # the step's rows were written
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+@pytest.mark.parametrize("kvh,g,d,rot,traditional,window,cap", [
+    (8, 4, 128, 128, False, -1, 0.0), (3, 3, 64, 64, False, -1, 0.0), (2, 2, 128, 64, True, -1, 0.0),
+    (4, 2, 64, 32, False, -1, 0.0), (8, 4, 128, 128, False, 40, 0.0), (2, 4, 128, 128, True, -1, 2.0)])
+def test_rope_attention_kernel_matches_two_kernels(dtype_name, kvh, g, d, rot, traditional, window, cap, monkeypatch):
+    """runtime/paged_kernel.py's decode layer in one kernel (RoPE, K/V into the cache, attention) against
+    the RoPE kernel writing K/V in place + the plain attention kernel (`rope_usable` off), each on its own
+    copy of the cache, under mx.compile: the output within an ulp or two of the attention's dtype, the
+    cache within an ulp of the new rows (the two kernels round the same f32 values; only FMA contraction
+    may differ), every other cache row untouched."""
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime import paged_kernel
+    from runtime.attention import paged_attention
+    from runtime.batch import StepInput, attention_arrays, to_mlx
+    from runtime.model import CacheLayout, device_batch
+
+    dtype = getattr(mx, dtype_name)
+    bs, blocks = 16, 200
+    layout = CacheLayout(1, kvh, d, bs, dtype)
+    rng = np.random.default_rng(d + rot + kvh)
+    ctx = np.array([0, 1, 15, 16, 17, 90, 300, 1000])
+    lens, s = ctx + 1, len(ctx)
+    table = rng.permutation(np.arange(1, blocks))[:s * 64].reshape(s, 64)
+    seq = np.arange(s)
+    step = StepInput(input_ids=np.zeros(s, np.int64), positions=ctx, query_start_loc=np.arange(s + 1), seq_lens=lens,
+                     block_table=table, slot_mapping=table[seq, ctx // bs] * bs + ctx % bs, logits_indices=np.array([0]))
+    batch = to_mlx(device_batch(attention_arrays(step, bs), layout, blocks))
+    q, k, v, _ = _merged_qkv(s, kvh * g, kvh, d, dtype, seed=6)
+    rope = (mx.array(ctx.astype(np.int32)), mx.array((1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)),
+            traditional, 1.0)
+    kw = dict(num_heads=kvh * g, num_kv_heads=kvh, head_dim=d, scale=d ** -0.5, window=window, cap=cap, rope=rope)
+    start = mx.array(rng.standard_normal(layout.cache_shape(blocks), np.float32)).astype(dtype)
+    one_cache, two_cache = start + 0, start + 0
+    mx.eval(one_cache, two_cache)
+
+    assert paged_kernel.rope_usable(d, rot, traditional)
+    one = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw))(q, k, v, one_cache)
+    mx.eval(one)
+    monkeypatch.setattr(paged_kernel, "rope_usable", lambda *a: False)
+    two = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw))(q, k, v, two_cache)
+    mx.eval(two)
+    ulp = {"bfloat16": 2.0 ** -7, "float32": 2.0 ** -21}[dtype_name]
+    got, want = one[0].astype(mx.float32), two[0].astype(mx.float32)
+    err = mx.abs(got - want)
+    assert mx.all(err <= 4 * ulp * (mx.abs(want) + 1)).item(), f"output: max abs error {err.max().item()}"
+    written = np.zeros(2 * kvh * blocks * bs, bool)
+    written[np.array(batch["kv_rows"])] = True
+    a = np.array(one_cache.astype(mx.float32)).reshape(-1, d)
+    b = np.array(two[1].astype(mx.float32)).reshape(-1, d)
+    assert np.array_equal(a[~written], b[~written])  # nothing else written
+    cache_err = np.abs(a[written] - b[written])
+    assert (cache_err <= 2 * ulp * np.abs(b[written])).all(), f"new rows: max abs error {cache_err.max()}"
+    assert not np.array_equal(a[written], np.array(start.astype(mx.float32)).reshape(-1, d)[written])
