@@ -6,7 +6,9 @@ A layer's cache is one array, K then V, head-major: [2, KVH, blocks, block_size,
 writes this step's K and V; gathering a group's block table gives [2, KVH, S, Lk, D] in one copy,
 which SDPA reads as [S, KVH, Lk, D] through strides (no transpose copy; a token-major cache needs one
 per layer and step, which measured 4-7x slower at decode). With `rope`, q and k arrive un-rotated
-(passes/rope_attention.py) and the rotation happens here, on CUDA in the kernel that lays out the rows.
+(passes/rope_attention.py) and the rotation happens here, on CUDA in the kernel that lays out the rows;
+a CUDA decode step needs no scatter: its K/V rows are written into the cache in place, by the fused
+decode attention itself (runtime/paged_kernel.py) or by the RoPE kernel before it.
 The batch (runtime/batch.py) splits sequences into groups (decodes, the rest); each group lays its
 queries out as [S, Lq] (sequence, query position; padded rows point at token 0 and are dropped
 again) and its keys as [S, Lk] positions covered by whole blocks. The mask follows from positions
