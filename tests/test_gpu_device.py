@@ -440,26 +440,3 @@ def test_rope_attention_kernel_matches_two_kernels(dtype_name, kvh, g, d, rot, t
     assert (cache_err <= 2 * ulp * np.abs(b[written])).all(), f"new rows: max abs error {cache_err.max()}"
     assert not np.array_equal(a[written], np.array(start.astype(mx.float32)).reshape(-1, d)[written])
 
-
-@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
-@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("f", [14336, 1536, 100])
-def test_silu_mul_row_kernel_matches_mlx(dtype_name, f):
-    """runtime/gated.py's one-row kernel vs MLX's fused `fm.silu(g) * u` on the [1, F] column slices of a merged
-    gate/up projection: within an ulp, and its output a contiguous row (MLX's keeps the slices' row stride)."""
-    import mlx.core as mx
-    import numpy as np
-
-    from runtime import fastmath as fm
-    from runtime import gated
-
-    dtype = getattr(mx, dtype_name)
-    x = mx.array(np.random.default_rng(f).standard_normal((1, 2 * f), np.float32) * 3).astype(dtype)
-    g, u = x[:, :f], x[:, f:]
-    assert gated.usable(g, u)
-    got = mx.compile(gated.silu_mul)(g, u)
-    want = mx.compile(lambda a, b: fm.silu(a) * b)(g, u)
-    ulp = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -21}[dtype_name]
-    err = mx.abs(got.astype(mx.float32) - want.astype(mx.float32))
-    assert mx.all(err <= 2 * ulp * mx.abs(want.astype(mx.float32)) + 1e-6).item(), f"max abs error {err.max().item()}"
-    assert got.shape == (1, f) and got.dtype == dtype
