@@ -18,7 +18,8 @@ Subcommands (each a fresh process; MLX and torch never share the GPU in one proc
                             --systems ours,ours_composed,mlx_lm adds ours with the fused decode kernel off
   profile --out FILE.json   where a decode step's time goes (host record / launch / wait; CUDA kernels per step
                             through CUPTI), ours vs mlx-lm; --batch B (default 1)
-  ab --artefacts A,B ...    lowerings (artefact folders) and, with --mlx-lm, mlx-lm side by side in one process,
+  ab --artefacts A,B ...    lowerings (artefact folders), the first one with a kernel off (--variants, e.g.
+                            ours_rope_apart,ours_kv_scatter) and, with --mlx-lm, mlx-lm side by side in one process,
                             in rounds of rotating order; ratios paired by round (--batches, --prefills, --rounds)
   kernel --out FILE.json    the fused paged decode attention kernel alone: GPU time per (warps, unroll) vs the
                             composed path and MLX's decode SDPA; prints the best "warps,unroll"
