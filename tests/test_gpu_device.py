@@ -337,6 +337,22 @@ def test_paged_attention_rope_kernel_vs_rotating_first(decode):
     assert cache_err <= 2 * 2.0 ** -7 * 4, f"cache: max abs error {cache_err}"  # rows of |x| < ~4, an ulp or two
 
 
+def _decode_batch(ctx, layout, blocks, width, rng):
+    """The attention batch of a pure decode step: one new token per sequence after `ctx` cached ones, each
+    sequence's `width` blocks drawn at random (block 0 left unused), as runtime.model builds it."""
+    import numpy as np
+
+    from runtime.batch import StepInput, attention_arrays, to_mlx
+    from runtime.model import device_batch
+
+    s, bs = len(ctx), layout.block_size
+    table = rng.permutation(np.arange(1, blocks))[:s * width].reshape(s, width)
+    step = StepInput(input_ids=np.zeros(s, np.int64), positions=ctx, query_start_loc=np.arange(s + 1), seq_lens=ctx + 1,
+                     block_table=table, slot_mapping=table[np.arange(s), ctx // bs] * bs + ctx % bs,
+                     logits_indices=np.array([0]))
+    return to_mlx(device_batch(attention_arrays(step, bs), layout, blocks))
+
+
 @pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
 def test_rope_kernel_writes_decode_kv_into_the_cache(dtype_name, monkeypatch):
@@ -348,20 +364,14 @@ def test_rope_kernel_writes_decode_kv_into_the_cache(dtype_name, monkeypatch):
 
     from runtime import rope_kernel
     from runtime.attention import paged_attention
-    from runtime.batch import StepInput, attention_arrays, to_mlx
-    from runtime.model import CacheLayout, device_batch
+    from runtime.model import CacheLayout
 
     dtype = getattr(mx, dtype_name)
     kvh, g, d, bs, blocks = 8, 4, 128, 16, 160
     layout = CacheLayout(1, kvh, d, bs, dtype)
     rng = np.random.default_rng(3)
     ctx = np.array([0, 15, 16, 90, 200, 300, 7])
-    lens, s = ctx + 1, len(ctx)
-    table = rng.permutation(np.arange(1, blocks))[:s * 20].reshape(s, 20)
-    seq = np.arange(s)
-    step = StepInput(input_ids=np.zeros(s, np.int64), positions=ctx, query_start_loc=np.arange(s + 1), seq_lens=lens,
-                     block_table=table, slot_mapping=table[seq, ctx // bs] * bs + ctx % bs, logits_indices=np.array([0]))
-    batch = to_mlx(device_batch(attention_arrays(step, bs), layout, blocks))
+    s, batch = len(ctx), _decode_batch(ctx, layout, blocks, 20, rng)
     q, k, v, _ = _merged_qkv(s, kvh * g, kvh, d, dtype, seed=4)
     rope = (mx.array(ctx.astype(np.int32)), mx.array((1.0 / 500000 ** (np.arange(0, d, 2) / d)).astype(np.float32)),
             False, 1.0)
@@ -399,20 +409,14 @@ def test_rope_attention_kernel_matches_two_kernels(dtype_name, kvh, g, d, rot, t
 
     from runtime import paged_kernel
     from runtime.attention import paged_attention
-    from runtime.batch import StepInput, attention_arrays, to_mlx
-    from runtime.model import CacheLayout, device_batch
+    from runtime.model import CacheLayout
 
     dtype = getattr(mx, dtype_name)
     bs, blocks = 16, 600
     layout = CacheLayout(1, kvh, d, bs, dtype)
     rng = np.random.default_rng(d + rot + kvh)
     ctx = np.array([0, 1, 15, 16, 17, 90, 300, 1000])
-    lens, s = ctx + 1, len(ctx)
-    table = rng.permutation(np.arange(1, blocks))[:s * 64].reshape(s, 64)
-    seq = np.arange(s)
-    step = StepInput(input_ids=np.zeros(s, np.int64), positions=ctx, query_start_loc=np.arange(s + 1), seq_lens=lens,
-                     block_table=table, slot_mapping=table[seq, ctx // bs] * bs + ctx % bs, logits_indices=np.array([0]))
-    batch = to_mlx(device_batch(attention_arrays(step, bs), layout, blocks))
+    s, batch = len(ctx), _decode_batch(ctx, layout, blocks, 64, rng)
     q, k, v, _ = _merged_qkv(s, kvh * g, kvh, d, dtype, seed=6)
     rope = (mx.array(ctx.astype(np.int32)), mx.array((1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)),
             traditional, 1.0)
