@@ -56,9 +56,15 @@ def _unviewed(x: fx.Node) -> fx.Node:
     return x.args[0] if x.target in _VIEWS and len(x.users) == 1 else x
 
 
-def _fused(q, k, v, positions, inv_freq, traditional, mscale, *attention, widths):
-    flat = [aten.reshape.default(x, [-1, width]) for x, width in zip((q, k), widths)]  # [T, heads * D]
-    return torch.ops.mlx.rope_paged_attention.default(*flat, v, positions, inv_freq, traditional, mscale, *attention)
+def _fused(q, k, v, positions, inv_freq, traditional, mscale, *attention, widths, flat):
+    # [T, heads * D]; one already that shape needs no reshape (MLX adds a graph node for one with -1)
+    q, k = (x if is_flat else aten.reshape.default(x, [-1, width]) for x, width, is_flat in zip((q, k), widths, flat))
+    return torch.ops.mlx.rope_paged_attention.default(q, k, v, positions, inv_freq, traditional, mscale, *attention)
+
+
+def _is_flat(x: fx.Node, width: int) -> bool:
+    val = x.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() == 2 and val.shape[1] == width
 
 
 def fuse(program: Program) -> int:
@@ -69,9 +75,10 @@ def fuse(program: Program) -> int:
         x_k = k_rope.args[0]
         widths = [int(x.meta["val"].shape[1:].numel()) for x in (x_q, x_k)]
         x_q, x_k = (_unviewed(x) for x in (x_q, x_k))
+        flat = [_is_flat(x, width) for x, width in zip((x_q, x_k), widths)]
         with graph.inserting_before(attn):
             new = record(graph, _fused, x_q, x_k, attn.args[2], positions, inv_freq, traditional, mscale,
-                         *attn.args[3:], widths=widths)
+                         *attn.args[3:], widths=widths, flat=flat)
         new.meta.update({key: val for key, val in attn.meta.items() if key in ("nn_module_stack", "stack_trace")})
         new.meta["fused_from"] = NAME
         attn.replace_all_uses_with(new)
@@ -85,7 +92,7 @@ class RopeAttention:
     independent inputs (q's and k's chains), so it rewires by hand like passes/add_rms_norm.py."""
 
     name = NAME
-    version = 1
+    version = 2
 
     def run(self, program: Program) -> int:
         return fuse(program)
