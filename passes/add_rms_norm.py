@@ -20,14 +20,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from passes.program import Program
+from passes.program import Program, value_of as _val
 
 aten = torch.ops.aten
 NAME = "add_rms_norm"
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def candidates(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:

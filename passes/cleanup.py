@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.program import Program
+from passes.program import Program, value_of as _val
 
 aten = torch.ops.aten
 
@@ -14,10 +14,6 @@ _ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default}
 _IDENTITY = {aten.alias.default, aten.contiguous.default, aten.clone.default, aten.detach.default, aten.lift_fresh_copy.default}
 _SAME_SHAPE_NOOP = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 _CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device, aten.type_as.default}
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _is_noop(node: fx.Node) -> bool:

@@ -102,6 +102,11 @@ def exported_weights(ep, module: torch.nn.Module, strip: str = "") -> tuple[dict
     return weights, paths
 
 
+def value_of(node):
+    """The fake value (shape and dtype) torch.export recorded for a node, or None for anything else."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
 def fake_mode_of(graph: fx.Graph):
     """The FakeTensorMode of the graph's shape metadata (found once, then remembered on the graph)."""
     mode = getattr(graph, "_fake_mode", None)

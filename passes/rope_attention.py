@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from passes.pattern import record
-from passes.program import Program
+from passes.program import Program, value_of
 
 aten = torch.ops.aten
 NAME = "rope_attention"
@@ -63,7 +63,7 @@ def _fused(q, k, v, positions, inv_freq, traditional, mscale, *attention, widths
 
 
 def _is_flat(x: fx.Node, width: int) -> bool:
-    val = x.meta.get("val")
+    val = value_of(x)
     return isinstance(val, torch.Tensor) and val.dim() == 2 and val.shape[1] == width
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from passes.cleanup import canonicalize
-from passes.program import Program, fake_mode_of
+from passes.program import Program, fake_mode_of, value_of as _val
 
 aten = torch.ops.aten
 mlx = torch.ops.mlx
@@ -37,10 +37,6 @@ _ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tens
                 aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.exp.default, aten.rsqrt.default,
                 aten.pow.Tensor_Scalar, aten._to_copy.default, aten.to.dtype}
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _ndim(node) -> int:
