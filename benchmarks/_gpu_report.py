@@ -118,7 +118,49 @@ def runs_table(files: list[str], model: str) -> str | None:
     return "\n".join(lines)
 
 
+def ab_table(path: str, model: str) -> str | None:
+    """One `gpu.py ab` file: ms a step, each side's median over rounds, and in brackets the median per-round ratio
+    of its time to the first side's (> 1: the first side is faster), as docs/benchmarks.md prints them."""
+    import statistics
+
+    data = json.loads(Path(path).read_text())
+    rows = [r for r in data["rows"] if r["model"] == model]
+    if data.get("part") != "ab" or not rows:
+        return None
+    sides = list(dict.fromkeys(r["side"] for r in rows))
+    lines = ["| workload | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
+    work = [("decode", b, m) for b in sorted({r["batch"] for r in rows if r["kind"] == "decode"}) for m in ("sync", "async")]
+    work += [("prefill", n, "ms") for n in sorted({r["tokens"] for r in rows if r["kind"] == "prefill"})]
+    for kind, size, mode in work:
+        metric = "ms" if kind == "prefill" else f"{mode}_ms"
+        by = {side: {r["round"]: r[metric] for r in rows if r["side"] == side and r["kind"] == kind
+                     and r.get("batch", r.get("tokens")) == size} for side in sides}
+        first = by[sides[0]]
+        cells = []
+        for side in sides:
+            mine = by[side]
+            if not mine:
+                cells.append("n/a")
+                continue
+            cell = f"{statistics.median(mine.values()):.2f}"
+            if side != sides[0]:
+                cell += f" ({statistics.median(mine[k] / first[k] for k in mine if k in first):.2f}x)"
+            cells.append(cell)
+        name = f"decode batch {size}, {mode}" if kind == "decode" else f"prefill {size}"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(files: list[str], write: bool = False) -> int:
+    abs_ = [f for f in files if json.loads(Path(f).read_text()).get("part") == "ab"]
+    for f in abs_:
+        for model in ("llama8b", "smollm2"):
+            t = ab_table(f, model)
+            if t:
+                print(f"\n### {model} ({Path(f).stem}): ms a step (ratio to {t.split(' | ')[1]}, > 1: it is faster)\n\n{t}")
+    files = [f for f in files if f not in abs_]
+    if not files:
+        return 0
     for model in ("llama8b", "smollm2"):
         print(f"\n### {model}\n")
         print(table(files, model))

@@ -19,7 +19,7 @@ Subcommands (each a fresh process; MLX and torch never share the GPU in one proc
   profile --out FILE.json   where a decode step's time goes (host record / launch / wait; CUDA kernels per step
                             through CUPTI), ours vs mlx-lm; --batch B (default 1)
   ab --artefacts A,B ...    lowerings (artefact folders), the first one with a kernel off (--variants, e.g.
-                            ours_rope_apart,ours_kv_scatter) and, with --mlx-lm, mlx-lm side by side in one process,
+                            ours_rope_apart,ours_kv_scatter,ours_fused_always) and, with --mlx-lm, mlx-lm side by side in one process,
                             in rounds of rotating order; ratios paired by round (--batches, --prefills, --rounds)
   kernel --out FILE.json    the fused paged decode attention kernel alone: GPU time per (warps, unroll) vs the
                             composed path and MLX's decode SDPA; prints the best "warps,unroll"
@@ -473,8 +473,23 @@ class OursRopeApart(_UsableOff):
     name, module, attr = "ours_rope_apart", "runtime.paged_kernel", "rope_usable"
 
 
+class OursFusedAlways(_KernelOff):
+    """`paged_decode_rope_attention` at every batch size (runtime/paged_kernel.py FUSED_MAX_BLOCKS lifted)."""
+    name = "ours_fused_always"
+
+    def _off(self, fn, *args, **kw):
+        from runtime import paged_kernel
+
+        limit, paged_kernel.FUSED_MAX_BLOCKS = paged_kernel.FUSED_MAX_BLOCKS, 1 << 30
+        try:
+            return fn(*args, **kw)
+        finally:
+            paged_kernel.FUSED_MAX_BLOCKS = limit
+
+
 _VARIANTS = {"ours_composed": OursComposed, "ours_norm_off": OursNormOff,  # ours with one kernel off, own trace
-             "ours_rope_off": OursRopeOff, "ours_kv_scatter": OursKvScatter, "ours_rope_apart": OursRopeApart}
+             "ours_rope_off": OursRopeOff, "ours_kv_scatter": OursKvScatter, "ours_rope_apart": OursRopeApart,
+             "ours_fused_always": OursFusedAlways}
 
 
 class MlxLm:

@@ -100,7 +100,7 @@ ab)  # GPU tests, checks and batch-1 profiles, then the paired benchmark (gpu.py
     ensure_mlx || exit $?
     real_out=$OUT; OUT=$(mktemp -d); trap 'tar czf "$real_out/gpu-$R-ab.tgz" -C "$OUT" .' EXIT
     git_state > "$OUT/tree-ab.txt"
-    gpu_tests pytest-ab.log "(paged and (block_shapes or compiled)) or add_rms_norm or rope or off_on_cpu"
+    gpu_tests pytest-ab.log "(paged and (block_shapes or compiled)) or add_rms_norm or rope or silu or off_on_cpu"
     checks
     python3 benchmarks/gpu.py profile --systems ours,${VARIANTS:+$VARIANTS,}mlx_lm --out "$OUT/gpu-$R-profile.json"
     mkdir -p .gpuab && rm -rf .gpuab/ours && cp -r benchmarks/results/gpu-lowered .gpuab/ours

@@ -36,7 +36,7 @@ def paged_attention(q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim,
     decode = len(groups) == 1 and groups[0]["q_index"].shape == (t, 1)  # static: shapes only
     if decode and _in_place(q, k, v, rope, head_dim, batch):
         group = groups[0]
-        if paged_kernel.rope_usable(head_dim, 2 * rope[1].shape[0], rope[2]):
+        if paged_kernel.rope_usable(head_dim, 2 * rope[1].shape[0], rope[2], num_heads, t):
             # one kernel: RoPE, this step's K/V into the cache, the attention (runtime/paged_kernel.py)
             return paged_kernel.paged_decode_rope_attention(
                 q, k, v, *rope, cache, batch["kv_rows"], group["blocks"], group["q_pos"], num_heads=num_heads,

@@ -60,12 +60,12 @@ NEW_KV
     for (int e = 0; e < E; ++e) acc[e] = 0.f;
 
     // U keys per warp per iteration, K and V rows loaded together up front: one memory latency per iteration
-    for (int base = lo + warp * U; base <= p; base += NW * U) {
+    for (int base = lo + warp * U; base <= last; base += NW * U) {
         float s[U];
         Vec vv[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int j = min(base + u, p);        // past p: recompute key p, dropped below
+            const int j = min(base + u, last);     // past the last key: recompute it, dropped below
             const int blk = in_smem ? sm_table[j / BS] : table[j / BS];
             const size_t off = head + ((size_t)blk * BS + j % BS) * D;
 LOAD_KV
@@ -79,7 +79,7 @@ LOAD_KV
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) s[u] += __shfl_xor_sync(0xffffffff, s[u], o);
             if (CAP) s[u] = tanhf(s[u] / cap) * cap * log2e;
-            if (base + u > p) s[u] = NEG_INF;
+            if (base + u > last) s[u] = NEG_INF;
         }
         float mx_ = m;
 #pragma unroll
@@ -97,7 +97,7 @@ LOAD_KV
         }
         m = mx_;
     }
-
+NEW_KEY
     __shared__ float sm_m[NW], sm_l[NW], sm_acc[NW][D];
     if (lane == 0) { sm_m[warp] = m; sm_l[warp] = l; }
 #pragma unroll
@@ -128,18 +128,21 @@ _PLAIN = {
         // no cap: scores go straight to the log2 domain; with one, tanh needs the scaled logit first
         qv[e] = static_cast<float>(q[qo + e]) * (CAP ? scale : scale * log2e);
     }""",
-    "NEW_KV": "",
+    "NEW_KV": """
+    const int last = p;                             // every key is in the cache""",
     "LOAD_KV": """
             const Vec kk = *reinterpret_cast<const Vec*>(k_cache + off);
             vv[u] = *reinterpret_cast<const Vec*>(v_cache + off);""",
+    "NEW_KEY": "",
 }
 
 # with RoPE: q, k and v arrive as the projection left them (strided column slices, un-rotated). Each block
-# rotates its q head and its KV head's new key as runtime/rope_kernel.py does (f32, sincosf, rounded once);
-# the first q head of each KV head writes the new K and V rows into the cache (in place, at kv_rows, as
-# rope_kernel.rope_qkv_into_cache does), and every block uses its own registers for that key instead of
-# reading it back, so no block waits on another's write. NeoX pairs (d, d + R/2) sit in lanes R/(2E) apart
-# (one shuffle); GPT-J pairs (2j, 2j + 1) inside a lane.
+# rotates its q head and its KV head's new key as runtime/rope_kernel.py does (f32, sincosf, rounded once;
+# one angle per dim for both); the first q head of each KV head writes the new K and V rows into the cache
+# (in place, at kv_rows, as rope_kernel.rope_qkv_into_cache does). The key loop reads keys lo..p-1 from the
+# cache exactly as the plain kernel does, and warp 0 adds key p from registers after it: no block reads
+# what another writes, and the hot loop stays branch-free. NeoX pairs (d, d + R/2) sit in lanes R/(2E)
+# apart (one shuffle); GPT-J pairs (2j, 2j + 1) inside a lane.
 _ROPE = {
     "LOAD_Q": """
     constexpr int P2 = R / 2;
@@ -147,6 +150,13 @@ _ROPE = {
     const int partner = (TRAD || d0 >= R) ? lane : (d0 < P2 ? lane + P2 / E : lane - P2 / E);
     const float pos = static_cast<float>(positions[(size_t)t * positions_strides[0]]);
     const float msc = __int_as_float(MSCALE_BITS);
+    float cs[E], sn[E];                             // one angle per dim pair, for q and k alike
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        const int d = d0 + e, jj = TRAD ? d / 2 : d % P2;
+        cs[e] = 1.f, sn[e] = 0.f;
+        if (d < R) sincosf(pos * static_cast<float>(inv_freq[(size_t)jj * inv_freq_strides[0]]), &sn[e], &cs[e]);
+    }
     auto rotate = [&](const OutT* src, int64_t col, float* y, bool rope_it) {
         float x[E];
 #pragma unroll
@@ -155,12 +165,9 @@ _ROPE = {
         for (int e = 0; e < E; ++e) {
             const float other = TRAD ? x[e ^ 1] : __shfl_sync(0xffffffff, x[e], partner);
             const int d = d0 + e;
-            if (!rope_it || d >= R) { y[e] = x[e]; continue; }
-            const int jj = TRAD ? d / 2 : d % P2;
-            float sn, cs;
-            sincosf(pos * static_cast<float>(inv_freq[(size_t)jj * inv_freq_strides[0]]), &sn, &cs);
             const bool first = TRAD ? (d % 2 == 0) : d < P2;
-            y[e] = (first ? x[e] * cs - other * sn : x[e] * cs + other * sn) * msc;
+            y[e] = (!rope_it || d >= R) ? x[e]
+                   : (first ? x[e] * cs[e] - other * sn[e] : x[e] * cs[e] + other * sn[e]) * msc;
         }
     };
     float qv[E], kr[E], vr[E];
@@ -179,16 +186,24 @@ _ROPE = {
         KT* rows = const_cast<KT*>(cache) + d0;
         *reinterpret_cast<Vec*>(rows + (size_t)kv_rows[(size_t)kvh * gridDim.y + t] * D) = nk;
         *reinterpret_cast<Vec*>(rows + (size_t)kv_rows[(size_t)(cache_shape[1] + kvh) * gridDim.y + t] * D) = nv;
+    }
+    const int last = p - 1;                         // the cache's keys; key p comes after the loop""",
+    "LOAD_KV": _PLAIN["LOAD_KV"],
+    "NEW_KEY": """
+    if (warp == 0) {                                // key p from registers: one more online-softmax step
+        float sp = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) sp += qv[e] * static_cast<float>(nk[e]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sp += __shfl_xor_sync(0xffffffff, sp, o);
+        if (CAP) sp = tanhf(sp / cap) * cap * log2e;
+        const float mx_ = fmaxf(m, sp);
+        const float corr = exp2f(m - mx_), w = exp2f(sp - mx_);
+        l = l * corr + w;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] = acc[e] * corr + w * static_cast<float>(nv[e]);
+        m = mx_;
     }""",
-    "LOAD_KV": """
-            Vec kk;
-            if (j == p) {                           // the new key: from registers, not read back
-                kk = nk;
-                vv[u] = nv;
-            } else {
-                kk = *reinterpret_cast<const Vec*>(k_cache + off);
-                vv[u] = *reinterpret_cast<const Vec*>(v_cache + off);
-            }""",
 }
 
 
@@ -219,7 +234,7 @@ def _kernel():
     global _KERNEL
     if _KERNEL is None:  # built on first use: mx.fast.cuda_kernel exists on every build, runs only on CUDA
         _KERNEL = mx.fast.cuda_kernel(
-            name="paged_decode_attention_v3",  # a new name per source change: MLX caches compiled kernels by name
+            name="paged_decode_attention_v4",  # a new name per source change: MLX caches compiled kernels by name
             input_names=["q", "cache", "blocks", "q_pos"],
             output_names=["out"],
             source=_source(_PLAIN),
@@ -231,7 +246,7 @@ def _rope_kernel():
     global _ROPE_KERNEL
     if _ROPE_KERNEL is None:
         _ROPE_KERNEL = mx.fast.cuda_kernel(
-            name="paged_decode_rope_attention_v1",
+            name="paged_decode_rope_attention_v2",
             input_names=["q", "k", "v", "positions", "inv_freq", "cache", "blocks", "q_pos", "kv_rows"],
             output_names=["out"],
             source=_source(_ROPE),
@@ -256,11 +271,21 @@ def usable(head_dim: int) -> bool:
     return enabled == "1" and head_dim % 32 == 0 and head_dim <= 256 and on_cuda()
 
 
-def rope_usable(head_dim: int, rotary_dims: int, traditional: bool) -> bool:
-    """Whether `paged_decode_rope_attention` serves this layer: the plain kernel does, and the rotated pairs
-    map onto a lane's E = D / 32 elements (GPT-J: pairs inside a lane; NeoX: R/2 a multiple of E)."""
+# Above this many CUDA blocks (query heads x sequences) a decode layer runs RoPE + in-place write and the plain
+# kernel instead of the fused one: every block of the fused kernel rotates its q head and its KV head's key
+# before its first key load, work the RoPE kernel does once, and once the grid spans a few waves of the
+# GPU the step is GPU-bound and that costs more than the launch it saves. H100, r12 (docs/benchmarks.md):
+# fused vs two kernels 1.00-1.10x up to 1,152 blocks (8B batch 1-32, SmolLM2 batch 128), 0.94-0.98x at 4,096.
+FUSED_MAX_BLOCKS = 2048
+
+
+def rope_usable(head_dim: int, rotary_dims: int, traditional: bool, num_heads: int, seqs: int) -> bool:
+    """Whether `paged_decode_rope_attention` serves this layer: the plain kernel does, the rotated pairs map
+    onto a lane's E = D / 32 elements (GPT-J: pairs inside a lane; NeoX: R/2 a multiple of E), and its grid
+    is small enough (FUSED_MAX_BLOCKS)."""
     e = head_dim // 32
-    return usable(head_dim) and (e % 2 == 0 if traditional else (rotary_dims // 2) % e == 0)
+    return (usable(head_dim) and (e % 2 == 0 if traditional else (rotary_dims // 2) % e == 0)
+            and num_heads * seqs <= FUSED_MAX_BLOCKS)
 
 
 def paged_decode_rope_attention(q, k, v, positions, inv_freq, traditional: bool, mscale: float, cache, kv_rows,

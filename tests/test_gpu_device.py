@@ -362,7 +362,7 @@ def test_rope_kernel_writes_decode_kv_into_the_cache(dtype_name, monkeypatch):
     import mlx.core as mx
     import numpy as np
 
-    from runtime import rope_kernel
+    from runtime import paged_kernel, rope_kernel
     from runtime.attention import paged_attention
     from runtime.model import CacheLayout
 
@@ -380,6 +380,8 @@ def test_rope_kernel_writes_decode_kv_into_the_cache(dtype_name, monkeypatch):
     in_place_cache, scatter_cache = start + 0, start + 0
     mx.eval(in_place_cache, scatter_cache)
 
+    # the write alone: both sides attend with the plain kernel (the one-kernel layer has its own test below)
+    monkeypatch.setattr(paged_kernel, "rope_usable", lambda *a: False)
     in_place = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw))(q, k, v, in_place_cache)
     mx.eval(in_place)
     monkeypatch.setattr(rope_kernel, "in_place_usable", lambda: False)
@@ -425,7 +427,7 @@ def test_rope_attention_kernel_matches_two_kernels(dtype_name, kvh, g, d, rot, t
     one_cache, two_cache = start + 0, start + 0
     mx.eval(one_cache, two_cache)
 
-    assert paged_kernel.rope_usable(d, rot, traditional)
+    assert paged_kernel.rope_usable(d, rot, traditional, kvh * g, s)
     one = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw))(q, k, v, one_cache)
     mx.eval(one)
     monkeypatch.setattr(paged_kernel, "rope_usable", lambda *a: False)
@@ -444,3 +446,33 @@ def test_rope_attention_kernel_matches_two_kernels(dtype_name, kvh, g, d, rot, t
     assert (cache_err <= 2 * ulp * np.abs(b[written])).all(), f"new rows: max abs error {cache_err.max()}"
     assert not np.array_equal(a[written], np.array(start.astype(mx.float32)).reshape(-1, d)[written])
 
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("f", [14336, 1536, 100])
+def test_silu_mul_row_kernel_matches_mlx(dtype_name, f):
+    """runtime/gated.py's one-row kernel on the [1, F] column slices of a merged gate/up projection: within 2 ulp
+    of silu(g) * u computed in f32 from the same inputs (it rounds three times: the sigmoid, g * sigmoid, the
+    product), never further from it than 1 ulp past MLX's own fused `fm.silu(g) * u` (which for float16 may
+    compute the sigmoid in half precision), and its output a contiguous [1, F] row."""
+    import mlx.core as mx
+    import numpy as np
+
+    from runtime import fastmath as fm
+    from runtime import gated
+
+    dtype = getattr(mx, dtype_name)
+    x = mx.array(np.random.default_rng(f).standard_normal((1, 2 * f), np.float32) * 3).astype(dtype)
+    g, u = x[:, :f], x[:, f:]
+    assert gated.usable(g, u)
+    out = mx.compile(gated.silu_mul)(g, u)
+    assert out.shape == (1, f) and out.dtype == dtype
+    got = out.astype(mx.float32)
+    mlx_own = mx.compile(lambda a, b: fm.silu(a) * b)(g, u).astype(mx.float32)
+    g32, u32 = g.astype(mx.float32), u.astype(mx.float32)
+    truth = g32 * mx.sigmoid(g32) * u32
+    ulp = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -21}[dtype_name]
+    err, mlx_err = mx.abs(got - truth), mx.abs(mlx_own - truth)
+    bound = ulp * mx.abs(truth) + 1e-6
+    assert mx.all(err <= 2 * bound).item(), f"max abs error {err.max().item()} (MLX's own: {mlx_err.max().item()})"
+    assert mx.all(err <= mlx_err + bound).item(), f"max abs error {err.max().item()} (MLX's own: {mlx_err.max().item()})"

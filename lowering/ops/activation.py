@@ -8,4 +8,4 @@ from lowering.ops.registry import register
 
 @register(torch.ops.mlx.silu_mul.default)
 def silu_mul(e, node, gate, up):
-    return f"fm.silu({e.r(gate)}) * {e.r(up)}"
+    return f"silu_mul({e.r(gate)}, {e.r(up)})"  # runtime/gated.py: fm.silu(gate) * up, or one CUDA kernel

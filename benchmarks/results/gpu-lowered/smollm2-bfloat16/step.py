@@ -5,6 +5,7 @@ import mlx.core as mx
 from runtime import fastmath as fm
 from runtime.attention import paged_attention, rotate
 from runtime.experts import gather_mm
+from runtime.gated import silu_mul
 from runtime.norm import add_rms_norm
 
 
@@ -28,7 +29,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_0_mlp_gate_proj_up_proj = layers_0_post_attention_layernorm_rms_norm @ w["model.layers.0.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_0_mlp_gate_proj_slice = layers_0_mlp_gate_proj_up_proj[:, :1536]
     layers_0_mlp_up_proj_slice = layers_0_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_0_mlp_silu_mul = fm.silu(layers_0_mlp_gate_proj_slice) * layers_0_mlp_up_proj_slice  # fused: silu_mul
+    layers_0_mlp_silu_mul = silu_mul(layers_0_mlp_gate_proj_slice, layers_0_mlp_up_proj_slice)  # fused: silu_mul
     layers_0_mlp_down_proj = layers_0_mlp_silu_mul @ w["model.layers.0.mlp.down_proj.weight.T"]
 
     # layer 1
@@ -43,7 +44,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_1_mlp_gate_proj_up_proj = layers_1_post_attention_layernorm_rms_norm @ w["model.layers.1.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_1_mlp_gate_proj_slice = layers_1_mlp_gate_proj_up_proj[:, :1536]
     layers_1_mlp_up_proj_slice = layers_1_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_1_mlp_silu_mul = fm.silu(layers_1_mlp_gate_proj_slice) * layers_1_mlp_up_proj_slice  # fused: silu_mul
+    layers_1_mlp_silu_mul = silu_mul(layers_1_mlp_gate_proj_slice, layers_1_mlp_up_proj_slice)  # fused: silu_mul
     layers_1_mlp_down_proj = layers_1_mlp_silu_mul @ w["model.layers.1.mlp.down_proj.weight.T"]
 
     # layer 2
@@ -58,7 +59,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_2_mlp_gate_proj_up_proj = layers_2_post_attention_layernorm_rms_norm @ w["model.layers.2.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_2_mlp_gate_proj_slice = layers_2_mlp_gate_proj_up_proj[:, :1536]
     layers_2_mlp_up_proj_slice = layers_2_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_2_mlp_silu_mul = fm.silu(layers_2_mlp_gate_proj_slice) * layers_2_mlp_up_proj_slice  # fused: silu_mul
+    layers_2_mlp_silu_mul = silu_mul(layers_2_mlp_gate_proj_slice, layers_2_mlp_up_proj_slice)  # fused: silu_mul
     layers_2_mlp_down_proj = layers_2_mlp_silu_mul @ w["model.layers.2.mlp.down_proj.weight.T"]
 
     # layer 3
@@ -73,7 +74,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_3_mlp_gate_proj_up_proj = layers_3_post_attention_layernorm_rms_norm @ w["model.layers.3.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_3_mlp_gate_proj_slice = layers_3_mlp_gate_proj_up_proj[:, :1536]
     layers_3_mlp_up_proj_slice = layers_3_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_3_mlp_silu_mul = fm.silu(layers_3_mlp_gate_proj_slice) * layers_3_mlp_up_proj_slice  # fused: silu_mul
+    layers_3_mlp_silu_mul = silu_mul(layers_3_mlp_gate_proj_slice, layers_3_mlp_up_proj_slice)  # fused: silu_mul
     layers_3_mlp_down_proj = layers_3_mlp_silu_mul @ w["model.layers.3.mlp.down_proj.weight.T"]
 
     # layer 4
@@ -88,7 +89,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_4_mlp_gate_proj_up_proj = layers_4_post_attention_layernorm_rms_norm @ w["model.layers.4.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_4_mlp_gate_proj_slice = layers_4_mlp_gate_proj_up_proj[:, :1536]
     layers_4_mlp_up_proj_slice = layers_4_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_4_mlp_silu_mul = fm.silu(layers_4_mlp_gate_proj_slice) * layers_4_mlp_up_proj_slice  # fused: silu_mul
+    layers_4_mlp_silu_mul = silu_mul(layers_4_mlp_gate_proj_slice, layers_4_mlp_up_proj_slice)  # fused: silu_mul
     layers_4_mlp_down_proj = layers_4_mlp_silu_mul @ w["model.layers.4.mlp.down_proj.weight.T"]
 
     # layer 5
@@ -103,7 +104,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_5_mlp_gate_proj_up_proj = layers_5_post_attention_layernorm_rms_norm @ w["model.layers.5.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_5_mlp_gate_proj_slice = layers_5_mlp_gate_proj_up_proj[:, :1536]
     layers_5_mlp_up_proj_slice = layers_5_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_5_mlp_silu_mul = fm.silu(layers_5_mlp_gate_proj_slice) * layers_5_mlp_up_proj_slice  # fused: silu_mul
+    layers_5_mlp_silu_mul = silu_mul(layers_5_mlp_gate_proj_slice, layers_5_mlp_up_proj_slice)  # fused: silu_mul
     layers_5_mlp_down_proj = layers_5_mlp_silu_mul @ w["model.layers.5.mlp.down_proj.weight.T"]
 
     # layer 6
@@ -118,7 +119,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_6_mlp_gate_proj_up_proj = layers_6_post_attention_layernorm_rms_norm @ w["model.layers.6.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_6_mlp_gate_proj_slice = layers_6_mlp_gate_proj_up_proj[:, :1536]
     layers_6_mlp_up_proj_slice = layers_6_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_6_mlp_silu_mul = fm.silu(layers_6_mlp_gate_proj_slice) * layers_6_mlp_up_proj_slice  # fused: silu_mul
+    layers_6_mlp_silu_mul = silu_mul(layers_6_mlp_gate_proj_slice, layers_6_mlp_up_proj_slice)  # fused: silu_mul
     layers_6_mlp_down_proj = layers_6_mlp_silu_mul @ w["model.layers.6.mlp.down_proj.weight.T"]
 
     # layer 7
@@ -133,7 +134,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_7_mlp_gate_proj_up_proj = layers_7_post_attention_layernorm_rms_norm @ w["model.layers.7.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_7_mlp_gate_proj_slice = layers_7_mlp_gate_proj_up_proj[:, :1536]
     layers_7_mlp_up_proj_slice = layers_7_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_7_mlp_silu_mul = fm.silu(layers_7_mlp_gate_proj_slice) * layers_7_mlp_up_proj_slice  # fused: silu_mul
+    layers_7_mlp_silu_mul = silu_mul(layers_7_mlp_gate_proj_slice, layers_7_mlp_up_proj_slice)  # fused: silu_mul
     layers_7_mlp_down_proj = layers_7_mlp_silu_mul @ w["model.layers.7.mlp.down_proj.weight.T"]
 
     # layer 8
@@ -148,7 +149,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_8_mlp_gate_proj_up_proj = layers_8_post_attention_layernorm_rms_norm @ w["model.layers.8.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_8_mlp_gate_proj_slice = layers_8_mlp_gate_proj_up_proj[:, :1536]
     layers_8_mlp_up_proj_slice = layers_8_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_8_mlp_silu_mul = fm.silu(layers_8_mlp_gate_proj_slice) * layers_8_mlp_up_proj_slice  # fused: silu_mul
+    layers_8_mlp_silu_mul = silu_mul(layers_8_mlp_gate_proj_slice, layers_8_mlp_up_proj_slice)  # fused: silu_mul
     layers_8_mlp_down_proj = layers_8_mlp_silu_mul @ w["model.layers.8.mlp.down_proj.weight.T"]
 
     # layer 9
@@ -163,7 +164,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_9_mlp_gate_proj_up_proj = layers_9_post_attention_layernorm_rms_norm @ w["model.layers.9.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_9_mlp_gate_proj_slice = layers_9_mlp_gate_proj_up_proj[:, :1536]
     layers_9_mlp_up_proj_slice = layers_9_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_9_mlp_silu_mul = fm.silu(layers_9_mlp_gate_proj_slice) * layers_9_mlp_up_proj_slice  # fused: silu_mul
+    layers_9_mlp_silu_mul = silu_mul(layers_9_mlp_gate_proj_slice, layers_9_mlp_up_proj_slice)  # fused: silu_mul
     layers_9_mlp_down_proj = layers_9_mlp_silu_mul @ w["model.layers.9.mlp.down_proj.weight.T"]
 
     # layer 10
@@ -178,7 +179,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_10_mlp_gate_proj_up_proj = layers_10_post_attention_layernorm_rms_norm @ w["model.layers.10.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_10_mlp_gate_proj_slice = layers_10_mlp_gate_proj_up_proj[:, :1536]
     layers_10_mlp_up_proj_slice = layers_10_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_10_mlp_silu_mul = fm.silu(layers_10_mlp_gate_proj_slice) * layers_10_mlp_up_proj_slice  # fused: silu_mul
+    layers_10_mlp_silu_mul = silu_mul(layers_10_mlp_gate_proj_slice, layers_10_mlp_up_proj_slice)  # fused: silu_mul
     layers_10_mlp_down_proj = layers_10_mlp_silu_mul @ w["model.layers.10.mlp.down_proj.weight.T"]
 
     # layer 11
@@ -193,7 +194,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_11_mlp_gate_proj_up_proj = layers_11_post_attention_layernorm_rms_norm @ w["model.layers.11.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_11_mlp_gate_proj_slice = layers_11_mlp_gate_proj_up_proj[:, :1536]
     layers_11_mlp_up_proj_slice = layers_11_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_11_mlp_silu_mul = fm.silu(layers_11_mlp_gate_proj_slice) * layers_11_mlp_up_proj_slice  # fused: silu_mul
+    layers_11_mlp_silu_mul = silu_mul(layers_11_mlp_gate_proj_slice, layers_11_mlp_up_proj_slice)  # fused: silu_mul
     layers_11_mlp_down_proj = layers_11_mlp_silu_mul @ w["model.layers.11.mlp.down_proj.weight.T"]
 
     # layer 12
@@ -208,7 +209,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_12_mlp_gate_proj_up_proj = layers_12_post_attention_layernorm_rms_norm @ w["model.layers.12.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_12_mlp_gate_proj_slice = layers_12_mlp_gate_proj_up_proj[:, :1536]
     layers_12_mlp_up_proj_slice = layers_12_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_12_mlp_silu_mul = fm.silu(layers_12_mlp_gate_proj_slice) * layers_12_mlp_up_proj_slice  # fused: silu_mul
+    layers_12_mlp_silu_mul = silu_mul(layers_12_mlp_gate_proj_slice, layers_12_mlp_up_proj_slice)  # fused: silu_mul
     layers_12_mlp_down_proj = layers_12_mlp_silu_mul @ w["model.layers.12.mlp.down_proj.weight.T"]
 
     # layer 13
@@ -223,7 +224,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_13_mlp_gate_proj_up_proj = layers_13_post_attention_layernorm_rms_norm @ w["model.layers.13.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_13_mlp_gate_proj_slice = layers_13_mlp_gate_proj_up_proj[:, :1536]
     layers_13_mlp_up_proj_slice = layers_13_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_13_mlp_silu_mul = fm.silu(layers_13_mlp_gate_proj_slice) * layers_13_mlp_up_proj_slice  # fused: silu_mul
+    layers_13_mlp_silu_mul = silu_mul(layers_13_mlp_gate_proj_slice, layers_13_mlp_up_proj_slice)  # fused: silu_mul
     layers_13_mlp_down_proj = layers_13_mlp_silu_mul @ w["model.layers.13.mlp.down_proj.weight.T"]
 
     # layer 14
@@ -238,7 +239,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_14_mlp_gate_proj_up_proj = layers_14_post_attention_layernorm_rms_norm @ w["model.layers.14.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_14_mlp_gate_proj_slice = layers_14_mlp_gate_proj_up_proj[:, :1536]
     layers_14_mlp_up_proj_slice = layers_14_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_14_mlp_silu_mul = fm.silu(layers_14_mlp_gate_proj_slice) * layers_14_mlp_up_proj_slice  # fused: silu_mul
+    layers_14_mlp_silu_mul = silu_mul(layers_14_mlp_gate_proj_slice, layers_14_mlp_up_proj_slice)  # fused: silu_mul
     layers_14_mlp_down_proj = layers_14_mlp_silu_mul @ w["model.layers.14.mlp.down_proj.weight.T"]
 
     # layer 15
@@ -253,7 +254,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_15_mlp_gate_proj_up_proj = layers_15_post_attention_layernorm_rms_norm @ w["model.layers.15.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_15_mlp_gate_proj_slice = layers_15_mlp_gate_proj_up_proj[:, :1536]
     layers_15_mlp_up_proj_slice = layers_15_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_15_mlp_silu_mul = fm.silu(layers_15_mlp_gate_proj_slice) * layers_15_mlp_up_proj_slice  # fused: silu_mul
+    layers_15_mlp_silu_mul = silu_mul(layers_15_mlp_gate_proj_slice, layers_15_mlp_up_proj_slice)  # fused: silu_mul
     layers_15_mlp_down_proj = layers_15_mlp_silu_mul @ w["model.layers.15.mlp.down_proj.weight.T"]
 
     # layer 16
@@ -268,7 +269,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_16_mlp_gate_proj_up_proj = layers_16_post_attention_layernorm_rms_norm @ w["model.layers.16.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_16_mlp_gate_proj_slice = layers_16_mlp_gate_proj_up_proj[:, :1536]
     layers_16_mlp_up_proj_slice = layers_16_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_16_mlp_silu_mul = fm.silu(layers_16_mlp_gate_proj_slice) * layers_16_mlp_up_proj_slice  # fused: silu_mul
+    layers_16_mlp_silu_mul = silu_mul(layers_16_mlp_gate_proj_slice, layers_16_mlp_up_proj_slice)  # fused: silu_mul
     layers_16_mlp_down_proj = layers_16_mlp_silu_mul @ w["model.layers.16.mlp.down_proj.weight.T"]
 
     # layer 17
@@ -283,7 +284,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_17_mlp_gate_proj_up_proj = layers_17_post_attention_layernorm_rms_norm @ w["model.layers.17.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_17_mlp_gate_proj_slice = layers_17_mlp_gate_proj_up_proj[:, :1536]
     layers_17_mlp_up_proj_slice = layers_17_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_17_mlp_silu_mul = fm.silu(layers_17_mlp_gate_proj_slice) * layers_17_mlp_up_proj_slice  # fused: silu_mul
+    layers_17_mlp_silu_mul = silu_mul(layers_17_mlp_gate_proj_slice, layers_17_mlp_up_proj_slice)  # fused: silu_mul
     layers_17_mlp_down_proj = layers_17_mlp_silu_mul @ w["model.layers.17.mlp.down_proj.weight.T"]
 
     # layer 18
@@ -298,7 +299,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_18_mlp_gate_proj_up_proj = layers_18_post_attention_layernorm_rms_norm @ w["model.layers.18.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_18_mlp_gate_proj_slice = layers_18_mlp_gate_proj_up_proj[:, :1536]
     layers_18_mlp_up_proj_slice = layers_18_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_18_mlp_silu_mul = fm.silu(layers_18_mlp_gate_proj_slice) * layers_18_mlp_up_proj_slice  # fused: silu_mul
+    layers_18_mlp_silu_mul = silu_mul(layers_18_mlp_gate_proj_slice, layers_18_mlp_up_proj_slice)  # fused: silu_mul
     layers_18_mlp_down_proj = layers_18_mlp_silu_mul @ w["model.layers.18.mlp.down_proj.weight.T"]
 
     # layer 19
@@ -313,7 +314,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_19_mlp_gate_proj_up_proj = layers_19_post_attention_layernorm_rms_norm @ w["model.layers.19.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_19_mlp_gate_proj_slice = layers_19_mlp_gate_proj_up_proj[:, :1536]
     layers_19_mlp_up_proj_slice = layers_19_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_19_mlp_silu_mul = fm.silu(layers_19_mlp_gate_proj_slice) * layers_19_mlp_up_proj_slice  # fused: silu_mul
+    layers_19_mlp_silu_mul = silu_mul(layers_19_mlp_gate_proj_slice, layers_19_mlp_up_proj_slice)  # fused: silu_mul
     layers_19_mlp_down_proj = layers_19_mlp_silu_mul @ w["model.layers.19.mlp.down_proj.weight.T"]
 
     # layer 20
@@ -328,7 +329,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_20_mlp_gate_proj_up_proj = layers_20_post_attention_layernorm_rms_norm @ w["model.layers.20.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_20_mlp_gate_proj_slice = layers_20_mlp_gate_proj_up_proj[:, :1536]
     layers_20_mlp_up_proj_slice = layers_20_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_20_mlp_silu_mul = fm.silu(layers_20_mlp_gate_proj_slice) * layers_20_mlp_up_proj_slice  # fused: silu_mul
+    layers_20_mlp_silu_mul = silu_mul(layers_20_mlp_gate_proj_slice, layers_20_mlp_up_proj_slice)  # fused: silu_mul
     layers_20_mlp_down_proj = layers_20_mlp_silu_mul @ w["model.layers.20.mlp.down_proj.weight.T"]
 
     # layer 21
@@ -343,7 +344,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_21_mlp_gate_proj_up_proj = layers_21_post_attention_layernorm_rms_norm @ w["model.layers.21.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_21_mlp_gate_proj_slice = layers_21_mlp_gate_proj_up_proj[:, :1536]
     layers_21_mlp_up_proj_slice = layers_21_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_21_mlp_silu_mul = fm.silu(layers_21_mlp_gate_proj_slice) * layers_21_mlp_up_proj_slice  # fused: silu_mul
+    layers_21_mlp_silu_mul = silu_mul(layers_21_mlp_gate_proj_slice, layers_21_mlp_up_proj_slice)  # fused: silu_mul
     layers_21_mlp_down_proj = layers_21_mlp_silu_mul @ w["model.layers.21.mlp.down_proj.weight.T"]
 
     # layer 22
@@ -358,7 +359,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_22_mlp_gate_proj_up_proj = layers_22_post_attention_layernorm_rms_norm @ w["model.layers.22.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_22_mlp_gate_proj_slice = layers_22_mlp_gate_proj_up_proj[:, :1536]
     layers_22_mlp_up_proj_slice = layers_22_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_22_mlp_silu_mul = fm.silu(layers_22_mlp_gate_proj_slice) * layers_22_mlp_up_proj_slice  # fused: silu_mul
+    layers_22_mlp_silu_mul = silu_mul(layers_22_mlp_gate_proj_slice, layers_22_mlp_up_proj_slice)  # fused: silu_mul
     layers_22_mlp_down_proj = layers_22_mlp_silu_mul @ w["model.layers.22.mlp.down_proj.weight.T"]
 
     # layer 23
@@ -373,7 +374,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_23_mlp_gate_proj_up_proj = layers_23_post_attention_layernorm_rms_norm @ w["model.layers.23.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_23_mlp_gate_proj_slice = layers_23_mlp_gate_proj_up_proj[:, :1536]
     layers_23_mlp_up_proj_slice = layers_23_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_23_mlp_silu_mul = fm.silu(layers_23_mlp_gate_proj_slice) * layers_23_mlp_up_proj_slice  # fused: silu_mul
+    layers_23_mlp_silu_mul = silu_mul(layers_23_mlp_gate_proj_slice, layers_23_mlp_up_proj_slice)  # fused: silu_mul
     layers_23_mlp_down_proj = layers_23_mlp_silu_mul @ w["model.layers.23.mlp.down_proj.weight.T"]
 
     # layer 24
@@ -388,7 +389,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_24_mlp_gate_proj_up_proj = layers_24_post_attention_layernorm_rms_norm @ w["model.layers.24.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_24_mlp_gate_proj_slice = layers_24_mlp_gate_proj_up_proj[:, :1536]
     layers_24_mlp_up_proj_slice = layers_24_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_24_mlp_silu_mul = fm.silu(layers_24_mlp_gate_proj_slice) * layers_24_mlp_up_proj_slice  # fused: silu_mul
+    layers_24_mlp_silu_mul = silu_mul(layers_24_mlp_gate_proj_slice, layers_24_mlp_up_proj_slice)  # fused: silu_mul
     layers_24_mlp_down_proj = layers_24_mlp_silu_mul @ w["model.layers.24.mlp.down_proj.weight.T"]
 
     # layer 25
@@ -403,7 +404,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_25_mlp_gate_proj_up_proj = layers_25_post_attention_layernorm_rms_norm @ w["model.layers.25.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_25_mlp_gate_proj_slice = layers_25_mlp_gate_proj_up_proj[:, :1536]
     layers_25_mlp_up_proj_slice = layers_25_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_25_mlp_silu_mul = fm.silu(layers_25_mlp_gate_proj_slice) * layers_25_mlp_up_proj_slice  # fused: silu_mul
+    layers_25_mlp_silu_mul = silu_mul(layers_25_mlp_gate_proj_slice, layers_25_mlp_up_proj_slice)  # fused: silu_mul
     layers_25_mlp_down_proj = layers_25_mlp_silu_mul @ w["model.layers.25.mlp.down_proj.weight.T"]
 
     # layer 26
@@ -418,7 +419,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_26_mlp_gate_proj_up_proj = layers_26_post_attention_layernorm_rms_norm @ w["model.layers.26.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_26_mlp_gate_proj_slice = layers_26_mlp_gate_proj_up_proj[:, :1536]
     layers_26_mlp_up_proj_slice = layers_26_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_26_mlp_silu_mul = fm.silu(layers_26_mlp_gate_proj_slice) * layers_26_mlp_up_proj_slice  # fused: silu_mul
+    layers_26_mlp_silu_mul = silu_mul(layers_26_mlp_gate_proj_slice, layers_26_mlp_up_proj_slice)  # fused: silu_mul
     layers_26_mlp_down_proj = layers_26_mlp_silu_mul @ w["model.layers.26.mlp.down_proj.weight.T"]
 
     # layer 27
@@ -433,7 +434,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_27_mlp_gate_proj_up_proj = layers_27_post_attention_layernorm_rms_norm @ w["model.layers.27.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_27_mlp_gate_proj_slice = layers_27_mlp_gate_proj_up_proj[:, :1536]
     layers_27_mlp_up_proj_slice = layers_27_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_27_mlp_silu_mul = fm.silu(layers_27_mlp_gate_proj_slice) * layers_27_mlp_up_proj_slice  # fused: silu_mul
+    layers_27_mlp_silu_mul = silu_mul(layers_27_mlp_gate_proj_slice, layers_27_mlp_up_proj_slice)  # fused: silu_mul
     layers_27_mlp_down_proj = layers_27_mlp_silu_mul @ w["model.layers.27.mlp.down_proj.weight.T"]
 
     # layer 28
@@ -448,7 +449,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_28_mlp_gate_proj_up_proj = layers_28_post_attention_layernorm_rms_norm @ w["model.layers.28.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_28_mlp_gate_proj_slice = layers_28_mlp_gate_proj_up_proj[:, :1536]
     layers_28_mlp_up_proj_slice = layers_28_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_28_mlp_silu_mul = fm.silu(layers_28_mlp_gate_proj_slice) * layers_28_mlp_up_proj_slice  # fused: silu_mul
+    layers_28_mlp_silu_mul = silu_mul(layers_28_mlp_gate_proj_slice, layers_28_mlp_up_proj_slice)  # fused: silu_mul
     layers_28_mlp_down_proj = layers_28_mlp_silu_mul @ w["model.layers.28.mlp.down_proj.weight.T"]
 
     # layer 29
@@ -463,7 +464,7 @@ def step(w, kv, batch, input_ids, positions, logits_indices):
     layers_29_mlp_gate_proj_up_proj = layers_29_post_attention_layernorm_rms_norm @ w["model.layers.29.mlp.gate_proj+up_proj.weight.T"]  # fused: merge_projections
     layers_29_mlp_gate_proj_slice = layers_29_mlp_gate_proj_up_proj[:, :1536]
     layers_29_mlp_up_proj_slice = layers_29_mlp_gate_proj_up_proj[:, 1536:3072]
-    layers_29_mlp_silu_mul = fm.silu(layers_29_mlp_gate_proj_slice) * layers_29_mlp_up_proj_slice  # fused: silu_mul
+    layers_29_mlp_silu_mul = silu_mul(layers_29_mlp_gate_proj_slice, layers_29_mlp_up_proj_slice)  # fused: silu_mul
     layers_29_mlp_down_proj = layers_29_mlp_silu_mul @ w["model.layers.29.mlp.down_proj.weight.T"]
     _, norm_rms_norm = add_rms_norm(layers_29_add, layers_29_mlp_down_proj, w["model.norm.weight"], 9.999999747378752e-06)  # fused: add_rms_norm
     index = norm_rms_norm[logits_indices]

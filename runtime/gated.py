@@ -1,0 +1,55 @@
+"""`silu_mul(gate, up) = silu(gate) * up` (passes/silu_mul.py): the gated MLP's activation.
+
+Everywhere it is one MLX expression that mx.compile fuses into one kernel, except for a single token
+on MLX's CUDA backend: there `gate` and `up` are [1, F] column slices of the merged gate/up projection,
+MLX counts them row-contiguous (one row) and gives the fused kernel's output their row stride 2F,
+and the down projection's GEMV, which wants a row stride of F, copies it first: a copy kernel a layer
+(31 in an 8B decode step, docs/benchmarks.md r11). A small kernel that writes a contiguous row instead
+computes what MLX's fused one does: sigmoid(g) * g, then * up, each rounded to the dtype.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from runtime import fastmath as fm
+from runtime.config import on_cuda
+
+_SOURCE = r"""
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N) return;
+    const float g = static_cast<float>(gate[(size_t)i * gate_strides[1]]);
+    const T s = static_cast<T>(1.f / (1.f + expf(-g)));
+    const T a = static_cast<T>(g * static_cast<float>(s));
+    out[i] = static_cast<T>(static_cast<float>(a) * static_cast<float>(up[(size_t)i * up_strides[1]]));
+"""
+
+_KERNEL = None
+_FLOATS = (mx.float16, mx.bfloat16, mx.float32)
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = mx.fast.cuda_kernel(
+            name="silu_mul_row_v1",  # a new name per source change: MLX caches compiled kernels by name
+            input_names=["gate", "up"],
+            output_names=["out"],
+            source=_SOURCE,
+            ensure_row_contiguous=False,  # the slices are read in place
+        )
+    return _KERNEL
+
+
+def usable(gate: mx.array, up: mx.array) -> bool:
+    """The kernel serves this call: a CUDA default device, one [1, F] row of one float dtype."""
+    return (on_cuda() and gate.ndim == 2 and gate.shape[0] == 1 and gate.shape == up.shape
+            and gate.dtype == up.dtype and gate.dtype in _FLOATS)
+
+
+def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    if not usable(gate, up):
+        return fm.silu(gate) * up
+    n = gate.shape[1]
+    return _kernel()(inputs=[gate, up], template=[("T", gate.dtype), ("N", n)], grid=(n, 1, 1),
+                     threadgroup=(256, 1, 1), output_shapes=[(1, n)], output_dtypes=[gate.dtype])[0]
