@@ -144,14 +144,20 @@ def finished(m: dict[str, float], reason: str) -> float:
 
 
 def wait_idle(base_url: str, timeout: float = 60) -> dict[str, float]:
-    """Poll /metrics (bounded) until nothing runs or waits and the KV cache is empty; returns the last read."""
+    """Poll /metrics (bounded) until nothing runs or waits, the KV cache is empty and the counters have settled
+    (two idle reads 0.5 s apart agree: vLLM counts a finished request after its response has gone out, so a
+    read right after a response may miss it); returns the last read."""
     deadline = time.monotonic() + timeout
-    m = {}
+    m, settled = {}, None
+    counters = ("vllm:request_success_total", "vllm:generation_tokens_total", "vllm:prompt_tokens_total")
     while time.monotonic() < deadline:
         m = metrics(base_url)
-        if (m.get("vllm:num_requests_running", 0) == 0 and m.get("vllm:num_requests_waiting", 0) == 0
-                and m.get("vllm:kv_cache_usage_perc", 0) == 0):
+        idle = (m.get("vllm:num_requests_running", 0) == 0 and m.get("vllm:num_requests_waiting", 0) == 0
+                and m.get("vllm:kv_cache_usage_perc", 0) == 0)
+        now = tuple(m.get(c, 0) for c in counters) if idle else None
+        if now is not None and now == settled:
             return m
+        settled = now
         time.sleep(0.5)
     raise AssertionError(f"server not idle after {timeout:.0f} s: running {m.get('vllm:num_requests_running')}, "
                          f"waiting {m.get('vllm:num_requests_waiting')}, kv usage {m.get('vllm:kv_cache_usage_perc')}")
