@@ -128,7 +128,8 @@ def ab_table(path: str, model: str) -> str | None:
     if data.get("part") != "ab" or not rows:
         return None
     sides = list(dict.fromkeys(r["side"] for r in rows))
-    lines = ["| workload | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
+    lines = [f"{model}: ms a step (in brackets: the ratio to {sides[0]}, > 1: {sides[0]} is faster)", "",
+             "| workload | " + " | ".join(sides) + " |", "|---|" + "---|" * len(sides)]
     work = [("decode", b, m) for b in sorted({r["batch"] for r in rows if r["kind"] == "decode"}) for m in ("sync", "async")]
     work += [("prefill", n, "ms") for n in sorted({r["tokens"] for r in rows if r["kind"] == "prefill"})]
     for kind, size, mode in work:
@@ -157,7 +158,7 @@ def report(files: list[str], write: bool = False) -> int:
         for model in ("llama8b", "smollm2"):
             t = ab_table(f, model)
             if t:
-                print(f"\n### {model} ({Path(f).stem}): ms a step (ratio to {t.split(' | ')[1]}, > 1: it is faster)\n\n{t}")
+                print(f"\n### {Path(f).stem}\n\n{t}")
     files = [f for f in files if f not in abs_]
     if not files:
         return 0
