@@ -275,7 +275,7 @@ def usable(head_dim: int) -> bool:
 # kernel instead of the fused one: every block of the fused kernel rotates its q head and its KV head's key
 # before its first key load, work the RoPE kernel does once, and once the grid spans a few waves of the
 # GPU the step is GPU-bound and that costs more than the launch it saves. H100, r12 (docs/benchmarks.md):
-# fused vs two kernels 1.00-1.10x up to 1,152 blocks (8B batch 1-32, SmolLM2 batch 128), 0.94-0.98x at 4,096.
+# fused vs two kernels 0.99-1.12x up to 1,152 blocks (8B batch 1-32, SmolLM2 batch 1-128), 0.95-0.98x at 4,096.
 FUSED_MAX_BLOCKS = 2048
 
 
