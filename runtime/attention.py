@@ -93,7 +93,11 @@ def _new_kv(q, k, v, rope, num_heads, num_kv_heads, head_dim):
 def rotate(x, heads, head_dim, positions, inv_freq, traditional, mscale):
     """RoPE of x [T, heads * D] (or [T, heads, D]) at per-token positions (one token per "sequence" so
     that each gets its own offset) -> [T, heads * D]; the first 2 * len(inv_freq) dims of each head
-    rotate. Also what the emitted code calls for a rope no attention folded in (lowering/ops/fused.py)."""
+    rotate. Also what the emitted code calls for a rope no attention folded in (lowering/ops/fused.py).
+    MLX's CPU backend: runtime/fastmath.py `rope` instead of `mx.fast.rope`."""
+    if fastmath.on_cpu():
+        return fastmath.rope(x.reshape(-1, heads, head_dim), positions, inv_freq, traditional, mscale).reshape(
+            -1, heads * head_dim)
     rot = 2 * inv_freq.shape[0]
     out = mx.fast.rope(x.reshape(-1, heads, 1, head_dim), rot, traditional=traditional, base=None, scale=1.0,
                        offset=positions, freqs=mx.reciprocal(inv_freq)).reshape(-1, heads, head_dim)

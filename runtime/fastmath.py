@@ -1,4 +1,4 @@
-"""exp, sigmoid, SiLU, softmax and attention for MLX's CPU backend, written in arithmetic that mx.compile fuses.
+"""exp, sigmoid, SiLU, softmax, attention and RoPE for MLX's CPU backend, in arithmetic that mx.compile fuses.
 
 MLX's CPU `exp` (and `sigmoid`, `softmax`, which use it) costs ~35-50 ns an element on x86 here,
 against ~1 ns for `negative` (docs/benchmarks.md): in a prefill the softmax of attention and the SiLU
@@ -85,3 +85,28 @@ def attention(q, k, v, *, scale: float, mask) -> mx.array:
     scores = mx.where(mask[:, :, None], scores, -1e30)
     probs = softmax(scores).reshape(s, kvh, g * lq, lk)
     return (probs @ v.astype(mx.float32)).reshape(s, h, lq, d).astype(q.dtype)
+
+
+def rope(x: mx.array, positions: mx.array, inv_freq: mx.array, traditional: bool, mscale: float = 1.0) -> mx.array:
+    """RoPE of x [T, heads, D] at positions [T]: the first R = 2 * len(inv_freq) dims of each head rotate by
+    theta = position * inv_freq (GPT-NeoX pairs (j, j + R/2), GPT-J (2j, 2j + 1) if `traditional`), scaled
+    by `mscale` (YaRN); f32 math, rounded once to x's dtype. CPU only: MLX's CPU `mx.fast.rope` (with a
+    position per token) took 1.3 ms a call for a 512-token SmolLM2 layer against 0.9 ms for these
+    elementwise ops, whose cos/sin table [T, R/2] mx.compile computes once a step: every layer's is the same
+    expression. SmolLM2 f32 decode step: 38.8 -> 36.7 ms at batch 1, 150 -> 146 ms at batch 8."""
+    half = inv_freq.shape[0]
+    rot = 2 * half
+    theta = positions.astype(mx.float32)[:, None] * inv_freq.astype(mx.float32)[None, :]
+    cos, sin = mx.cos(theta)[:, None, :], mx.sin(theta)[:, None, :]
+    if mscale != 1.0:
+        cos, sin = cos * mscale, sin * mscale
+    x32 = x.astype(mx.float32)
+    if traditional:
+        x1, x2 = x32[..., 0:rot:2], x32[..., 1:rot:2]
+        y = mx.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(*x.shape[:-1], rot)
+    else:
+        x1, x2 = x32[..., :half], x32[..., half:rot]
+        y = mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    if rot < x.shape[-1]:
+        y = mx.concatenate([y, x32[..., rot:]], axis=-1)
+    return y.astype(x.dtype)

@@ -73,3 +73,47 @@ def test_buckets_whole_powers_then_sixteenths():
     assert [bucket(n, 16) for n in (1, 17, 100, 513)] == [16, 32, 128, 576]
     assert all(bucket(n) >= n and bucket(n, 16) % 16 == 0 and bucket(n) <= max(n * 9 // 8 + 1, 256)
                for n in range(1, 5000))
+
+
+def _rope_reference(x, pos, inv_freq, traditional, mscale):
+    """RoPE in float64 numpy, written from the definition (HF's rotate_half for NeoX, interleaved pairs for GPT-J)."""
+    x = x.astype(np.float64)
+    rot = 2 * len(inv_freq)
+    theta = pos.astype(np.float64)[:, None, None] * inv_freq.astype(np.float64)[None, None, :]
+    cos, sin = np.cos(theta) * mscale, np.sin(theta) * mscale
+    y = x.copy()
+    if traditional:
+        a, b = x[..., 0:rot:2], x[..., 1:rot:2]
+        y[..., 0:rot:2], y[..., 1:rot:2] = a * cos - b * sin, b * cos + a * sin
+    else:
+        a, b = x[..., :rot // 2], x[..., rot // 2:rot]
+        y[..., :rot // 2], y[..., rot // 2:rot] = a * cos - b * sin, b * cos + a * sin
+    return y
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+@pytest.mark.parametrize("dtype,rot,mscale", [("float32", 64, 1.0), ("float32", 32, 1.0), ("float32", 64, 1.2),
+                                              ("bfloat16", 64, 1.0), ("float16", 48, 1.1)])
+def test_rope_matches_the_definition_and_mlx(traditional, dtype, rot, mscale):
+    """fastmath.rope (the CPU path of runtime/attention.py `rotate`) against float64 RoPE, under mx.compile, with
+    positions into the thousands: within the dtype's rounding of the f32 math (the angle theta = pos * inv_freq is
+    itself an f32 product, ~1e-7 relative, so ~pos * 1e-7 absolute). f32 also against mx.fast.rope (NeoX/GPT-J)."""
+    rng = np.random.default_rng(rot)
+    t, heads, d = 7, 5, 64
+    x = rng.standard_normal((t, heads, d)).astype(np.float32)
+    pos = np.array([0, 1, 17, 300, 1000, 4095, 9000], np.int32)
+    inv_freq = (1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
+    xm = mx.array(x).astype(getattr(mx, dtype))
+    got = mx.compile(lambda a, p, f: fastmath.rope(a, p, f, traditional, mscale))(xm, mx.array(pos), mx.array(inv_freq))
+    assert got.dtype == xm.dtype and got.shape == xm.shape
+    ref = _rope_reference(np.array(xm.astype(mx.float32)), pos, inv_freq, traditional, mscale)
+    err = np.abs(np.array(got.astype(mx.float32)) - ref)
+    ulp = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}[dtype]
+    bound = ulp * np.abs(ref) + 4 * 9000 * 2.0 ** -24 * np.abs(x).max() * mscale + 1e-6
+    assert (err <= bound).all(), f"max abs error {err.max():.3g}"
+    assert np.array_equal(np.array(got.astype(mx.float32))[..., rot:], np.array(xm.astype(mx.float32))[..., rot:])
+    if dtype == "float32" and mscale == 1.0:
+        fast = mx.fast.rope(xm.reshape(t, heads, 1, d), rot, traditional=traditional, base=None, scale=1.0,
+                            offset=mx.array(pos), freqs=mx.reciprocal(mx.array(inv_freq))).reshape(t, heads, d)
+        diff = np.abs(np.array(fast) - np.array(got)).max()
+        assert diff < 2e-3, f"vs mx.fast.rope: max abs diff {diff:.3g}"
