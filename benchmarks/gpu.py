@@ -433,16 +433,17 @@ class OursComposed(_KernelOff):
 
 
 class _UsableOff(_KernelOff):
-    """A kernel module's `usable` (or another switch, `attr`) answers False while the step is traced: MLX's
-    own ops run instead. A benchmark-only switch."""
+    """A kernel module's `usable` (or another switch, `attr`) is replaced by `value` (answers False by default)
+    while the step is traced: MLX's own ops run instead. A benchmark-only switch."""
     module, attr = "", "usable"
+    value = staticmethod(lambda *a: False)
 
     def _off(self, fn, *args, **kw):
         import importlib
 
         kernel = importlib.import_module(self.module)
         usable = getattr(kernel, self.attr)
-        setattr(kernel, self.attr, lambda *a: False)
+        setattr(kernel, self.attr, self.value)
         try:
             return fn(*args, **kw)
         finally:
@@ -473,18 +474,9 @@ class OursRopeApart(_UsableOff):
     name, module, attr = "ours_rope_apart", "runtime.paged_kernel", "rope_usable"
 
 
-class OursFusedAlways(_KernelOff):
+class OursFusedAlways(_UsableOff):
     """`paged_decode_rope_attention` at every batch size (runtime/paged_kernel.py FUSED_MAX_BLOCKS lifted)."""
-    name = "ours_fused_always"
-
-    def _off(self, fn, *args, **kw):
-        from runtime import paged_kernel
-
-        limit, paged_kernel.FUSED_MAX_BLOCKS = paged_kernel.FUSED_MAX_BLOCKS, 1 << 30
-        try:
-            return fn(*args, **kw)
-        finally:
-            paged_kernel.FUSED_MAX_BLOCKS = limit
+    name, module, attr, value = "ours_fused_always", "runtime.paged_kernel", "FUSED_MAX_BLOCKS", 1 << 30
 
 
 _VARIANTS = {"ours_composed": OursComposed, "ours_norm_off": OursNormOff,  # ours with one kernel off, own trace

@@ -1,7 +1,8 @@
 """The GPU device path. Without a GPU: VLLM_MLX_DEVICE=gpu is refused where MLX has no GPU backend,
 benchmarks/gpu.py's correctness check (lowered logits vs transformers, same weights) runs on the CPU, and the
 fused paged decode kernel stays off. With MLX's CUDA backend as the default device (the lent GPU machine:
-`bash benchmarks/gpu_device.sh test`): the kernel (runtime/paged_kernel.py) against the composed path.
+`bash benchmarks/gpu_device.sh ab` runs them first): each CUDA kernel (runtime/paged_kernel.py, rope_kernel.py,
+norm.py, gated.py) against MLX's own ops or the composed path.
 
 The check runs on the GPU too (`python benchmarks/gpu.py check`; results in docs/benchmarks.md, GPU section)."""
 
