@@ -132,13 +132,14 @@ def test_float_types_pass_through(tmp_path, qtype):
     assert_identical(np.array(arr.astype(mx.float32)), reference(f.reader, "blk.0.ffn_up.weight"), qtype.name)
 
 
-def test_tiny_llama_matches_transformers_gguf_loader(tmp_path):
-    """Names, q/k row order and config as transformers reads the same file (it dequantizes with gguf)."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_tiny_model_matches_transformers_gguf_loader(tmp_path, arch):
+    """Names, q/k row order (llama) and config as transformers reads the same file (it dequantizes with gguf)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     rng = np.random.default_rng(5)
-    path = tiny_llama_gguf(tmp_path / "tiny.gguf", rng, qtype=T.Q4_K, embed_type=T.Q8_0)
+    path = tiny_llama_gguf(tmp_path / "tiny.gguf", rng, qtype=T.Q4_K, embed_type=T.Q8_0, arch=arch)
     loaded = weights.load(path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     state = hf.state_dict()
@@ -149,10 +150,15 @@ def test_tiny_llama_matches_transformers_gguf_loader(tmp_path):
     hf_cfg = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
     ours = AutoConfig.for_model(**loaded.config)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "vocab_size",
+                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "vocab_size",
                 "tie_word_embeddings", "bos_token_id", "eos_token_id", "model_type"):  # fmt: skip
         assert getattr(ours, key) == getattr(hf_cfg, key), key
     assert ours.rope_parameters["rope_theta"] == hf_cfg.rope_parameters["rope_theta"]
+    # head_dim from attention.key_length; transformers reads it for llama only (its Qwen3 keeps the
+    # class default 128, which contradicts the 64-wide q/k norms in the file)
+    assert ours.head_dim == 64 == state["model.layers.0.self_attn.q_proj.weight"].shape[0] // 4
+    if arch == "llama":
+        assert hf_cfg.head_dim == 64
 
 
 def test_name_map_agrees_with_gguf_tensor_map():

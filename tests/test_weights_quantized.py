@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import weights
-from weights.quantized import BITS, QuantizedWeight, from_numpy, pack_codes, unpack_codes
+from weights.quantized import BITS, QuantizedWeight, concat_rows, from_numpy, pack_codes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -39,6 +39,18 @@ def test_take_rows_reorders_exactly():
     qw = QuantizedWeight(*mx.quantize(w, group_size=32, bits=4), bits=4, group_size=32)
     idx = np.random.default_rng(0).permutation(16)
     assert np.array_equal(np.array(qw.take_rows(idx).dequantize()), np.array(qw.dequantize())[idx])
+
+
+def test_concat_rows_merges_projections_exactly():
+    q, k = (mx.random.normal((n, 128), key=mx.random.key(n)) for n in (32, 16))
+    parts = [QuantizedWeight(*mx.quantize(w, group_size=64, bits=4), bits=4, group_size=64) for w in (q, k)]
+    merged = concat_rows(parts)
+    assert merged.shape == (48, 128)
+    want = np.concatenate([np.array(p.dequantize()) for p in parts])
+    assert np.array_equal(np.array(merged.dequantize()), want)
+    other = QuantizedWeight(*mx.quantize(k, group_size=32, bits=8), bits=8, group_size=32)
+    with pytest.raises(ValueError, match=r"different layouts \(bits, group size, K\): \(4, 64, 128\), \(8, 32, 128\)"):
+        concat_rows([parts[0], other])
 
 
 def test_stacked_leading_axes():

@@ -65,6 +65,8 @@ def write_gguf(path: Path, tensors: dict, arch: str = "llama", config: dict | No
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(c["hidden_size"] // c["num_attention_heads"])
+    w.add_key_length(c["hidden_size"] // c["num_attention_heads"])
+    w.add_value_length(c["hidden_size"] // c["num_attention_heads"])
     w.add_vocab_size(c["vocab_size"])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
@@ -78,8 +80,11 @@ def write_gguf(path: Path, tensors: dict, arch: str = "llama", config: dict | No
     return path
 
 
-def tiny_llama_gguf(path: Path, rng, qtype: T = T.Q4_0, embed_type: T | None = None, tied=False) -> Path:
-    """A 2-layer llama GGUF: linears in `qtype`, embedding in `embed_type`, norms F32."""
+def tiny_llama_gguf(
+    path: Path, rng, qtype: T = T.Q4_0, embed_type: T | None = None, tied=False, arch="llama"
+) -> Path:
+    """A 2-layer llama-style GGUF: linears in `qtype`, embedding in `embed_type`, norms F32; qwen2 adds
+    q/k/v biases, qwen3 q/k norms."""
     c = TINY_LLAMA
     h, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
@@ -91,10 +96,17 @@ def tiny_llama_gguf(path: Path, rng, qtype: T = T.Q4_0, embed_type: T | None = N
             t[f"blk.{i}.{part}.weight"] = (encode(rng, rng.normal(0, 0.05, shape), qtype), qtype)
         for norm in ("attn_norm", "ffn_norm"):
             t[f"blk.{i}.{norm}.weight"] = (rng.uniform(0.5, 1.5, h).astype(np.float32), T.F32)
+        if arch == "qwen2":
+            for part, (n, _) in list(shapes.items())[:3]:
+                t[f"blk.{i}.{part}.bias"] = (rng.normal(0, 0.1, n).astype(np.float32), T.F32)
+        if arch == "qwen3":
+            for norm in ("attn_q_norm", "attn_k_norm"):
+                head_dim = h // c["num_attention_heads"]
+                t[f"blk.{i}.{norm}.weight"] = (rng.uniform(0.5, 1.5, head_dim).astype(np.float32), T.F32)
     t["output_norm.weight"] = (rng.uniform(0.5, 1.5, h).astype(np.float32), T.F32)
     if not tied:
         t["output.weight"] = (encode(rng, rng.normal(0, 0.05, (v, h)), qtype), qtype)
-    return write_gguf(path, t)
+    return write_gguf(path, t, arch=arch)
 
 
 def write_checkpoint(directory: Path, tensors: dict[str, mx.array], config: dict) -> Path:

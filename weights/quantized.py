@@ -123,3 +123,19 @@ def from_numpy(
 ) -> QuantizedWeight:
     """A QuantizedWeight from uint8 codes and per-group scales/biases held in NumPy."""
     return QuantizedWeight(mx.array(pack_codes(q, bits)), mx.array(scales), mx.array(biases), bits, group_size)
+
+
+def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack weights along their output rows (merged q/k/v or gate/up projections): exact when all share
+    bits and group size; anything else is refused, naming what differs."""
+    kinds = {(p.bits, p.group_size, p.shape[-1]) for p in parts}
+    if len(kinds) != 1:
+        raise ValueError(
+            "cannot merge quantized weights of different layouts (bits, group size, K): "
+            + ", ".join(map(str, sorted(kinds)))
+        )
+    bits, group, _ = kinds.pop()
+    stack = [mx.concatenate([getattr(p, a) for p in parts], axis=-2) for a in ("wq", "scales", "biases")]
+    if len({p.scales.dtype for p in parts}) != 1:
+        stack[1:] = [a.astype(mx.float32) for a in stack[1:]]
+    return QuantizedWeight(*stack, bits, group)
