@@ -224,11 +224,11 @@ class GGUFFile:
         """(module path, tensor) for every tensor, each converted (and evaluated) before the next is read."""
         for t in self.reader.tensors:
             out = self._convert(t)
-            mx.eval(out.wq if isinstance(out, QuantizedWeight) else out)
+            mx.eval(*((out.wq, out.scales, out.biases) if isinstance(out, QuantizedWeight) else (out,)))
             yield module_path(t.name), out
 
-    def _rows(self, name: str) -> np.ndarray | None:
-        """Row order to apply (q/k of rope-permuted architectures), or None."""
+    def _rope_heads(self, name: str) -> int | None:
+        """The head count whose q/k row permutation llama.cpp applied to this tensor, or None."""
         if self.arch not in _ROPE_PERMUTED:
             return None
         part = name.split(".")[2] if name.startswith("blk.") else ""
@@ -240,7 +240,7 @@ class GGUFFile:
 
     def _convert(self, t) -> mx.array | QuantizedWeight:
         data = t.data  # memory-mapped: nothing is read until used
-        n_head = self._rows(t.name)
+        n_head = self._rope_heads(t.name)
         how, bits = plan(t.tensor_type, self.bits)
         if how == "passthrough":
             if t.tensor_type == T.BF16:
