@@ -132,15 +132,15 @@ def test_float_types_pass_through(tmp_path, qtype):
     assert_identical(np.array(arr.astype(mx.float32)), reference(f.reader, "blk.0.ffn_up.weight"), qtype.name)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_tiny_model_matches_transformers_gguf_loader(tmp_path, arch):
+@pytest.mark.parametrize("arch,qtype", [("llama", T.Q4_K), ("llama", T.F16), ("qwen2", T.Q4_K), ("qwen3", T.Q5_0)])
+def test_tiny_model_matches_transformers_gguf_loader(tmp_path, arch, qtype):
     """Names, q/k row order (llama) and config as transformers reads the same file (it dequantizes with gguf)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     rng = np.random.default_rng(5)
-    path = tiny_llama_gguf(tmp_path / "tiny.gguf", rng, qtype=T.Q4_K, embed_type=T.Q8_0, arch=arch)
-    loaded = weights.load(path)
+    path = tiny_llama_gguf(tmp_path / "tiny.gguf", rng, qtype=qtype, embed_type=T.Q8_0, arch=arch)
+    loaded = weights.load(path, bits=ALL_BITS)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     state = hf.state_dict()
     assert set(loaded.tensors) == set(state)
