@@ -53,9 +53,9 @@ def export_step(step: _Step, example_tokens: int = 8) -> tuple[torch.fx.GraphMod
     return ep.graph_module, weights, paths
 
 
-def _program(gm, weights, paths, layers, meta) -> Program:
+def _program(gm, weights, paths, layers, meta, float32_sources=None) -> Program:
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights]
-    return Program(gm, weights, paths, inputs, layers, meta)
+    return Program(gm, weights, paths, inputs, layers, meta, float32_sources=float32_sources or {})
 
 
 # -- Hugging Face transformers ----------------------------------------------------------------
@@ -276,4 +276,25 @@ def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -
         "stamped": stamped,
         **_expectations(model, len(layers)),
     }
-    return _program(gm, weights, paths, layers, meta)
+    return _program(gm, weights, paths, layers, meta, _float32_rope_caches(model, set(paths.values())))
+
+
+def _float32_rope_caches(model: torch.nn.Module, paths: set[str]) -> dict[str, torch.Tensor]:
+    """vLLM computes each rotary embedding's cos/sin cache in float32, then keeps it in the model's dtype:
+    the float32 original (vLLM's own `_compute_cos_sin_cache`) of every cache the graph reads that was
+    rounded, by module path, for passes/rope.py to read the frequencies off at full precision."""
+    found, computed = {}, {}
+    for name, module in model.named_modules(remove_duplicate=False):  # layers share one module: computed once
+        cache, path = getattr(module, "cos_sin_cache", None), f"{name}.cos_sin_cache"
+        if path not in paths or not isinstance(cache, torch.Tensor) or cache.dtype == torch.float32:
+            continue
+        if id(module) not in computed:
+            try:
+                computed[id(module)] = module._compute_cos_sin_cache().float()
+            except (AttributeError, TypeError):  # a class whose cache needs more than its own state
+                computed[id(module)] = None
+        exact = computed[id(module)]
+        if exact is not None and exact.shape == cache.shape:
+            found[path] = exact
+    return found
+

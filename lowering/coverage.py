@@ -10,6 +10,7 @@ tests/test_coverage.py runs the same checks; nothing here is per-model code in t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -19,16 +20,23 @@ import time
 import traceback
 from pathlib import Path
 
+# Positions reach past 4096 (a 4090-token prompt, then decode steps): a RoPE frequency off by one turn over
+# the positions it was read at is only visible far out, where real prompts go.
+PROMPT, DECODE = 4090, 4
+_MAX_POSITIONS = 4096
 _BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+             num_key_value_heads=2, head_dim=32, max_position_embeddings=_MAX_POSITIONS)
 
 # family -> (model_type, config overrides). head_dim 32 everywhere: vLLM's CPU attention needs >= 32
 # (the engine comparison runs every family on vLLM's built-in CPU platform too).
 FAMILIES = {
     "llama": ("llama", {}),
+    # scaled contexts of 8 x 512 = 4096 positions: the prompt reaches the end of them
     "llama3-rope-scaling": ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                          "high_freq_factor": 4.0,
-                                                         "original_max_position_embeddings": 128})),
+                                                         "original_max_position_embeddings": 512})),
+    "qwen2-yarn": ("qwen2", dict(hidden_size=128, rope_scaling={"rope_type": "yarn", "factor": 8.0,
+                                                                "original_max_position_embeddings": 512})),
     "llama-tied": ("llama", dict(tie_word_embeddings=True)),
     "mistral-sliding-window": ("mistral", dict(sliding_window=6)),
     "qwen2-qkv-bias": ("qwen2", dict(hidden_size=128)),  # vLLM's Qwen2 takes head_dim = hidden / heads
@@ -41,14 +49,19 @@ FAMILIES = {
     "gpt-neox-parallel-residual": ("gpt_neox", dict(hidden_size=128, rotary_pct=0.25, use_parallel_residual=True,
                                                     num_key_value_heads=4)),
     "opt-learned-positions": ("opt", dict(hidden_size=128, ffn_dim=256, word_embed_proj_dim=64)),  # project_in/out
-    "gpt2": ("gpt2", dict(hidden_size=128, n_positions=512, bos_token_id=0, eos_token_id=0)),  # n_embd = hidden_size
+    "gpt2": ("gpt2", dict(hidden_size=128, n_positions=_MAX_POSITIONS, bos_token_id=0, eos_token_id=0)),  # n_embd = hidden_size
     "mixtral-moe": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
 }
-PROMPT, DECODE = 12, 4
-TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+F32_TOLERANCE = 1e-4  # float32: max abs error <= this x max |logit|
+# bf16/f16: max abs error vs transformers in float32 (same rounded weights) <= 1.5x transformers' own error in
+# that dtype + 1e-3 x max |logit|
+DTYPE_ERROR_FACTOR, DTYPE_ERROR_FLOOR = 1.5, 1e-3
 
 
 def tiny_model(family: str, dtype: str = "float32", seed: int = 0):
+    """The family's tiny random model. In bf16/f16 it is the float32 model's weights rounded to `dtype`, saved
+    and loaded back with `from_pretrained(dtype=...)`, as real checkpoints are (transformers then keeps its
+    RoPE frequencies in float32); `model.name_or_path` is that checkpoint's folder."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -57,17 +70,65 @@ def tiny_model(family: str, dtype: str = "float32", seed: int = 0):
     torch.manual_seed(seed)
     # eager attention: the reference must apply everything the config asks (SDPA drops Gemma 2's
     # attention soft-capping); capture_hf switches the model to SDPA, which the attention pass reads
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     for name, p in model.named_parameters():  # norms near 1, so their weights matter to the check
         if p.dim() == 1 and "norm" in name and "bias" not in name:
             p.data = (0.1 if model_type.startswith("gemma") else 1.0) * torch.ones_like(p) + 0.1 * torch.randn_like(p)
-    return model
+    if dtype == "float32":
+        return model
+    folder = tempfile.mkdtemp(prefix=f"tiny-{family}-{dtype}-")
+    model.to(getattr(torch, dtype)).save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), attn_implementation="eager").eval()
+
+
+def _transformers_logits(model, tokens) -> "np.ndarray":
+    import torch
+
+    with torch.no_grad():
+        return model(tokens[None]).logits[0, PROMPT - 1:].float().numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def _reference(family: str, dtype: str):
+    """(model, tokens, transformers' logits at positions PROMPT - 1 on, transformers' own error in `dtype` or
+    None), shared by both fronts. float32: the model's own logits; bf16/f16: those of the model's rounded
+    weights loaded in float32, and the error of the model in `dtype` against them."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokens = torch.randint(0, 256, (PROMPT + DECODE,), generator=torch.Generator().manual_seed(1))
+    model = tiny_model(family, dtype)
+    if dtype == "float32":
+        return model, tokens, _transformers_logits(model, tokens), None
+    f32 = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=torch.float32, attn_implementation="eager")
+    ref = _transformers_logits(f32.eval(), tokens)
+    return model, tokens, ref, float(np.abs(_transformers_logits(model, tokens) - ref).max())
+
+
+def rope_frequency_error(program, model) -> float | None:
+    """Largest relative error of the RoPE frequencies the rope pass recovered (the program's `rope_*inv_freq`
+    constants) against transformers' own float32 `inv_freq` of the same config; None without RoPE."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    truth = [m.inv_freq.float() for m in AutoModelForCausalLM.from_config(config).modules()
+             if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]  # built in float32: float32 frequencies
+    found = [w for name, w in program.weights.items() if name.startswith("rope") and name.endswith("inv_freq")]
+    if not truth or not found:
+        return None
+    return max(min(float(((w.double() - t.double()).abs() / t.double()).max()) for t in truth if t.shape == w.shape)
+               for w in found)
 
 
 def check(family: str, front: str, dtype: str = "float32") -> dict:
-    """Lower one tiny model and compare its logits (prefill, then decode steps) with the reference:
-    transformers eager for the HF front; vLLM's own torch model run eagerly for the vLLM front (or
-    transformers eager where vLLM has no torch path on this platform, with the reason in `note`)."""
+    """Lower one tiny model and compare its logits (a PROMPT-token prefill, then DECODE decode steps: positions
+    past 4096) with the reference. float32: transformers eager for the HF front; vLLM's own torch model run
+    eagerly for the vLLM front (or transformers eager where vLLM has no torch path on this platform, with the
+    reason in `note`); max abs error <= F32_TOLERANCE x max |logit|. bf16/f16: transformers in float32 on the
+    same rounded weights, within DTYPE_ERROR_FACTOR x transformers' own error in that dtype + DTYPE_ERROR_FLOOR
+    x max |logit|."""
     import mlx.core as mx
     import numpy as np
     import torch
@@ -79,43 +140,49 @@ def check(family: str, front: str, dtype: str = "float32") -> dict:
     start = time.perf_counter()
     result = {"family": family, "front": front, "dtype": dtype}
     try:
-        model = tiny_model(family, dtype)
-        tokens = torch.randint(0, 256, (PROMPT + DECODE,), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            ref = model(tokens[None]).logits[0, PROMPT - 1:].float().numpy()
-        result["reference"] = "transformers eager"
+        model, tokens, ref, transformers_err = _reference(family, dtype)
+        result["reference"] = "transformers eager" if dtype == "float32" else "transformers eager f32"
+        if transformers_err is not None:
+            result["transformers_err"] = transformers_err
         if front == "hf":
             program = capture.capture_hf(model, family)
         else:
             from lowering.vllm_build import build_vllm_model, eager_logits
 
-            folder = tempfile.mkdtemp(prefix=f"tiny-{family}-")
-            model.save_pretrained(folder)
+            folder = model.name_or_path
+            if dtype == "float32":
+                folder = tempfile.mkdtemp(prefix=f"tiny-{family}-")
+                model.save_pretrained(folder)
             try:
-                vllm_model, config = build_vllm_model(folder, dtype=dtype, max_model_len=512)
+                vllm_model, config = build_vllm_model(folder, dtype=dtype, max_model_len=_MAX_POSITIONS)
             except ValueError as exc:  # vLLM's config validation refuses the combination (not our gap)
                 if "validation error" not in str(exc):
                     raise
                 result.update(ok=None, reference="-", note=f"vLLM refuses it: {_first_line(exc)}",
                               seconds=round(time.perf_counter() - start, 1))
                 return result
-            try:
-                vllm_ref = eager_logits(vllm_model, config, tokens.tolist(), PROMPT)
-            except Exception as exc:  # e.g. MoE: vLLM gives out-of-tree platforms no torch experts
-                result["note"] = f"vLLM eager unavailable ({type(exc).__name__}: {_first_line(exc)})"
-            else:
-                result["vs_transformers"] = float(np.abs(vllm_ref - ref).max())  # vLLM's model vs transformers
-                ref, result["reference"] = vllm_ref, "vLLM eager"
+            if dtype == "float32":
+                try:
+                    vllm_ref = eager_logits(vllm_model, config, tokens.tolist(), PROMPT)
+                except Exception as exc:  # e.g. MoE: vLLM gives out-of-tree platforms no torch experts
+                    result["note"] = f"vLLM eager unavailable ({type(exc).__name__}: {_first_line(exc)})"
+                else:
+                    result["vs_transformers"] = float(np.abs(vllm_ref - ref).max())  # vLLM's model vs transformers
+                    ref, result["reference"] = vllm_ref, "vLLM eager"
             program = capture.capture_vllm(vllm_model, config, family)
         lowered = lower(program)
-        runtime_model = build_model(lowered, num_blocks=8, block_size=16)
+        result["rope_freq_err"] = rope_frequency_error(program, model)
+        runtime_model = build_model(lowered, num_blocks=-(-(PROMPT + DECODE) // 16), block_size=16)
         driver = Driver(runtime_model)
         driver.add(0, tokens.tolist())
         rows = [driver.step({0: PROMPT})[0]] + [driver.step({0: 1})[0] for _ in range(DECODE)]
         got = np.stack([np.array(r.astype(mx.float32)) for r in rows])
         err, top = float(np.abs(got - ref).max()), float(np.abs(ref).max())
-        result.update(max_abs_err=err, max_abs_logit=top, greedy_match=bool((got.argmax(-1) == ref.argmax(-1)).all()),
-                      ok=bool(np.isfinite(got).all()) and err <= TOLERANCE[dtype] * top,
+        bound = F32_TOLERANCE * top if dtype == "float32" else \
+            DTYPE_ERROR_FACTOR * result["transformers_err"] + DTYPE_ERROR_FLOOR * top
+        result.update(max_abs_err=err, max_abs_logit=top, bound=bound,
+                      greedy_match=bool((got.argmax(-1) == ref.argmax(-1)).all()),
+                      ok=bool(np.isfinite(got).all()) and err <= bound,
                       missed=[r.name for r in lowered.passes if r.missed])
     except Exception as exc:  # a family we do not cover yet: record why, in one line
         result.update(ok=False, error=f"{type(exc).__name__}: {_first_line(exc)}")
@@ -273,32 +340,36 @@ def engine_worker(spec_path: str, out_path: str) -> int:
 
 
 def render(results: list[dict], engine: dict[str, dict] | None = None) -> str:
-    tol = ", ".join(f"{v:g} ({_SHORT[k]})" for k, v in TOLERANCE.items())
     lines = [
         "# Model coverage", "",
         "Generated by `python -m lowering.coverage` (do not edit by hand; ~9 minutes on this shared 2-core box).",
         "",
         "Each row: a tiny random config of the family (2 layers, hidden 64 or 128, 4 query heads, head_dim 32),",
         "lowered through the front end and run by the MLX runtime "
-        f"({PROMPT}-token prefill, then {DECODE} decode steps), compared",
+        f"({PROMPT}-token prefill, then {DECODE} decode steps, so the logits compared lie at positions "
+        f"{PROMPT - 1}-{PROMPT + DECODE - 2}), compared",
         "with the reference: transformers eager (same weights) for the `hf` front; for the `vllm` front vLLM's own",
         "torch model run eagerly (`lowering.vllm_build.eager_logits`: vLLM's model class, this platform's torch",
         "paged attention), or transformers eager where vLLM has no torch path here (the note says why: for MoE,",
         "vLLM's unquantized fused-MoE method leaves out-of-tree platforms without a kernel, so vLLM's torch model",
         "cannot run its experts under this plugin; the engine column compares with vLLM's own CPU MoE kernel).",
-        f"Tolerance: max abs error <= {tol} x max |logit|. `greedy`: argmax of every step equal.", "",
+        f"float32: max abs error <= {F32_TOLERANCE:g} x max |logit|. bf16/f16: the reference is transformers in "
+        "float32 on the same rounded weights, and the bound is",
+        f"{DTYPE_ERROR_FACTOR:g}x transformers' own error in that dtype + {DTYPE_ERROR_FLOOR:g} x max |logit| "
+        "(the `bound` column). `greedy`: argmax of every step equal.", "",
         f"`vLLM greedy{GREEDY_TOKENS} == CPU`: the real engine (`vllm.LLM`, f32) with this plugin generates the same",
         f"{GREEDY_TOKENS} greedy tokens as vLLM's built-in CPU platform (`VLLM_PLUGINS=none`) for "
         f"{len(ENGINE_PROMPT_LENGTHS)} random prompts",
         f"of {', '.join(map(str, ENGINE_PROMPT_LENGTHS))} tokens, batched; the largest difference of the chosen "
         "tokens' logprobs follows. Shown on the vllm/f32 rows.", "",
-        f"| family | front | dtype | result | reference | max abs err | max abs logit | greedy "
+        f"| family | front | dtype | result | reference | max abs err | bound | max abs logit | greedy "
         f"| vLLM greedy{GREEDY_TOKENS} == CPU | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         status = {True: "ok", False: "FAIL", None: "n/a"}[r["ok"]]
         err = f"{r['max_abs_err']:.2e}" if "max_abs_err" in r else "-"
+        bound = f"{r['bound']:.2e}" if "bound" in r else "-"
         top = f"{r['max_abs_logit']:.3f}" if "max_abs_logit" in r else "-"
         greedy = {True: "match", False: "differ"}.get(r.get("greedy_match"), "-")
         notes = [r.get("error", ""), r.get("note", ""), f"missed: {', '.join(r['missed'])}" if r.get("missed") else ""]
@@ -314,7 +385,7 @@ def render(results: list[dict], engine: dict[str, dict] | None = None) -> str:
                        f"{e['first_difference'][1]}, top-2 gap {e['gap_at_difference']:.1e})")
                 eng += f", logprob diff {lp:.1e}" if lp is not None else ""
         note = "; ".join(n.replace("|", "/") for n in notes if n)
-        lines.append(f"| {r['family']} | {r['front']} | {r['dtype']} | {status} | {r.get('reference', '-')} | {err} "
+        lines.append(f"| {r['family']} | {r['front']} | {r['dtype']} | {status} | {r.get('reference', '-')} | {err} | {bound} "
                      f"| {top} | {greedy} | {eng} | {note} |")
     applicable = [r for r in results if r["ok"] is not None]
     lines += ["", f"{sum(bool(r['ok']) for r in applicable)} of {len(applicable)} applicable combinations pass "
@@ -326,7 +397,6 @@ def render(results: list[dict], engine: dict[str, dict] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-_SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
 def main(argv: list[str] | None = None) -> int:

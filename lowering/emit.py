@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from lowering.ops import lowering_for
-from passes.program import Program
+from passes.program import Program, module_path, source_line
 
 _MX_DTYPES = {
     torch.float32: "mx.float32", torch.float16: "mx.float16", torch.bfloat16: "mx.bfloat16",
@@ -67,28 +67,6 @@ class UnsupportedOpsError(RuntimeError):
             f"{len(ops)} op(s) have no MLX lowering:\n{lines}\n"
             "Add a lowering in lowering/ops/ (see docs/architecture.md) or a pass that rewrites them."
         )
-
-
-def module_path(node: fx.Node) -> str:
-    """The innermost module path a node came from, normalised to dotted form."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"L\['self'\]\.?|L\['fn'\]\.?", "", path)
-    path = re.sub(r"_modules\['([^']+)'\]", r"\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = path.strip(".").removeprefix("model.")  # the capture wrapper's attribute
-    return "" if path.startswith("_") else path
-
-
-def source_line(node: fx.Node) -> str:
-    trace = node.meta.get("stack_trace") or ""
-    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', trace)
-    if not frames:
-        return ""
-    file, line, fn, code = frames[-1]
-    return f"{Path(file).name}:{line} in {fn}: {code.strip()}"
 
 
 def unsupported_ops(program: Program) -> list[Unsupported]:

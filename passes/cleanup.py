@@ -13,7 +13,7 @@ _ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, a
 _ALLOCATIONS = {aten.empty.memory_format, aten.empty_like.default}
 _IDENTITY = {aten.alias.default, aten.contiguous.default, aten.clone.default, aten.detach.default, aten.lift_fresh_copy.default}
 _SAME_SHAPE_NOOP = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
-_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device, aten.type_as.default}
+CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.to.device, aten.type_as.default}
 
 
 def _is_noop(node: fx.Node) -> bool:
@@ -24,7 +24,7 @@ def _is_noop(node: fx.Node) -> bool:
     src, out = _val(node.args[0]) if node.args else None, _val(node)
     if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
         return False
-    if node.target in _CASTS:
+    if node.target in CASTS:
         return src.dtype == out.dtype
     if node.target in _SAME_SHAPE_NOOP or node.target == aten.slice.Tensor:
         return src.shape == out.shape  # a slice this size is the whole dim

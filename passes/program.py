@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -40,6 +41,9 @@ class Program:
     # weights a pass built from the model's own (by module path): path -> {"cat": [source paths], "dim": d}.
     # A cached artefact rebuilds them from the model's state instead of storing a copy on disk.
     derived: dict[str, dict] = field(default_factory=dict)
+    # float32 originals of weights the model holds rounded to its dtype, by module path (vLLM's bf16 RoPE
+    # cos/sin caches): passes that read values off weights (passes/rope.py) read these instead.
+    float32_sources: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
@@ -86,6 +90,28 @@ class Program:
 
     def node_count(self) -> int:
         return sum(1 for n in self.graph.nodes if n.op == "call_function")
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module path a node came from, normalised to dotted form."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"L\['self'\]\.?|L\['fn'\]\.?", "", path)
+    path = re.sub(r"_modules\['([^']+)'\]", r"\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = path.strip(".").removeprefix("model.")  # the capture wrapper's attribute
+    return "" if path.startswith("_") else path
+
+
+def source_line(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', trace)
+    if not frames:
+        return ""
+    file, line, fn, code = frames[-1]
+    return f"{Path(file).name}:{line} in {fn}: {code.strip()}"
 
 
 def exported_weights(ep, module: torch.nn.Module, strip: str = "") -> tuple[dict, dict]:

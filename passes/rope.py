@@ -9,15 +9,18 @@ angles. No per-model rope code, and every scaling variant is covered by the same
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.fx as fx
 
+from passes.cleanup import CASTS
 from passes.manager import PatternPass
 from passes.pattern import Match, Pattern
-from passes.program import Program
+from passes.program import Program, module_path
 
+log = logging.getLogger(__name__)
 _HALF = 99991  # the int sentinel of passes.pattern: example shapes are built so slices use it
 
 
@@ -43,69 +46,113 @@ def _examples(rank: int, half_width: bool):
     return (x, c, c.clone())
 
 
-def _tabulate(program: Program, node: fx.Node, positions: torch.Tensor) -> torch.Tensor:
-    """Evaluate `node` for the given positions; it must depend on the positions input alone."""
+# Positions the frequencies are refined at: from 1 (where every angle is below half a turn) outward, each
+# step 8x farther, so the previous estimate's error times 8 stays far below half a turn when the whole
+# turns are counted. Stops where the model's table ends (vLLM tabulates max_position_embeddings rows).
+_LADDER = (1, 8, 64, 512, 4096, 32768)
+_CHECKED = 1025  # every position below this is checked, and 512 more spread out to the farthest
+
+
+class RopeNotRecovered(ValueError):
+    """A rope's frequencies could not be read off its cos/sin to float32 precision: it is left unfused."""
+
+
+def _subgraph(node: fx.Node) -> set[fx.Node]:
     needed, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n not in needed:
             needed.add(n)
             stack.extend(n.all_input_nodes)
+    return needed
+
+
+def _tabulate(program: Program, nodes: list[fx.Node], positions: torch.Tensor) -> list[torch.Tensor]:
+    """Evaluate `nodes` (functions of the positions input alone) at `positions`, in the precision of the
+    model's float32 sources: a weight the model holds rounded (vLLM's bf16 cos/sin cache) is read from its
+    float32 original (`Program.float32_sources`), and casts to a narrower float type are skipped, so the
+    tables come out as the model computed them before casting them to its activation dtype."""
+    needed = set().union(*(_subgraph(n) for n in nodes))
     env = {}
     for n in program.graph.nodes:
         if n not in needed:
             continue
         if n.op == "placeholder":
             if n.name in program.weights:
-                env[n] = program.weights[n.name]
+                env[n] = program.float32_sources.get(program.weight_paths[n.name], program.weights[n.name])
             elif n.name == "positions":
                 env[n] = positions
             else:
-                raise ValueError(f"rope cos/sin depend on input {n.name}")
-        else:
-            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
-            env[n] = n.target(*args, **kwargs)
-    return env[node]
+                raise RopeNotRecovered(f"its cos/sin depend on the input {n.name}, not on the positions alone")
+            continue
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+        out = n.target(*args, **kwargs)
+        src = args[0] if args else None
+        if n.target in CASTS and isinstance(src, torch.Tensor) and _narrower(out.dtype, src.dtype):
+            out = src
+        env[n] = out
+    return [env[n] for n in nodes]
 
 
-def _frequencies(cos: torch.Tensor, sin: torch.Tensor, far: int) -> tuple[torch.Tensor, float] | None:
-    """inv_freq and mscale from cos/sin rows at positions [0, 1, far] (last dim: one per frequency)."""
-    c, s = cos.double(), sin.double()
-    mscale = float(c[0].mean())
-    if mscale <= 0 or not torch.allclose(c[0], torch.full_like(c[0], mscale), rtol=1e-4):
-        return None
-    rough = torch.atan2(s[1], c[1])  # < pi for every real rope frequency
-    angle = torch.atan2(s[2], c[2])  # refine at a far position: error / far
-    turns = torch.round((rough * far - angle) / (2 * math.pi))
-    return ((angle + 2 * math.pi * turns) / far).float(), mscale
+def _narrower(to: torch.dtype, src: torch.dtype) -> bool:
+    return to.is_floating_point and src.is_floating_point and torch.finfo(to).eps > torch.finfo(src).eps
+
+
+def _frequencies(program: Program, cos: fx.Node, sin: fx.Node, half: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq [half] float32, mscale) of a rope whose cos/sin nodes are given, read off the angles at
+    the positions of _LADDER and verified against the model's own tables at every position below
+    _CHECKED and 512 more up to the farthest; raises RopeNotRecovered if they are not a rope's to
+    within float32 rounding."""
+    for count in range(len(_LADDER), 0, -1):  # the farthest ladder the tables cover
+        far = _LADDER[count - 1]
+        checked = torch.unique(torch.cat([torch.arange(min(_CHECKED, far + 1)),
+                                          torch.linspace(0, far, 513).round().long(),
+                                          torch.tensor(_LADDER[:count])]))
+        try:
+            cos_t, sin_t = _tabulate(program, [cos, sin], checked)
+            break
+        except (IndexError, RuntimeError):  # a table shorter than `far` rows
+            continue
+    else:
+        raise RopeNotRecovered("its cos/sin tables hold fewer than 2 positions")
+    if cos_t.dtype not in (torch.float32, torch.float64):
+        raise RopeNotRecovered(f"its cos/sin are only available in {cos_t.dtype} (no float32 source), which "
+                               "cannot tell the frequencies apart to float32 precision")
+    width = cos_t.reshape(len(checked), -1).shape[-1]
+    if width not in (half, 2 * half):  # neox tables repeat the frequencies ([f, f]); interleaved hold them once
+        raise RopeNotRecovered(f"its cos/sin tables are {width} wide for {2 * half} rotated dims")
+    c, s = (t.reshape(len(checked), -1)[:, :half].double() for t in (cos_t, sin_t))
+    row = {int(p): i for i, p in enumerate(checked)}
+    mscale = float(c[row[0]].mean())
+    if mscale <= 0 or not torch.allclose(c[row[0]], torch.full_like(c[row[0]], mscale), rtol=1e-6) \
+            or s[row[0]].abs().max() > 1e-6:
+        raise RopeNotRecovered("its cos/sin at position 0 are not (mscale, 0)")
+    freq = torch.zeros(half, dtype=torch.float64)
+    for p in _LADDER[:count]:
+        angle = torch.atan2(s[row[p]], c[row[p]])
+        turns = torch.round((freq * p - angle) / (2 * math.pi))
+        freq = (angle + 2 * math.pi * turns) / p
+    inv_freq = freq.float()
+    theta = checked.float()[:, None] * inv_freq[None, :]  # as the model computes it: float32 position x inv_freq
+    err = torch.maximum((theta.double().cos() * mscale - c).abs(), (theta.double().sin() * mscale - s).abs())
+    bound = 2.0 ** -21 * (1 + theta.double().abs()) * max(1.0, mscale)  # a few float32 roundings of the angle
+    if not bool((err <= bound).all()):
+        worst = int(err.div(bound).max(-1).values.argmax())
+        raise RopeNotRecovered(f"no frequencies reproduce its cos/sin to float32 rounding (position "
+                               f"{int(checked[worst])}: off by {float(err[worst].max()):.3g})")
+    return inv_freq, mscale
 
 
 def _derive(style: str):
     def derive(m: Match, program: Program) -> dict | None:
         x, cos, sin = m.bindings["x"], m.bindings["cos"], m.bindings["sin"]
-        x_val = x.meta["val"]
-        half = int(x_val.shape[-1]) // 2  # the rotated dims of x, whichever spelling matched
-        for far in (4096, 1024, 256, 64, 8):  # the farthest position the tables cover refines best
-            try:
-                positions = torch.tensor([0, 1, far])
-                cos_t, sin_t = (_tabulate(program, n, positions).reshape(3, -1) for n in (cos, sin))
-                break
-            except (IndexError, RuntimeError):  # a table shorter than `far` rows
-                continue
-            except ValueError:  # cos/sin depend on more than the positions: not a rope we know
-                return None
-        else:
+        head_dim = int(x.meta["val"].shape[-1])  # the rotated dims of x, whichever spelling matched
+        try:
+            inv_freq, mscale = _frequencies(program, cos, sin, head_dim // 2)
+        except RopeNotRecovered as why:  # the rotation stays as the model wrote it: exact, only unfused
+            log.warning("rope at %s left unfused: %s", module_path(m.anchor) or m.anchor.name, why)
+            program.meta.setdefault("unfused_ropes", []).append(str(why))
             return None
-        width = cos_t.shape[-1]
-        # Neox tables repeat the frequencies twice ([f, f]); interleaved ones hold them once.
-        cos_t, sin_t = cos_t[:, :half], sin_t[:, :half]
-        if width not in (half, 2 * half):
-            return None
-        found = _frequencies(cos_t, sin_t, far)
-        if found is None:
-            return None
-        inv_freq, mscale = found
-        head_dim = int(x_val.shape[-1])
         pos_node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "positions")
         return {"inv_freq": inv_freq, "positions": pos_node, "head_dim": head_dim,
                 "traditional": style == "interleaved", "mscale": mscale}
@@ -142,4 +189,4 @@ PATTERNS = [
     _pattern("interleaved", interleaved_split, "interleaved", 3, True),
 ]
 
-PASS = PatternPass("rope", PATTERNS, expect=lambda p: p.meta.get("expected_ropes"))
+PASS = PatternPass("rope", PATTERNS, version=2, expect=lambda p: p.meta.get("expected_ropes"))

@@ -1,10 +1,12 @@
-"""Every family in lowering.coverage.FAMILIES, through both front ends, matches its reference in f32
-(prefill + decode): transformers eager for the HF front, vLLM's own torch model run eagerly for the
-vLLM front (transformers where vLLM has no torch path on this platform: MoE). Families we do not cover
-yet are expected failures with the reason, so the day they start passing the suite says so (strict).
-
-bf16/f16 run in `python -m lowering.coverage` (docs/models.md); here one bf16 and one f16 family.
-The engine comparison (greedy tokens through vLLM with the plugin == vLLM's CPU platform) is slow."""
+"""Every family in lowering.coverage.FAMILIES, through both front ends and in float32, bfloat16 and float16,
+matches its reference at positions past 4096 (a 4090-token prompt, then decode steps): in f32 transformers
+eager for the HF front and vLLM's own torch model run eagerly for the vLLM front (transformers where vLLM
+has no torch path on this platform: MoE), within 1e-4 x max |logit|; in bf16/f16 transformers in f32 on the
+same rounded weights, within 1.5x transformers' own error in that dtype + 1e-3 x max |logit|. The RoPE
+frequencies the rope pass read off each model equal transformers' float32 ones to 1e-6 (relative).
+Families we do not cover yet are expected failures with the reason, so the day they start passing the
+suite says so (strict). The engine comparison (greedy tokens through vLLM with the plugin == vLLM's CPU
+platform) is slow."""
 
 import runtime  # noqa: F401
 
@@ -13,31 +15,27 @@ import pytest
 from lowering.coverage import FAMILIES, check, engine_greedy
 
 NOT_YET: dict = {}
+FREQUENCY_TOLERANCE = 1e-6
 
 
-def _check(family, front, dtype):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("front", ["hf", "vllm"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_reference_at_long_positions(family, front, dtype):
     if (family, front) in NOT_YET:
         pytest.xfail(NOT_YET[(family, front)])
     result = check(family, front, dtype)
     print(result)
+    if result["ok"] is None:
+        pytest.skip(result["note"])
     assert result["ok"], result
-    assert result["greedy_match"], result
     assert not result["missed"], f"passes that should have matched did not: {result['missed']}"
-    return result
-
-
-@pytest.mark.parametrize("front", ["hf", "vllm"])
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_matches_eager(family, front):
-    result = _check(family, front, "float32")
-    if front == "vllm" and family != "mixtral-moe":
-        assert result["reference"] == "vLLM eager", result
-
-
-@pytest.mark.parametrize("family, front, dtype", [("mixtral-moe", "vllm", "bfloat16"),
-                                                  ("qwen3-qk-norm", "hf", "float16")])
-def test_low_precision_subset(family, front, dtype):
-    _check(family, front, dtype)
+    if result["rope_freq_err"] is not None:
+        assert result["rope_freq_err"] <= FREQUENCY_TOLERANCE, result
+    if dtype == "float32":
+        assert result["greedy_match"], result
+        if front == "vllm" and family != "mixtral-moe":
+            assert result["reference"] == "vLLM eager", result
 
 
 @pytest.mark.slow

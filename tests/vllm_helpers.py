@@ -54,6 +54,7 @@ _FILLER = ("You are a meticulous assistant for a public library. You answer ques
            "for three weeks, renewals are possible twice unless another member reserved the item, late fees "
            "are twenty cents per day and item, and printing costs ten cents per page in black and white. ")
 SYSTEM_PROMPT_TOKENS = 200
+LONG_PROMPT_TOKENS = 1500
 NUM_PREFIX_REQUESTS = 16
 NUM_MIXED = 32
 
@@ -77,7 +78,9 @@ def build_prompts(tokenizer) -> dict:
                77, 111, 150, 6, 9, 15, 24, 70]
     assert len(lengths) == NUM_MIXED
     mixed = [corpus[(i * 37) % 200:(i * 37) % 200 + n] for i, n in enumerate(lengths)]
-    return {"greedy": greedy, "prefix": prefix, "mixed": mixed}
+    long = tokenizer(" ".join(f"{i}. {_FILLER}" for i in range(20))).input_ids[:LONG_PROMPT_TOKENS]
+    assert len(long) == LONG_PROMPT_TOKENS
+    return {"greedy": greedy, "prefix": prefix, "mixed": mixed, "long": [long]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,6 +366,16 @@ def task_greedy(llm, prompts, spec) -> dict:
     return {"outputs": _outputs(res)}
 
 
+def task_long(llm, prompts, spec) -> dict:
+    """Greedy tokens after the LONG_PROMPT_TOKENS-token prompt."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("greedy_tokens", 24), ignore_eos=True,
+                        logprobs=spec.get("logprobs", 5))
+    return {"outputs": _outputs(llm.generate([{"prompt_token_ids": p} for p in prompts["long"]], sp,
+                                             use_tqdm=False))}
+
+
 def task_mixed(llm, prompts, spec) -> dict:
     from vllm import SamplingParams
 
@@ -424,16 +437,17 @@ def task_hf(llm, prompts, spec) -> dict:
 _HF = {}
 
 
-def _hf_model(path):
+def _hf_model(path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    if path not in _HF:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    dtype = dtype or torch.float32
+    if (path, dtype) not in _HF:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         model.eval()
         model.generation_config.eos_token_id = None  # 48 tokens always, like vLLM's ignore_eos
-        _HF[path] = model
-    return _HF[path]
+        _HF[path, dtype] = model
+    return _HF[path, dtype]
 
 
 def task_gaps(llm, prompts, spec) -> dict:
@@ -450,9 +464,27 @@ def task_gaps(llm, prompts, spec) -> dict:
     return {"gaps": gaps}
 
 
-TASKS = {"platform": task_platform, "greedy": task_greedy, "mixed": task_mixed, "prefix": task_prefix,
-         "sampling": task_sampling, "hf": task_hf, "gaps": task_gaps}
-_NEEDS_LLM = {"platform", "greedy", "mixed", "prefix", "sampling"}
+def task_dtype_gaps(llm, prompts, spec) -> dict:
+    """At the end of each prefix: transformers' float32 logits of two candidate tokens, and how far its own
+    logits in `spec["dtype"]` are from its float32 ones (max abs, with max |logit| in float32)."""
+    import torch
+
+    f32 = _hf_model(spec["model"])
+    low = _hf_model(spec["model"], getattr(torch, spec["dtype"]))
+    out = []
+    with torch.no_grad():
+        for p, pair in zip(spec["prefixes"], spec["candidates"]):
+            ref = f32(torch.tensor([p])).logits[0, -1].float()
+            own = low(torch.tensor([p])).logits[0, -1].float()
+            out.append({"logits": [float(ref[t]) for t in pair], "dtype_err": float((own - ref).abs().max()),
+                        "max_logit": float(ref.abs().max())})
+    return {"gaps": out}
+
+
+TASKS = {"platform": task_platform, "greedy": task_greedy, "long": task_long, "mixed": task_mixed,
+         "prefix": task_prefix, "sampling": task_sampling, "hf": task_hf, "gaps": task_gaps,
+         "dtype_gaps": task_dtype_gaps}
+_NEEDS_LLM = {"platform", "greedy", "long", "mixed", "prefix", "sampling"}
 
 
 def main(spec_path: str, out_path: str) -> int:
