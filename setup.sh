@@ -120,5 +120,5 @@ fi
 
 # 7. The bundled model: convert once (~35 s), verify the recorded hashes on every run.
 log "preparing SmolLM2-135M-Instruct (verifies the cached checkpoint; converts it if missing or damaged)"
-MODEL_DIR="$("$PY" -m runtime.models prepare smollm2)"
+MODEL_DIR="$("$PY" -m weights.bundled prepare smollm2)"
 log "done: model at $MODEL_DIR; BLAS: $("$PY" -c 'import runtime.blas as b; r = b.report(); print(r["sgemm_library"] + (" (REFERENCE, slow!)" if r["reference_blas"] else ""))')"

@@ -76,7 +76,7 @@ def findings(res: dict) -> str:
             f"tok/s, {tok('mlx', 32) / tok('cpu', 32):.2f}x; batch 1: {tok('mlx', 1):.1f} vs {tok('cpu', 1):.1f}).** "
             "The built-in CPU platform runs torch with oneDNN/MKL GEMMs and its own C++ attention kernels, which read the "
             "paged cache in place, with vectorised exp. At 32 requests of 128 + 128 tokens most steps are batch-32 "
-            "decodes. Measured separately on the quiet machine of the 2026-11-28 run (an Intel Xeon; `runtime.driver`, the "
+            "decodes. Measured separately on the quiet machine of the 2026-11-28 run (an Intel Xeon; `lowering.driver`, the "
             "same lowered step, contexts 129-140): a batch-32 decode step took 200-260 ms of evaluation - the GEMMs (M=32; OpenBLAS within "
             "0.7-1x of torch's MKL at these shapes, ~75 ms with 2 threads), attention ~80 ms (30 layers x 2.7 ms: "
             "1.2 ms to gather 32 sequences' K and V, 12.6 MB a layer at ~10 GB/s, where vLLM's kernel reads in place, "

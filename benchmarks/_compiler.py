@@ -1,6 +1,6 @@
 """Section 1 (+ the lowering and host-overhead parts of section 4) for one dtype, in its own process.
 
-Lowered SmolLM2 (vLLM's torch model -> capture -> passes -> MLX, driven by runtime.driver at batch 1)
+Lowered SmolLM2 (vLLM's torch model -> capture -> passes -> MLX, driven by lowering.driver at batch 1)
 against mlx-lm's hand-written model of the same checkpoint, same MLX build, same BLAS, same dtype,
 same harness: prefill = one forward over the whole prompt (logits of the last token evaluated);
 decode = N greedy steps after that prefill, each one forward + argmax + .item() (a host sync per
@@ -38,13 +38,13 @@ def prompt_tokens(tokenizer, n: int) -> list[int]:
 
 
 class Ours:
-    """The lowered model through runtime.driver (batch 1, greedy)."""
+    """The lowered model through lowering.driver (batch 1, greedy)."""
 
     def __init__(self, path: str, dtype: str, max_len: int):
         from lowering.api import build_model, lower
         from lowering.capture import capture_vllm
         from lowering.vllm_build import build_vllm_model
-        from runtime.driver import Driver
+        from lowering.driver import Driver
 
         t = time.perf_counter()
         model, config = build_vllm_model(path, dtype={"f32": "float32", "bf16": "bfloat16"}[dtype],
@@ -229,7 +229,7 @@ def main() -> int:
     import mlx.core as mx
 
     from runtime import blas
-    from runtime.models import prepare
+    from weights.bundled import prepare
 
     path = str(prepare("smollm2"))
     max_len = max(1024, 2 * (args.prompt + args.gen))

@@ -32,7 +32,7 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
 
     import runtime  # noqa: F401
-    from runtime.models import prepare
+    from weights.bundled import prepare
 
     path = str(prepare("smollm2"))
     os.environ.setdefault("VLLM_RPC_BASE_PATH", tempfile.mkdtemp(prefix="bench-rpc-"))

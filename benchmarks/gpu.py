@@ -2,7 +2,7 @@
 
 Systems, same GPU, same shapes, same dtype (bf16), random weights from a fixed seed:
   ours          HF Llama (transformers) -> capture_hf -> passes -> emitted MLX -> mx.compile, driven by
-                runtime.model.LoweredModel + runtime.driver.Driver (paged KV cache, block size 16)
+                runtime.model.LoweredModel + lowering.driver.Driver (paged KV cache, block size 16)
   mlx_lm        mlx-lm's hand-written Llama (mlx_lm.models.llama), its KVCache
   torch_eager   transformers LlamaForCausalLM on CUDA (SDPA, DynamicCache)
   torch_compile the same model, torch.compile: decode mode="reduce-overhead" (CUDA graphs) over a
@@ -275,9 +275,10 @@ def cmd_lower(args) -> int:
 def mlx_setup(device: str):
     """Select MLX's device through the runtime's own config (VLLM_MLX_DEVICE)."""
     os.environ["VLLM_MLX_DEVICE"] = device
-    from runtime.config import RuntimeConfig, select_device
+    from runtime.config import RuntimeConfig
+    from runtime.kernels import select_device
 
-    return select_device(RuntimeConfig.from_env())
+    return select_device(RuntimeConfig.from_env()).config.device
 
 
 def mlx_random_weights(meta: dict, dtype, seed: int) -> dict:
@@ -320,7 +321,7 @@ def mlx_constants(folder: Path) -> dict:
 
 def build_ours(source: str, weights: dict, layers: list[dict], dtype, num_blocks: int):
     from lowering.compile import load_step
-    from runtime.driver import Driver
+    from lowering.driver import Driver
     from runtime.model import CacheLayout, LoweredModel
 
     layout = CacheLayout(len(layers), layers[0]["num_kv_heads"], layers[0]["head_dim"], BLOCK, dtype)

@@ -33,17 +33,17 @@ def measure(dtype_name: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import runtime.models
+    import weights.bundled
     from lowering import capture
     from lowering.api import build_model, lower
     from runtime import memory
-    from runtime.driver import Driver
+    from lowering.driver import Driver
     from runtime.model import LoweredModel
 
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     stages: list = []
     _rss(stages, "imports done")
-    path = runtime.models.prepare("smollm2")
+    path = weights.bundled.prepare("smollm2")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     torch_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     _rss(stages, "torch model loaded")

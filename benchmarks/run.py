@@ -7,7 +7,7 @@
 Sections (each in fresh child processes; before each one the run waits, up to 2 minutes, until under
 half a core is busy over 3 s - other jobs, not the decaying load average of its own previous section;
 what it saw is recorded in the table):
- 1. compiler quality: lowered SmolLM2 (runtime.driver, batch 1) vs mlx-lm's model, same MLX/BLAS/dtype
+ 1. compiler quality: lowered SmolLM2 (lowering.driver, batch 1) vs mlx-lm's model, same MLX/BLAS/dtype
  2. end to end in vLLM: this plugin (MLX) vs VLLM_METAL_USE_MLX=0 vs vLLM's built-in CPU platform
  3. the limit: memory bandwidth x bytes of weights per decode step -> decode ceiling, achieved %
  4. overheads: lowering cold / from the cache, host time per decode step
@@ -166,7 +166,7 @@ def report(res: dict) -> str:
     L += ["## 1. Compiler quality: lowered model vs mlx-lm's hand-written model", "",
           "Both on MLX's CPU backend with the same BLAS, same weights, same dtype, same harness (batch 1, greedy, "
           "one forward + argmax + `.item()` per token). Ours: vLLM's torch model -> `capture_vllm` -> passes -> "
-          "compiled MLX, driven by `runtime.driver`. mlx-lm 0.32.2: `mlx_lm.load(path, model_config={'rope_theta': 1e5})`.", "",
+          "compiled MLX, driven by `lowering.driver`. mlx-lm 0.32.2: `mlx_lm.load(path, model_config={'rope_theta': 1e5})`.", "",
           "| dtype | prompt / new tokens | repeats | prefill ours tok/s | prefill mlx-lm | **prefill ratio** | "
           "decode ours tok/s | decode mlx-lm | **decode ratio** | greedy tokens equal |",
           "|---|---|---|---|---|---|---|---|---|---|"]
@@ -250,7 +250,7 @@ def report(res: dict) -> str:
         ms = {k: 1e3 * v for k, v in host["median_s"].items()}
         L += [f"Host time per batch-1 decode step of the lowered model (f32, context ~128-176 tokens, medians of 48 steps):", "",
               "| part | ms | % of step |", "|---|---|---|"]
-        for k, label in (("driver_build", "runtime.driver: StepInput from the sequence (numpy)"),
+        for k, label in (("driver_build", "lowering.driver: StepInput from the sequence (numpy)"),
                          ("attention_arrays", "runtime.batch.attention_arrays (numpy)"),
                          ("to_mlx", "numpy -> mx.array (attention arrays, ids, positions)"),
                          ("call", "calling the `mx.compile`d step (graph replay, host only)"),

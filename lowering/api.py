@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 import torch
 
-from lowering.compile import load_step
+from lowering.compile import cache_key, load_artefact, load_step, store_artefact
 from lowering.emit import emit_source
-from passes import PassManager, PassResult, Program, default_manager
+from passes import AttentionLayer, PassManager, PassResult, Program, default_manager
 from runtime.model import CacheLayout, LoweredModel
 
 
@@ -79,11 +79,6 @@ def lower_cached(identity: dict, capture, state: dict[str, torch.Tensor]):
     model's tensors (parameters and buffers). Returns (source, MLX weights by path, attention
     layers, info) where info says whether the cache was hit and how long each part took.
     """
-    from dataclasses import asdict
-
-    from lowering.compile import cache_key, load_artefact, store_artefact
-    from passes.program import AttentionLayer
-
     start = time.perf_counter()
     key = cache_key(identity)
     hit = load_artefact(key)

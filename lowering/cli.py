@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true",
                    help="run lowered MLX vs torch on random ids (prefill + decode): max_abs_err, greedy_match")
     p.add_argument("--add-pass", action="append", default=[], metavar="MODULE:ATTR",
-                   help="add a pass object (e.g. passes.silu_mul:PASS) before final_cleanup; repeatable")
+                   help="add a pass object (e.g. passes.fused.silu_mul:PASS) before final_cleanup; repeatable")
     p.add_argument("--skip-pass", action="append", default=[], metavar="NAME", help="drop a default pass; repeatable")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -83,7 +83,7 @@ class Source:
 
 
 def resolve_model(arg: str | None) -> Source:
-    import runtime.models as models
+    import weights.bundled as models
 
     if arg is None or (arg in models.bundled_names() and not Path(arg).exists()):
         name = arg or models.DEFAULT_MODEL
@@ -228,7 +228,7 @@ class Run:
 
     @property
     def ops(self) -> dict:
-        from passes.testing import op_histogram
+        from lowering.testing import op_histogram
 
         return op_histogram(self.program.graph)
 
@@ -238,7 +238,7 @@ def lower_model(args, keep: set[str], snapshot=None) -> Run:
     (default: graph text); "before <pass>" is kept too for every kept pass."""
     from lowering.api import run_passes
     from lowering.emit import UnsupportedOpsError, emit_source
-    from passes.testing import graph_text
+    from lowering.testing import graph_text
 
     snapshot = snapshot or graph_text
     t0 = time.perf_counter()
@@ -288,7 +288,7 @@ def check(run: Run, dtype: str) -> dict:
     import torch
 
     from lowering.api import Lowered, build_model
-    from runtime.driver import Driver
+    from lowering.driver import Driver
 
     if run.reference is None:
         raise CliError(f"--check: the {run.front} front end gave no torch reference to compare with")
@@ -379,7 +379,7 @@ def summary_text(data: dict) -> str:
 
 def graph_json(program) -> dict:
     from lowering.emit import module_path
-    from passes.testing import describe_value, op_name
+    from lowering.testing import describe_value, op_name
 
     nodes = []
     for n in program.graph.nodes:
@@ -405,7 +405,7 @@ def graph_dot(program, title: str, expand: bool = False) -> str:
     from collections import Counter
 
     from lowering.emit import module_path
-    from passes.testing import describe_value, op_name
+    from lowering.testing import describe_value, op_name
 
     def q(s: str) -> str:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -585,7 +585,7 @@ def _run(argv: list[str]) -> int:
         checked = check(run, dtype)
 
     if args.diff:
-        from passes.testing import graph_diff
+        from lowering.testing import graph_diff
 
         diff = graph_diff(run.stages[f"before {args.diff}"], run.stages[args.diff], args.diff, context=3)
         out = json.dumps({"pass": args.diff, "diff": diff}, indent=1) + "\n" if args.format == "json" else \

@@ -19,32 +19,38 @@ import types
 from pathlib import Path
 
 import mlx.core as mx
+import torch
+
+from runtime.config import cache_root
+from runtime.model import prepare_weights
 
 SOURCE, META, CONSTANTS = "step.py", "meta.json", "constants.safetensors"
 
 
 class Step:
-    """An emitted step function (compiled or not) and the table of what it reads from its weights: call
-    it with `prepare(weights)`, made once (runtime.model.prepare_weights), not with the weights themselves."""
+    """An emitted step function (compiled or not), the table of what it reads from its weights, and the kernel
+    table it calls: call it with `prepare(weights)`, made once (runtime.model.prepare_weights), not with the
+    weights themselves."""
 
-    def __init__(self, fn, weights: dict[str, tuple[str, bool]]):
-        self.fn, self.weights = fn, weights
+    def __init__(self, fn, weights: dict[str, tuple[str, bool]], kernels):
+        self.fn, self.weights, self.kernels = fn, weights, kernels
 
     def __call__(self, *args):
         return self.fn(*args)
 
     def prepare(self, weights: dict) -> dict:
-        from runtime.model import prepare_weights
-
         return prepare_weights(weights, self.weights)
 
 
-def load_step(source: str, name: str = "step", jit: bool = True) -> Step:
-    """Execute emitted source as a fresh module and return its step function (compiled)."""
+def load_step(source: str, name: str = "step", jit: bool = True, kernels=None) -> Step:
+    """Execute emitted source as a fresh module and return its step function (compiled). `kernels`: the kernel
+    table the step calls (runtime.kernels.select(config)); by default this process's (runtime.kernels.current())."""
     module = types.ModuleType(f"lowered_{hashlib.sha256(source.encode()).hexdigest()[:12]}")
     exec(compile_source(source, module.__name__), module.__dict__)
+    if kernels is not None:
+        module.k = kernels
     fn = getattr(module, name)
-    return Step(mx.compile(fn) if jit else fn, getattr(module, "WEIGHTS", {}))
+    return Step(mx.compile(fn) if jit else fn, getattr(module, "WEIGHTS", {}), module.k)
 
 
 def compile_source(source: str, filename: str):
@@ -52,8 +58,6 @@ def compile_source(source: str, filename: str):
 
 
 def cache_dir() -> Path:
-    from runtime.models import cache_root
-
     return cache_root() / "lowered"
 
 
@@ -69,13 +73,11 @@ def code_version() -> str:
 
 
 def cache_key(identity: dict) -> str:
-    import torch
-
     try:
-        import vllm
+        import vllm  # here, not at the top: the HF front end works without vLLM
 
         vllm_version = vllm.__version__
-    except Exception:  # the HF front end works without vLLM
+    except Exception:
         vllm_version = "none"
     full = dict(identity, torch=torch.__version__, mlx=mx.__version__, vllm=vllm_version, code=code_version())
     return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -43,8 +43,8 @@ def _imported_names(template: str) -> set[str]:
     return names
 
 
-# names the step function's body must not rebind: its parameters and what the template imports
-_RESERVED = frozenset({"w", "kv", "batch"} | _imported_names("step.py.j2"))
+# names the step function's body must not rebind: its parameters, the kernel table and what the template imports
+_RESERVED = frozenset({"w", "kv", "batch", "k"} | _imported_names("step.py.j2"))
 
 
 @dataclass

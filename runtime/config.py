@@ -3,8 +3,8 @@
 `RuntimeConfig.from_env()` is the only reader; a bad value raises `ConfigError` with one line naming
 the variable, the value and the accepted forms, so a typo fails at start-up instead of mid-serve.
 No torch here: the plugin's platform and the CLI import this before any model exists.
-(VLLM_METAL_CACHE and VLLM_METAL_BLAS are read where they act, in runtime/models.py and
-runtime/blas.py, because both are needed before this module can be imported; see docs/configuration.md.)
+(VLLM_METAL_BLAS is read where it acts, in runtime/blas.py, because it is needed before MLX can be imported;
+see docs/configuration.md.)
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
+
+import mlx.core as mx
+
+from runtime.device import gpu_available
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +73,6 @@ def _block_size(env: Mapping[str, str]) -> int:
     return n
 
 
-def gpu_available() -> bool:
-    """Whether this MLX build has a usable GPU backend (Metal on macOS, CUDA with mlx-cuda)."""
-    import mlx.core as mx
-
-    for backend in ("metal", "cuda"):
-        mod = getattr(mx, backend, None)
-        if mod is not None and hasattr(mod, "is_available") and mod.is_available():
-            return True
-    return False
-
-
 def _device(env: Mapping[str, str]) -> str:
     name, raw = "VLLM_MLX_DEVICE", env.get("VLLM_MLX_DEVICE")
     has_gpu = gpu_available()
@@ -89,14 +83,54 @@ def _device(env: Mapping[str, str]) -> str:
         raise _bad(name, raw, "gpu or cpu")
     if v == "gpu" and not has_gpu:
         # Asked for explicitly: running on the CPU instead would be silently 10-100x slower. Refuse.
-        import mlx.core as mx
-
         raise ConfigError(
             f"{name}={raw!r} but this MLX build ({mx.__version__}) has no GPU backend "
             "(mx.metal / mx.cuda unavailable; on Linux install mlx-cuda-13 or mlx-cuda-12); "
             f"unset {name} or set it to cpu"
         )
     return v
+
+
+# Kernels of the backends that VLLM_METAL_KERNELS_OFF can turn off (the generic entry runs instead), for A/B runs
+KERNEL_SWITCHES = {
+    "decode_layer": "CUDA: RoPE + K/V cache write + attention of a decode layer in one kernel",
+    "decode_block_limit": "CUDA: the fused decode layer only up to FUSED_MAX_BLOCKS query heads x sequences",
+    "paged_decode": "CUDA: decode attention reading the paged cache in place",
+    "rope_rows": "CUDA: RoPE of q and k with the K/V cache rows laid out in one kernel",
+    "kv_in_place": "CUDA: decode K/V written into the cache by the RoPE kernel, not a scatter",
+    "add_rms_norm": "CUDA: residual add + RMSNorm in one kernel",
+    "silu_row": "CUDA: SiLU x mul of one token as a kernel writing a contiguous row",
+}
+_WARPS, _KEYS = (1, 2, 4, 8, 16, 32), (1, 2, 4, 8)
+
+
+def _kernels_off(env: Mapping[str, str]) -> frozenset[str]:
+    name, raw = "VLLM_METAL_KERNELS_OFF", env.get("VLLM_METAL_KERNELS_OFF", "")
+    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
+    unknown = sorted(names - set(KERNEL_SWITCHES))
+    if unknown:
+        raise _bad(name, raw, "a comma-separated list of " + ", ".join(KERNEL_SWITCHES))
+    return names
+
+
+def _paged_kernel_tune(env: Mapping[str, str]) -> tuple[int, int]:
+    name, raw = "MLX_PAGED_KERNEL_TUNE", env.get("MLX_PAGED_KERNEL_TUNE", "")
+    if raw.strip() == "":
+        return (8, 4)
+    try:
+        warps, keys = (int(x) for x in raw.split(","))
+    except ValueError:
+        warps = keys = -1
+    if warps not in _WARPS or keys not in _KEYS:
+        raise _bad(name, raw, f"'WARPS,KEYS' with WARPS in {'/'.join(map(str, _WARPS))} and KEYS in "
+                              f"{'/'.join(map(str, _KEYS))} (default 8,4)")
+    return warps, keys
+
+
+def cache_root(env: Mapping[str, str] | None = None) -> Path:
+    """Where lowered artefacts and prepared models are kept: $VLLM_METAL_CACHE, default ~/.cache/vllm-metal."""
+    env = os.environ if env is None else env
+    return Path(env.get("VLLM_METAL_CACHE") or Path.home() / ".cache" / "vllm-metal").expanduser()
 
 
 @dataclass(frozen=True)
@@ -107,6 +141,8 @@ class RuntimeConfig:
     block_size: int = 16
     debug: bool = False
     debug_dir: str = os.path.join(tempfile.gettempdir(), "vllm-metal-debug")
+    kernels_off: frozenset[str] = frozenset()  # KERNEL_SWITCHES names
+    paged_kernel_tune: tuple[int, int] = (8, 4)  # CUDA decode attention: warps per block, keys in flight per warp
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "RuntimeConfig":
@@ -119,31 +155,6 @@ class RuntimeConfig:
             block_size=_block_size(env),
             debug=_flag(env, "VLLM_METAL_DEBUG", False),
             debug_dir=os.path.expanduser(debug_dir),
+            kernels_off=_kernels_off(env),
+            paged_kernel_tune=_paged_kernel_tune(env),
         )
-
-
-_selected: str | None = None
-
-
-def select_device(config: RuntimeConfig) -> str:
-    """Set MLX's default device from the config, once per process (later calls only check agreement)."""
-    global _selected
-    if _selected is None:
-        import mlx.core as mx
-
-        mx.set_default_device(mx.gpu if config.device == "gpu" else mx.cpu)
-        _selected = config.device
-    elif _selected != config.device:
-        log.warning("MLX device already set to %s; ignoring request for %s", _selected, config.device)
-    return _selected
-
-
-def on_cuda() -> bool:
-    """Whether MLX's default device (at trace time) is a CUDA GPU: where runtime/paged_kernel.py's and
-    runtime/norm.py's `mx.fast.cuda_kernel`s run (they exist on every MLX build, run only there)."""
-    import mlx.core as mx
-
-    if mx.default_device().type != mx.gpu:
-        return False
-    cuda = getattr(mx, "cuda", None)
-    return cuda is not None and cuda.is_available()

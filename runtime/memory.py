@@ -7,7 +7,6 @@ No torch here (the plugin asks for a plan before any step runs).
 from __future__ import annotations
 
 import math
-import os
 import resource
 import sys
 from dataclasses import asdict, dataclass
@@ -30,38 +29,6 @@ AUTO_KV_CAP = 0.25  # ... but never more KV cache than this fraction of device m
 
 class MemoryPlanError(ConfigError):
     """The requested memory budget cannot hold the model."""
-
-
-def device_memory_bytes(device: str | None = None) -> int:
-    """Memory the KV cache competes for: unified memory on Metal, GPU memory on CUDA, RAM on CPU."""
-    device = device or ("gpu" if mx.default_device() == mx.gpu else "cpu")
-    if device == "gpu":
-        try:
-            info = mx.device_info(mx.gpu)
-        except Exception:  # noqa: BLE001  older MLX: only the Metal spelling exists
-            metal = getattr(mx, "metal", None)
-            info = metal.device_info() if metal is not None and metal.is_available() else {}
-        for key in ("memory_size", "total_memory"):
-            if int(info.get(key, 0) or 0) > 0:
-                return int(info[key])
-    return ram_bytes()
-
-
-def ram_bytes() -> int:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX sysconf: read /proc
-        with open("/proc/meminfo") as f:
-            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-    # A container's cgroup limit is the real ceiling when it is lower than the host's RAM.
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            raw = f.read().strip()
-        if raw.isdigit():
-            total = min(total, int(raw))
-    except OSError:
-        pass
-    return total
 
 
 def weights_bytes(weights: dict[str, mx.array]) -> int:

@@ -23,7 +23,7 @@ class CacheLayout:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.size
 
     def cache_shape(self, num_blocks: int) -> tuple[int, ...]:
-        """One layer's cache, K then V, head-major: [2, KVH, blocks, block_size, D] (runtime/attention.py)."""
+        """One layer's cache, K then V, head-major: [2, KVH, blocks, block_size, D] (runtime/kernels/paged.py)."""
         return (2, self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
 
 
@@ -66,6 +66,13 @@ class LoweredModel:
         and are evaluated with them). `input_ids` (int32, [T]) replaces `batch.input_ids` when given,
         so a decode step can take the previous step's on-device argmax: the host builds step n+1
         while the device still runs step n (`mx.async_eval`), as mlx-lm's generate loop does."""
+        logits, self.kv = self.step_fn(*self.step_args(batch, self.kv, input_ids))
+        return logits
+
+    def step_args(self, batch: StepInput, kv: list, input_ids: mx.array | None = None) -> tuple:
+        """The arguments of the emitted step for `batch` over the caches `kv`: (weights, kv, device batch,
+        input_ids, positions, logits_indices). The only place they are built, so anything that re-runs a
+        step (the NaN guard's eager re-run) runs exactly what the compiled step ran."""
         host = {
             "batch": device_batch(attention_arrays(batch, self.layout.block_size), self.layout, self.num_blocks),
             "positions": batch.positions.astype(np.int32),
@@ -74,20 +81,16 @@ class LoweredModel:
         if input_ids is None:
             host["input_ids"] = batch.input_ids.astype(np.int32)
         arrays = to_mlx(host)  # one host-to-device array for all of them
-        logits, kv = self.step_fn(
-            self.step_weights, self.kv, arrays["batch"], arrays.get("input_ids", input_ids),
-            arrays["positions"], arrays["logits_indices"],
-        )
-        self.kv = kv
-        return logits
+        return (self.step_weights, kv, arrays["batch"], arrays.get("input_ids", input_ids), arrays["positions"],
+                arrays["logits_indices"])
 
 
 def device_batch(arrays: dict, layout: CacheLayout, num_blocks: int) -> dict:
     """Index arrays every layer's paged attention shares, made once per step on the host (numpy):
     `kv_rows` [2 * KVH * T], the cache rows ([2 * KVH * slots, D] view) of this step's K, then V,
-    head-major; and per group `key_pos` [Lk] and `block_rows` [2 * KVH * S * n] (runtime/attention.py
+    head-major; and per group `key_pos` [Lk] and `block_rows` [2 * KVH * S * n] (runtime/kernels/paged.py
     `_gather`). Inside the step each layer would otherwise build them again, as small arange kernels
-    that cost more than the attention itself at decode on a GPU (issue 10's profile)."""
+    that cost more than the attention itself at decode on a GPU."""
     slots = arrays["slot_mapping"].astype(np.int64)
     planes = 2 * layout.num_kv_heads  # K heads, then V heads
     heads = np.arange(planes, dtype=np.int64)[:, None] * (num_blocks * layout.block_size)

@@ -8,7 +8,7 @@ import runtime  # noqa: F401  (must precede every mlx import)
 
 import pytest
 
-import runtime.models
+import weights.bundled
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,7 +26,7 @@ def _isolated_caches(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The verified SmolLM2-135M-Instruct checkpoint directory (converted on first use, ~35 s)."""
-    return runtime.models.prepare("smollm2")
+    return weights.bundled.prepare("smollm2")
 
 
 # The pass-developer harness: `check_pass` / `pass_strategies` fixtures and its failure report.

@@ -1,13 +1,13 @@
 """pytest plugin of the pass-developer harness (registered by tests/conftest.py).
 
-Fixtures: `check_pass` (passes.testing.check_pass) and `pass_strategies` (hypothesis strategies).
+Fixtures: `check_pass` (lowering.testing.check_pass) and `pass_strategies` (hypothesis strategies).
 On a failing test, every check it ran is summarised in a "pass harness" report section: matched
 counts, max errors per dtype and size, and the graph diff of the pass.
 """
 
 import pytest
 
-from passes import testing
+from lowering import testing
 
 
 @pytest.fixture

@@ -111,7 +111,7 @@ def test_diff_json(tiny, capsys):
 def test_emit(tiny, capsys):
     code, out, _ = run(capsys, tiny, "--emit")
     assert code == 0 and "def step(w, kv, batch, input_ids, positions, logits_indices)" in out
-    assert "mx.fast.rms_norm(" in out and "rope=(positions, " in out
+    assert "k.rms_norm(" in out and "k.rope_paged_attention(" in out
     compile(out, "step.py", "exec")
 
 
@@ -149,7 +149,7 @@ def test_out_writes_file(tiny, capsys, tmp_path):
 
 def test_add_pass_shows_in_the_table(tiny, capsys):
     # silu_mul is a default pass: take it out, then add it back as a pass developer would
-    code, out, _ = run(capsys, tiny, "--skip-pass", "silu_mul", "--add-pass", "passes.silu_mul:PASS", "--format", "json")
+    code, out, _ = run(capsys, tiny, "--skip-pass", "silu_mul", "--add-pass", "passes.fused.silu_mul:PASS", "--format", "json")
     data = json.loads(out)
     names = [p["name"] for p in data["passes"]]
     assert code == 0 and names[-4:] == ["silu_mul", "final_cleanup", "rope_attention", "squeeze_batch"]  # added before final_cleanup

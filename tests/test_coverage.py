@@ -1,4 +1,4 @@
-"""Every family in lowering.coverage.FAMILIES, through both front ends and in float32, bfloat16 and float16,
+"""Every family in vllm_metal_plugin.coverage.FAMILIES, through both front ends and in float32, bfloat16 and float16,
 matches its reference at positions past 4096 (a 4090-token prompt, then decode steps): in f32 transformers
 eager for the HF front and vLLM's own torch model run eagerly for the vLLM front (transformers where vLLM
 has no torch path on this platform: MoE), within 1e-4 x max |logit|; in bf16/f16 transformers in f32 on the
@@ -12,7 +12,7 @@ import runtime  # noqa: F401
 
 import pytest
 
-from lowering.coverage import FAMILIES, check, engine_greedy
+from vllm_metal_plugin.coverage import FAMILIES, check, engine_greedy
 
 NOT_YET: dict = {}
 FREQUENCY_TOLERANCE = 1e-6

@@ -1,18 +1,21 @@
-"""runtime/fastmath.py (exp, sigmoid, softmax, attention from fusable arithmetic on the CPU) against
-float64 numpy and MLX's own ops; runtime/batch.py's shape buckets."""
+"""runtime/kernels/fastmath.py (exp, sigmoid, softmax, attention and RoPE from fusable arithmetic, the CPU
+kernel table's math) against float64 numpy and MLX's own ops; runtime/batch.py's shape buckets."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from runtime import fastmath
+from runtime import kernels
 from runtime.batch import bucket
+from runtime.kernels import fastmath
 
-pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU path of runtime/fastmath.py")
+pytestmark = pytest.mark.skipif(kernels.current().name != "cpu", reason="the CPU kernel table's math")
 
 
-def test_cpu_path_is_taken():
-    assert fastmath.on_cpu()
+def test_cpu_table_uses_fastmath():
+    table = kernels.current()
+    x = mx.random.normal((64,), key=mx.random.key(3)) * 4
+    assert mx.array_equal(table.exp(x), fastmath.exp(x)) and mx.array_equal(table.softmax(x), fastmath.softmax(x))
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -95,7 +98,7 @@ def _rope_reference(x, pos, inv_freq, traditional, mscale):
 @pytest.mark.parametrize("dtype,rot,mscale", [("float32", 64, 1.0), ("float32", 32, 1.0), ("float32", 64, 1.2),
                                               ("bfloat16", 64, 1.0), ("float16", 48, 1.1)])
 def test_rope_matches_the_definition_and_mlx(traditional, dtype, rot, mscale):
-    """fastmath.rope (the CPU path of runtime/attention.py `rotate`) against float64 RoPE, under mx.compile, with
+    """fastmath.rope (the CPU kernel table's `rope`) against float64 RoPE, under mx.compile, with
     positions into the thousands: within the dtype's rounding of the f32 math (the angle theta = pos * inv_freq is
     itself an f32 product, ~1e-7 relative, so ~pos * 1e-7 absolute). f32 also against mx.fast.rope (NeoX/GPT-J)."""
     rng = np.random.default_rng(rot)

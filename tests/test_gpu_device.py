@@ -1,8 +1,8 @@
 """The GPU device path. Without a GPU: VLLM_MLX_DEVICE=gpu is refused where MLX has no GPU backend,
 benchmarks/gpu.py's correctness check (lowered logits vs transformers, same weights) runs on the CPU, and the
-fused paged decode kernel stays off. With MLX's CUDA backend as the default device (the lent GPU machine:
-`bash benchmarks/gpu_device.sh ab` runs them first): each CUDA kernel (runtime/paged_kernel.py, rope_kernel.py,
-norm.py, gated.py) against MLX's own ops or the composed path.
+CPU's kernel table uses none of the CUDA kernels. With MLX's CUDA backend as the default device (a GPU machine):
+each CUDA kernel (runtime/kernels/cuda_*.py) against MLX's own ops or the generic composed path, the CUDA table
+with a kernel off (RuntimeConfig.kernels_off) serving as the other side.
 
 The check runs on the GPU too (`python benchmarks/gpu.py check`; results in docs/benchmarks.md, GPU section)."""
 
@@ -12,9 +12,16 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
-from runtime.config import ConfigError, RuntimeConfig, gpu_available
+from runtime import kernels
+from runtime.batch import StepInput, attention_arrays, to_mlx
+from runtime.config import ConfigError, RuntimeConfig
+from runtime.device import gpu_available
+from runtime.kernels import cuda_attention, cuda_norm, cuda_rope, cuda_silu, paged
+from runtime.model import CacheLayout, device_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,30 +62,29 @@ def test_benchmark_check_on_cpu(dtype, monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- the fused paged decode kernel
 def _cuda() -> bool:
-    import mlx.core as mx
-
-    cuda = getattr(mx, "cuda", None)
-    return cuda is not None and cuda.is_available() and mx.default_device().type == mx.gpu
+    return kernels.current().name == "cuda"
 
 
-def test_paged_kernel_off_on_cpu():
-    """The CPU path stays the composed one: the kernels only ever serve a CUDA default device."""
-    import mlx.core as mx
+GENERIC = kernels.Generic(RuntimeConfig())
 
-    from runtime import norm, paged_kernel
 
-    x = mx.zeros((2, 64))
-    with mx.stream(mx.cpu):
-        assert not paged_kernel.usable(128) and not norm.usable(x, x, x[0])
-    assert paged_kernel.usable(128) == _cuda() == norm.usable(x, x, x[0])
+def _cuda_table(*off: str):
+    """The CUDA kernel table with the kernels named in `off` turned off."""
+    return kernels.select(RuntimeConfig(device="gpu", kernels_off=frozenset(off)))
+
+
+def test_cpu_table_takes_no_cuda_kernel():
+    """The CPU's table runs the generic entries where the CUDA table has kernels of its own."""
+    table = kernels.select(RuntimeConfig(device="cpu"))
+    assert isinstance(table, kernels.Cpu) and not isinstance(table, kernels.Cuda)
+    for entry in ("add_rms_norm", "silu_mul", "rope_paged_attention", "new_kv", "attend_decode"):
+        assert getattr(type(table), entry) is getattr(kernels.Generic, entry), entry
+        assert getattr(kernels.Cuda, entry) is not getattr(kernels.Generic, entry), entry
 
 
 def _decode_case(batch, kv_heads, groups, head_dim, contexts, dtype, block_size=16, num_blocks=None, seed=0):
     """Random head-major caches and a shuffled block table per sequence, as runtime.batch lays a decode
     group out (table width = the Lk bucket, unused entries block 0)."""
-    import mlx.core as mx
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     need = [-(-c // block_size) for c in contexts]
     width = 1 << max(0, (max(need) - 1).bit_length())
@@ -100,15 +106,11 @@ def _decode_case(batch, kv_heads, groups, head_dim, contexts, dtype, block_size=
 
 
 def _reference(q, cache, group, scale, window, cap):
-    """The composed decode path (runtime/attention.py: block gather + masked SDPA) in float32."""
-    import mlx.core as mx
-
-    from runtime.attention import _from_cache, _sdpa
-
+    """The composed decode path (runtime/kernels/paged.py: block gather + masked SDPA) in float32."""
     f32 = mx.float32
     t, h, d = q.shape
-    keys, values, mask = _from_cache(cache.astype(f32), group, window, f32)
-    return _sdpa(q.astype(f32).reshape(t, h, 1, d), keys, values, scale, mask, cap).reshape(t, h * d)
+    keys, values, mask = paged._from_cache(cache.astype(f32), group, window, f32)
+    return paged._sdpa(GENERIC, q.astype(f32).reshape(t, h, 1, d), keys, values, scale, mask, cap).reshape(t, h * d)
 
 
 @pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
@@ -116,10 +118,6 @@ def _reference(q, cache, group, scale, window, cap):
 @pytest.mark.parametrize("batch,kv_heads,groups,head_dim", [
     (1, 8, 4, 128), (8, 8, 4, 128), (32, 8, 4, 128), (8, 2, 1, 64), (32, 4, 1, 128), (1, 3, 4, 64)])
 def test_paged_kernel_matches_composed(dtype_name, batch, kv_heads, groups, head_dim):
-    import mlx.core as mx
-    import numpy as np
-
-    from runtime import paged_kernel
 
     dtype = getattr(mx, dtype_name)
     rng = np.random.default_rng(batch * 1000 + head_dim + groups)
@@ -131,7 +129,7 @@ def test_paged_kernel_matches_composed(dtype_name, batch, kv_heads, groups, head
     q, cache, group = _decode_case(batch, kv_heads, groups, head_dim, contexts, dtype, seed=batch + head_dim)
     scale = head_dim ** -0.5
     want = _reference(q, cache, group, scale, -1, 0.0)
-    got = paged_kernel.paged_decode_attention(q, cache, group["blocks"], group["q_pos"], scale=scale)
+    got = cuda_attention.paged_decode_attention(q, cache, group["blocks"], group["q_pos"], scale=scale)
     assert got.shape == (batch, kv_heads * groups * head_dim) and got.dtype == dtype
     err = mx.abs(got.astype(mx.float32) - want).max().item()
     # same inputs in both: f32 differs by summation order, f16/bf16 by rounding the output (half an ulp)
@@ -143,42 +141,30 @@ def test_paged_kernel_matches_composed(dtype_name, batch, kv_heads, groups, head
 @pytest.mark.parametrize("warps,unroll", [(8, 2), (4, 4), (32, 1), (16, 4)])
 def test_paged_kernel_block_shapes(warps, unroll):
     """Every (warps, unroll) the sweep and the size rule pick from gives the composed result."""
-    import mlx.core as mx
-
-    from runtime import paged_kernel
 
     q, cache, group = _decode_case(8, 8, 4, 128, [1, 2, 15, 16, 17, 171, 256, 700], mx.float32, seed=7)
     want = _reference(q, cache, group, 128 ** -0.5, -1, 0.0)
-    got = paged_kernel.paged_decode_attention(q, cache, group["blocks"], group["q_pos"], scale=128 ** -0.5,
-                                              warps=warps, unroll=unroll)
+    got = cuda_attention.paged_decode_attention(q, cache, group["blocks"], group["q_pos"], scale=128 ** -0.5,
+                                                tune=(warps, unroll))
     assert mx.abs(got - want).max().item() <= 1e-5
 
 
 @pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
 @pytest.mark.parametrize("window,cap", [(33, 0.0), (8, 0.0), (-1, 2.0), (40, 3.0)])
 def test_paged_kernel_window_and_cap(window, cap):
-    import mlx.core as mx
-
-    from runtime import paged_kernel
 
     q, cache, group = _decode_case(8, 4, 2, 64, [5, 16, 33, 34, 100, 200, 257, 9], mx.float32, seed=3)
     want = _reference(q * 4, cache, group, 0.125, window, cap)  # q * 4: logits large enough for the cap to bite
-    got = paged_kernel.paged_decode_attention(q * 4, cache, group["blocks"], group["q_pos"], scale=0.125,
+    got = cuda_attention.paged_decode_attention(q * 4, cache, group["blocks"], group["q_pos"], scale=0.125,
                                               window=window, cap=cap)
     assert mx.abs(got - want).max().item() <= 1e-5
 
 
 @pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
-def test_paged_attention_decode_compiled_kernel_vs_composed(dtype_name, monkeypatch):
+def test_paged_attention_decode_compiled_kernel_vs_composed(dtype_name):
     """The whole layer (`paged_attention`: K/V write + decode attention) under mx.compile, the fused kernel
-    against the composed path (VLLM_MLX_PAGED_KERNEL=0), including the caches it returns."""
-    import mlx.core as mx
-    import numpy as np
-
-    from runtime import paged_kernel
-    from runtime.attention import paged_attention
-
+    against the composed path (the `paged_decode` kernel off), including the caches it returns."""
     dtype = getattr(mx, dtype_name)
     kvh, g, d, bs = 8, 4, 128, 16
     contexts = [3, 16, 17, 64, 90, 129, 200, 256]
@@ -194,19 +180,17 @@ def test_paged_attention_decode_compiled_kernel_vs_composed(dtype_name, monkeypa
     new_k = mx.array(rng.standard_normal((t, kvh * d), np.float32)).astype(dtype)
     new_v = mx.array(rng.standard_normal((t, kvh * d), np.float32)).astype(dtype)
 
-    def make_layer():  # a new function per trace: mx.compile caches traces by function
+    def make_layer(table):  # a new function per trace: mx.compile caches traces by function
         def layer(q, k, v, cache):
-            return paged_attention(q.reshape(t, -1), k, v, cache, batch, num_heads=kvh * g, num_kv_heads=kvh,
-                                   head_dim=d, scale=d ** -0.5)
+            return table.paged_attention(q.reshape(t, -1), k, v, cache, batch, num_heads=kvh * g, num_kv_heads=kvh,
+                                         head_dim=d, scale=d ** -0.5, sliding_window=-1, logit_cap=0.0)
         return layer
 
-    assert paged_kernel.usable(d)
-    fused_fn = mx.compile(make_layer())
+    assert cuda_attention.fits(d)
+    fused_fn = mx.compile(make_layer(_cuda_table()))
     fused = fused_fn(q, new_k, new_v, cache)
     mx.eval(fused)
-    monkeypatch.setenv("VLLM_MLX_PAGED_KERNEL", "0")
-    assert not paged_kernel.usable(d)
-    composed_fn = mx.compile(make_layer())
+    composed_fn = mx.compile(make_layer(_cuda_table("paged_decode")))
     composed = composed_fn(q, new_k, new_v, cache)
     mx.eval(fused, composed)
     err = mx.abs(fused[0].astype(mx.float32) - composed[0].astype(mx.float32)).max().item()
@@ -218,20 +202,16 @@ def test_paged_attention_decode_compiled_kernel_vs_composed(dtype_name, monkeypa
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("rows,n", [(1, 4096), (3, 576), (64, 4096), (5, 100), (2, 8192), (4096, 576)])
 def test_add_rms_norm_kernel_matches_mlx(dtype_name, rows, n):
-    """runtime/norm.py's kernel vs MLX's own add + mx.fast.rms_norm: the sum bit for bit, the norm within its
+    """runtime/kernels/cuda_norm.py's kernel vs MLX's own add + mx.fast.rms_norm: the sum bit for bit, the norm within its
     two roundings (T(h * inv), then T(w * .)): the f32 sum of squares is added up in another order, which
     can move inv by an f32 ulp and flip the first rounding."""
-    import mlx.core as mx
-    import numpy as np
-
-    from runtime import norm
 
     dtype = getattr(mx, dtype_name)
     rng = np.random.default_rng(rows * 7 + n)
     x, r = (mx.array(rng.standard_normal((1, rows, n), np.float32) * 3).astype(dtype) for _ in range(2))
     w = mx.array(1 + rng.standard_normal(n, np.float32) / 4).astype(dtype)
-    assert norm.usable(x, r, w) and not norm.usable(*(mx.zeros((1, 8200), dtype),) * 2, mx.ones(8200, dtype))
-    h, normed = norm.add_rms_norm_kernel(x, r, w, 1e-5)
+    assert cuda_norm.fits(x, r, w) and not cuda_norm.fits(*(mx.zeros((1, 8200), dtype),) * 2, mx.ones(8200, dtype))
+    h, normed = cuda_norm.add_rms_norm(x, r, w, 1e-5)
     want_h = x + r
     want = mx.fast.rms_norm(want_h, w, 1e-5)
     assert mx.array_equal(h, want_h).item(), f"sum differs: max {mx.abs(h - want_h).max().item()}"
@@ -239,7 +219,7 @@ def test_add_rms_norm_kernel_matches_mlx(dtype_name, rows, n):
     err = mx.abs(normed.astype(mx.float32) - want.astype(mx.float32))
     bound = 2 * ulp * mx.abs(want.astype(mx.float32)) + 1e-6
     assert mx.all(err <= bound).item(), f"max abs error {err.max().item()} (max |out| {mx.abs(want).max().item()})"
-    compiled = mx.compile(lambda a, b, c: norm.add_rms_norm(a, b, c, 1e-5))(x, r, w)  # the emitted step's form
+    compiled = mx.compile(lambda a, b, c: _cuda_table().add_rms_norm(a, b, c, eps=1e-5))(x, r, w)  # the step's form
     assert mx.array_equal(compiled[0], h).item() and mx.array_equal(compiled[1], normed).item()
 
 
@@ -247,8 +227,6 @@ def test_add_rms_norm_kernel_matches_mlx(dtype_name, rows, n):
 def _merged_qkv(t, heads, kv_heads, d, dtype, seed):
     """q, k, v as column slices of one [T, (H + 2 KVH) * D] projection (strided, as the merged q/k/v
     linear leaves them), and the positions of a chunk deep into a sequence."""
-    import mlx.core as mx
-    import numpy as np
 
     rng = np.random.default_rng(seed)
     qkv = mx.array(rng.standard_normal((t, (heads + 2 * kv_heads) * d), np.float32)).astype(dtype)
@@ -265,8 +243,6 @@ def _merged_qkv(t, heads, kv_heads, d, dtype, seed):
 def test_rope_kernel_matches_mlx_rope(dtype_name, t, heads, kv_heads, d, rot, traditional, mscale):
     """runtime/rope_kernel.py vs the runtime's MLX path (`mx.fast.rope`, then K and V laid out as cache
     rows): within one rounding of the output, from strided slices of a merged projection."""
-    import mlx.core as mx
-    import numpy as np
 
     from runtime import rope_kernel
     from runtime.attention import rotate
@@ -275,10 +251,11 @@ def test_rope_kernel_matches_mlx_rope(dtype_name, t, heads, kv_heads, d, rot, tr
     q, k, v, positions = _merged_qkv(t, heads, kv_heads, d, dtype, seed=t + d + rot)
     inv_freq = mx.array((1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32))
     rope = (positions, inv_freq, traditional, mscale)
-    assert rope_kernel.usable(q, k, v, rope, d)
-    q_out, rows = rope_kernel.rope_qkv(q, k, v, *rope, num_heads=heads, num_kv_heads=kv_heads, head_dim=d)
-    want_q = rotate(q, heads, d, *rope).reshape(t, heads, d)
-    want_k = rotate(k, kv_heads, d, *rope).reshape(t, kv_heads, d).swapaxes(0, 1)
+    assert cuda_rope.fits(q, k, v, rope, d)
+    q_out, rows = cuda_rope.rope_qkv(q, k, v, *rope, num_heads=heads, num_kv_heads=kv_heads, head_dim=d)
+    kw = dict(head_dim=d, traditional=traditional, mscale=mscale)
+    want_q = GENERIC.rope(q, positions, inv_freq, **kw).reshape(t, heads, d)
+    want_k = GENERIC.rope(k, positions, inv_freq, **kw).reshape(t, kv_heads, d).swapaxes(0, 1)
     want_rows = mx.concatenate([want_k, v.reshape(t, kv_heads, d).swapaxes(0, 1)]).reshape(-1, d)
     assert q_out.shape == (t, heads, d) and rows.shape == (2 * kv_heads * t, d) and q_out.dtype == rows.dtype == dtype
     # one rounding of the output (MLX's rope gets 1 / inv_freq and inverts it back: theta's last bit may
@@ -297,8 +274,6 @@ def test_rope_kernel_matches_mlx_rope(dtype_name, t, heads, kv_heads, d, rot, tr
 def test_paged_attention_rope_kernel_vs_rotating_first(decode):
     """The whole layer under mx.compile, bf16: `rope=` (the kernel rotates and lays out the rows) against
     q and k rotated by `mx.fast.rope` first (rope=None: MLX's layout): the output and the cache."""
-    import mlx.core as mx
-    import numpy as np
 
     from runtime.attention import paged_attention, rotate
     from runtime.batch import StepInput, attention_arrays, to_mlx
@@ -326,11 +301,13 @@ def test_paged_attention_rope_kernel_vs_rotating_first(decode):
     pos = mx.array(positions.astype(np.int32))
     inv_freq = mx.array((1.0 / 500000 ** (np.arange(0, d, 2) / d)).astype(np.float32))
     cache = mx.array(rng.standard_normal(layout.cache_shape(blocks), np.float32)).astype(mx.bfloat16)
-    kw = dict(num_heads=kvh * g, num_kv_heads=kvh, head_dim=d, scale=d ** -0.5)
-    rope = (pos, inv_freq, False, 1.0)
-    fused = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw, rope=rope))(q, k, v, cache)
-    first = mx.compile(lambda q, k, v, c: paged_attention(rotate(q, kvh * g, d, *rope), rotate(k, kvh, d, *rope), v,
-                                                          c, batch, **kw))(q, k, v, cache)
+    kw = dict(num_heads=kvh * g, num_kv_heads=kvh, head_dim=d, scale=d ** -0.5, sliding_window=-1, logit_cap=0.0)
+    table, rot = _cuda_table(), dict(head_dim=d, traditional=False, mscale=1.0)
+    fused = mx.compile(lambda q, k, v, c: table.rope_paged_attention(q, k, v, pos, inv_freq, c, batch, traditional=False,
+                                                                     mscale=1.0, **kw))(q, k, v, cache)
+    first = mx.compile(lambda q, k, v, c: table.paged_attention(GENERIC.rope(q, pos, inv_freq, **rot),
+                                                                GENERIC.rope(k, pos, inv_freq, **rot), v, c, batch,
+                                                                **kw))(q, k, v, cache)
     mx.eval(fused, first)
     err = mx.abs(fused[0].astype(mx.float32) - first[0].astype(mx.float32)).max().item()
     assert err <= 2e-2, f"output: max abs error {err}"
@@ -341,7 +318,6 @@ def test_paged_attention_rope_kernel_vs_rotating_first(decode):
 def _decode_batch(ctx, layout, blocks, width, rng):
     """The attention batch of a pure decode step: one new token per sequence after `ctx` cached ones, each
     sequence's `width` blocks drawn at random (block 0 left unused), as runtime.model builds it."""
-    import numpy as np
 
     from runtime.batch import StepInput, attention_arrays, to_mlx
     from runtime.model import device_batch
@@ -356,16 +332,10 @@ def _decode_batch(ctx, layout, blocks, width, rng):
 
 @pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
-def test_rope_kernel_writes_decode_kv_into_the_cache(dtype_name, monkeypatch):
+def test_rope_kernel_writes_decode_kv_into_the_cache(dtype_name):
     """A decode layer under mx.compile: the RoPE kernel writing K/V straight into the cache (no scatter)
     against the rows + scatter path, each on its own copy of the cache: the same output and the same
     cache, bit for bit (the same kernel math), and the in-place layer hands back the cache it was given."""
-    import mlx.core as mx
-    import numpy as np
-
-    from runtime import paged_kernel, rope_kernel
-    from runtime.attention import paged_attention
-    from runtime.model import CacheLayout
 
     dtype = getattr(mx, dtype_name)
     kvh, g, d, bs, blocks = 8, 4, 128, 16, 160
@@ -376,17 +346,19 @@ def test_rope_kernel_writes_decode_kv_into_the_cache(dtype_name, monkeypatch):
     q, k, v, _ = _merged_qkv(s, kvh * g, kvh, d, dtype, seed=4)
     rope = (mx.array(ctx.astype(np.int32)), mx.array((1.0 / 500000 ** (np.arange(0, d, 2) / d)).astype(np.float32)),
             False, 1.0)
-    kw = dict(num_heads=kvh * g, num_kv_heads=kvh, head_dim=d, scale=d ** -0.5, rope=rope)
+    kw = dict(traditional=False, mscale=1.0, num_heads=kvh * g, num_kv_heads=kvh, head_dim=d, scale=d ** -0.5,
+              sliding_window=-1, logit_cap=0.0)
     start = mx.array(rng.standard_normal(layout.cache_shape(blocks), np.float32)).astype(dtype)
     in_place_cache, scatter_cache = start + 0, start + 0
     mx.eval(in_place_cache, scatter_cache)
 
+    def layer(table):
+        return mx.compile(lambda q, k, v, c: table.rope_paged_attention(q, k, v, *rope[:2], c, batch, **kw))
+
     # the write alone: both sides attend with the plain kernel (the one-kernel layer has its own test below)
-    monkeypatch.setattr(paged_kernel, "rope_usable", lambda *a: False)
-    in_place = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw))(q, k, v, in_place_cache)
+    in_place = layer(_cuda_table("decode_layer"))(q, k, v, in_place_cache)
     mx.eval(in_place)
-    monkeypatch.setattr(rope_kernel, "in_place_usable", lambda: False)
-    scattered = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw))(q, k, v, scatter_cache)
+    scattered = layer(_cuda_table("decode_layer", "kv_in_place"))(q, k, v, scatter_cache)
     mx.eval(scattered)
     assert in_place[1] is in_place_cache or mx.array_equal(in_place[1], in_place_cache).item()
     assert mx.array_equal(in_place[0], scattered[0]).item(), \
@@ -401,14 +373,12 @@ def test_rope_kernel_writes_decode_kv_into_the_cache(dtype_name, monkeypatch):
 @pytest.mark.parametrize("kvh,g,d,rot,traditional,window,cap", [
     (8, 4, 128, 128, False, -1, 0.0), (3, 3, 64, 64, False, -1, 0.0), (2, 2, 128, 64, True, -1, 0.0),
     (4, 2, 64, 32, False, -1, 0.0), (8, 4, 128, 128, False, 40, 0.0), (2, 4, 128, 128, True, -1, 2.0)])
-def test_rope_attention_kernel_matches_two_kernels(dtype_name, kvh, g, d, rot, traditional, window, cap, monkeypatch):
-    """runtime/paged_kernel.py's decode layer in one kernel (RoPE, K/V into the cache, attention) against
-    the RoPE kernel writing K/V in place + the plain attention kernel (`rope_usable` off), each on its own
+def test_rope_attention_kernel_matches_two_kernels(dtype_name, kvh, g, d, rot, traditional, window, cap):
+    """runtime/kernels/cuda_attention.py's decode layer in one kernel (RoPE, K/V into the cache, attention) against
+    the RoPE kernel writing K/V in place + the plain attention kernel (`decode_layer` off), each on its own
     copy of the cache, under mx.compile: the output within an ulp or two of the attention's dtype, the
     cache within an ulp of the new rows (the two kernels round the same f32 values; only FMA contraction
     may differ), every other cache row untouched."""
-    import mlx.core as mx
-    import numpy as np
 
     from runtime import paged_kernel
     from runtime.attention import paged_attention
@@ -423,16 +393,19 @@ def test_rope_attention_kernel_matches_two_kernels(dtype_name, kvh, g, d, rot, t
     q, k, v, _ = _merged_qkv(s, kvh * g, kvh, d, dtype, seed=6)
     rope = (mx.array(ctx.astype(np.int32)), mx.array((1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)),
             traditional, 1.0)
-    kw = dict(num_heads=kvh * g, num_kv_heads=kvh, head_dim=d, scale=d ** -0.5, window=window, cap=cap, rope=rope)
+    kw = dict(traditional=traditional, mscale=1.0, num_heads=kvh * g, num_kv_heads=kvh, head_dim=d, scale=d ** -0.5,
+              sliding_window=window, logit_cap=cap)
     start = mx.array(rng.standard_normal(layout.cache_shape(blocks), np.float32)).astype(dtype)
     one_cache, two_cache = start + 0, start + 0
     mx.eval(one_cache, two_cache)
 
-    assert paged_kernel.rope_usable(d, rot, traditional, kvh * g, s)
-    one = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw))(q, k, v, one_cache)
+    def layer(table):
+        return mx.compile(lambda q, k, v, c: table.rope_paged_attention(q, k, v, *rope[:2], c, batch, **kw))
+
+    assert cuda_attention.rope_fits(d, rot, traditional) and kvh * g * s <= cuda_attention.FUSED_MAX_BLOCKS
+    one = layer(_cuda_table())(q, k, v, one_cache)
     mx.eval(one)
-    monkeypatch.setattr(paged_kernel, "rope_usable", lambda *a: False)
-    two = mx.compile(lambda q, k, v, c: paged_attention(q, k, v, c, batch, **kw))(q, k, v, two_cache)
+    two = layer(_cuda_table("decode_layer"))(q, k, v, two_cache)
     mx.eval(two)
     ulp = {"bfloat16": 2.0 ** -7, "float32": 2.0 ** -21}[dtype_name]
     got, want = one[0].astype(mx.float32), two[0].astype(mx.float32)
@@ -456,8 +429,6 @@ def test_silu_mul_row_kernel_matches_mlx(dtype_name, f):
     of silu(g) * u computed in f32 from the same inputs (it rounds three times: the sigmoid, g * sigmoid, the
     product), never further from it than 1 ulp past MLX's own fused `fm.silu(g) * u` (which for float16 may
     compute the sigmoid in half precision), and its output a contiguous [1, F] row."""
-    import mlx.core as mx
-    import numpy as np
 
     from runtime import fastmath as fm
     from runtime import gated
@@ -465,11 +436,11 @@ def test_silu_mul_row_kernel_matches_mlx(dtype_name, f):
     dtype = getattr(mx, dtype_name)
     x = mx.array(np.random.default_rng(f).standard_normal((1, 2 * f), np.float32) * 3).astype(dtype)
     g, u = x[:, :f], x[:, f:]
-    assert gated.usable(g, u)
-    out = mx.compile(gated.silu_mul)(g, u)
+    assert cuda_silu.fits(g, u)
+    out = mx.compile(cuda_silu.silu_mul)(g, u)
     assert out.shape == (1, f) and out.dtype == dtype
     got = out.astype(mx.float32)
-    mlx_own = mx.compile(lambda a, b: fm.silu(a) * b)(g, u).astype(mx.float32)
+    mlx_own = mx.compile(GENERIC.silu_mul)(g, u).astype(mx.float32)
     g32, u32 = g.astype(mx.float32), u.astype(mx.float32)
     truth = g32 * mx.sigmoid(g32) * u32
     ulp = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -21}[dtype_name]

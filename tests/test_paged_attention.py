@@ -1,5 +1,6 @@
-"""Paged attention (runtime/attention.py) vs a dense torch reference, over random batches:
-block sizes, sequence and chunk lengths, GQA ratios, shuffled block tables and shared prefix blocks."""
+"""Paged attention of the kernel tables (runtime/kernels: the device's and the generic one) vs a dense torch
+reference, over random batches: block sizes, sequence and chunk lengths, GQA ratios, shuffled block tables
+and shared prefix blocks."""
 
 import runtime  # noqa: F401  (fast BLAS before mlx)
 
@@ -10,10 +11,14 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from runtime.attention import paged_attention
+from passes.fused.rope import rope
+from runtime import kernels
 from runtime.batch import StepInput, attention_arrays, to_mlx
+from runtime.config import RuntimeConfig
 
 HEAD_DIM = 32
+# the device's own table and the generic one (every device runs the generic table)
+TABLES = {"device": kernels.current(), "generic": kernels.Generic(RuntimeConfig())}
 
 
 @st.composite
@@ -95,12 +100,18 @@ def test_paged_attention_matches_dense(case):
 
     cache = mx.stack([head_major(k_cache), head_major(v_cache)])  # [2, KVH, blocks, block_size, D]
     scale = HEAD_DIM**-0.5
-    out, cache = paged_attention(
-        mx.array(q), mx.array(k), mx.array(v), cache, batch,
-        num_heads=heads, num_kv_heads=kv_heads, head_dim=HEAD_DIM, scale=scale, window=window,
-    )
-    out = np.array(out)
+    for table in TABLES.values():
+        out, written = table.paged_attention(
+            mx.array(q), mx.array(k), mx.array(v), cache, batch,
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=HEAD_DIM, scale=scale, sliding_window=window,
+            logit_cap=0.0,
+        )
+        _check_against_torch(table, np.array(out), written, q, k, v, hist_k, hist_v, step, cached, new, heads, kv_heads,
+                             groups, window, scale)
 
+
+def _check_against_torch(table, out, cache, q, k, v, hist_k, hist_v, step, cached, new, heads, kv_heads, groups,
+                         window, scale):
     start = 0
     for s, (c, n) in enumerate(zip(cached, new)):
         qs = torch.from_numpy(q[start:start + n]).view(n, heads, HEAD_DIM).transpose(0, 1)
@@ -114,7 +125,7 @@ def test_paged_attention_matches_dense(case):
         ref = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
         ref = ref.transpose(0, 1).reshape(n, -1).numpy()
         err = np.abs(out[start:start + n] - ref).max()
-        assert err <= 1e-5, f"sequence {s} (cached {c}, new {n}): max abs error {err}"
+        assert err <= 1e-5, f"{table}: sequence {s} (cached {c}, new {n}): max abs error {err}"
         start += n
     # the new K/V landed in their slots
     for new, plane in ((k, 0), (v, 1)):
@@ -125,11 +136,11 @@ def test_paged_attention_matches_dense(case):
 @pytest.mark.parametrize("traditional, rot, mscale", [(False, HEAD_DIM, 1.0), (True, HEAD_DIM // 2, 1.0),
                                                       (False, HEAD_DIM // 2, 1.0), (False, HEAD_DIM, 0.7),
                                                       (False, HEAD_DIM // 2, 0.7)])
-def test_rope_inside_matches_rotating_first(traditional, rot, mscale):
-    """`rope=` (passes/rope_attention.py): un-rotated q and k, rotated by the runtime, give what the torch
-    reference rope (passes/ops.py) applied first gives: the output and the K written to the cache."""
-    from passes.ops import rope
-
+@pytest.mark.parametrize("kernel_table", list(TABLES))
+def test_rope_inside_matches_rotating_first(traditional, rot, mscale, kernel_table):
+    """`rope_paged_attention`: un-rotated q and k, rotated by the kernel table, give what the torch reference
+    rope (passes/fused/rope.py) applied first gives: the output and the K written to the cache."""
+    kernels_ = TABLES[kernel_table]
     rng = np.random.default_rng(rot)
     kv_heads, heads, block_size, t = 2, 4, 8, 11
     positions = np.arange(9, 9 + t)  # one sequence: a chunk after 9 cached tokens (zeros), read through the cache
@@ -140,13 +151,15 @@ def test_rope_inside_matches_rotating_first(traditional, rot, mscale):
     batch = to_mlx(attention_arrays(step, block_size))
     q, k, v = (rng.standard_normal((t, h * HEAD_DIM), dtype=np.float32) for h in (heads, kv_heads, kv_heads))
     inv_freq = (1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
-    kw = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=HEAD_DIM, scale=HEAD_DIM**-0.5)
+    kw = dict(num_heads=heads, num_kv_heads=kv_heads, head_dim=HEAD_DIM, scale=HEAD_DIM**-0.5, sliding_window=-1,
+              logit_cap=0.0)
     cache = mx.zeros((2, kv_heads, 4, block_size, HEAD_DIM))
-    got, got_cache = paged_attention(mx.array(q), mx.array(k), mx.array(v), cache, batch, **kw,
-                                     rope=(mx.array(positions.astype(np.int32)), mx.array(inv_freq), traditional, mscale))
+    got, got_cache = kernels_.rope_paged_attention(mx.array(q), mx.array(k), mx.array(v),
+                                                mx.array(positions.astype(np.int32)), mx.array(inv_freq), cache, batch,
+                                                traditional=traditional, mscale=mscale, **kw)
     pos, freq = torch.from_numpy(positions), torch.from_numpy(inv_freq)
     q_rot, k_rot = (rope(torch.from_numpy(x), pos, freq, HEAD_DIM, traditional, mscale).numpy() for x in (q, k))
-    want, want_cache = paged_attention(mx.array(q_rot), mx.array(k_rot), mx.array(v), cache, batch, **kw)
+    want, want_cache = kernels_.paged_attention(mx.array(q_rot), mx.array(k_rot), mx.array(v), cache, batch, **kw)
     for name, a, b in (("out", got, want), ("cache", got_cache, want_cache)):
         err = np.abs(np.array(a) - np.array(b)).max()
         assert err <= 2e-5, f"{name}: max abs error {err} (traditional {traditional}, rot {rot}, mscale {mscale})"

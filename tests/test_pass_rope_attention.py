@@ -2,8 +2,8 @@
 
 import torch
 
-from passes.rope_attention import PASS as ROPE_ATTENTION
-from passes.testing import check_pass
+from passes.fused.rope_paged_attention import PASS as ROPE_ATTENTION
+from lowering.testing import check_pass
 
 H, KVH, D = 4, 2, 16
 rope, attention = torch.ops.mlx.rope.default, torch.ops.mlx.paged_attention.default
@@ -57,7 +57,7 @@ def test_ropes_read_elsewhere_or_unlike_stay(check_pass):
 
 
 def test_a_rope_left_alone_scales_only_its_rotated_dims(check_pass):
-    """A rope that no attention reads is the runtime's `rotate` (`mx.fast.rope`); with a YaRN mscale and a partial rotation the
+    """A rope that no attention reads is the kernel table's `rope`; with a YaRN mscale and a partial rotation the
     emitted code scales the rotated dims only, as the reference (and the runtime's rotation) do."""
     def partial_yarn(q, positions, inv_freq):
         return rope(q.view(-1, H, D), positions, inv_freq, D, False, 0.7)

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from passes.silu_mul import PASS
+from passes.fused.silu_mul import PASS
 
 
 def gated(x, gate_w, up_w):  # the Llama MLP's activation, as HF writes it

@@ -306,7 +306,7 @@ _LOWER_SCRIPT = textwrap.dedent("""
     from lowering.api import lower_cached
     from lowering.compile import load_step
     from lowering.vllm_build import build_vllm_model
-    from runtime.driver import Driver
+    from lowering.driver import Driver
     from runtime.model import CacheLayout, LoweredModel
     import mlx.core as mx
 

@@ -14,9 +14,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lowering import capture
 from lowering.api import build_model, lower
+from lowering.driver import Driver
 from runtime import memory
-from runtime.config import BLOCK_SIZES, ConfigError, RuntimeConfig, gpu_available, select_device
-from runtime.driver import Driver
+from runtime.config import BLOCK_SIZES, KERNEL_SWITCHES, ConfigError, RuntimeConfig
+from runtime.device import device_memory_bytes, gpu_available, ram_bytes
+from runtime.kernels import select_device
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -35,6 +37,9 @@ BAD_VALUES = [
     ("VLLM_METAL_BLOCK_SIZE", "4"),
     ("VLLM_METAL_BLOCK_SIZE", "sixteen"),
     ("VLLM_METAL_DEBUG", "yes please"),
+    ("VLLM_METAL_KERNELS_OFF", "decode_layer,nope"),
+    ("MLX_PAGED_KERNEL_TUNE", "3,4"),
+    ("MLX_PAGED_KERNEL_TUNE", "8"),
 ]
 ALL_VARS = sorted({name for name, _ in BAD_VALUES} | {"VLLM_METAL_DEBUG_DIR"})
 
@@ -85,8 +90,17 @@ def test_device_selection(clean_env):
         clean_env.delenv("VLLM_MLX_DEVICE")
         cfg = RuntimeConfig.from_env()
         assert cfg.device == "cpu"
-    assert select_device(cfg) == cfg.device
+    table = select_device(cfg)
+    assert table.config.device == cfg.device and table.name == ("cpu" if cfg.device == "cpu" else table.name)
     assert mx.default_device() == (mx.gpu if cfg.device == "gpu" else mx.cpu)
+
+
+def test_kernel_switches_and_tune(clean_env):
+    clean_env.setenv("VLLM_METAL_KERNELS_OFF", "decode_layer, kv_in_place")
+    clean_env.setenv("MLX_PAGED_KERNEL_TUNE", "4,2")
+    cfg = RuntimeConfig.from_env()
+    assert cfg.kernels_off == {"decode_layer", "kv_in_place"} and cfg.paged_kernel_tune == (4, 2)
+    assert all(name in repr(KERNEL_SWITCHES) for name in ("decode_layer", "paged_decode", "silu_row"))
 
 
 # ----------------------------------------------------------------------------- SmolLM2 fixtures
@@ -256,9 +270,8 @@ def test_plan_kv_blocks(built, smollm2):
 
 
 def test_device_and_process_memory():
-    ram = memory.ram_bytes()
+    ram = ram_bytes()
     assert 1 << 30 < ram < 1 << 50
-    assert memory.device_memory_bytes("cpu") == ram
-    assert memory.device_memory_bytes() > 0
+    assert device_memory_bytes("cpu") == ram
     usage = memory.process_memory()
     assert 0 < usage["rss"] <= usage["peak_rss"]

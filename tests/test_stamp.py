@@ -6,7 +6,7 @@ import torch
 
 from lowering import capture
 from lowering.api import lower
-from lowering.coverage import FAMILIES, tiny_model
+from vllm_metal_plugin.coverage import FAMILIES, tiny_model
 
 LAYERS = 4
 

@@ -67,10 +67,13 @@ def _instrument(source: str, fn_name: str = "step") -> types.CodeType:
     return compile(tree, "<lowered step (debug)>", "exec")
 
 
-def find_non_finite(source: str, args: tuple, fn_name: str = "step") -> NonFinite | None:
-    """Run `fn_name(*args)` from `source` eagerly, checking every assigned value; None if all finite."""
+def find_non_finite(source: str, args: tuple, fn_name: str = "step", kernels=None) -> NonFinite | None:
+    """Run `fn_name(*args)` from `source` eagerly, checking every assigned value; None if all finite.
+    `kernels`: the kernel table the step calls (the compiled step's own; default: this process's)."""
     namespace: dict = {"__nf_check__": _check, "__name__": "lowered_step_debug"}
     exec(_instrument(source, fn_name), namespace)
+    if kernels is not None:
+        namespace["k"] = kernels
     try:
         namespace[fn_name](*args)
     except _Found as found:
@@ -89,12 +92,6 @@ def find_non_finite(source: str, args: tuple, fn_name: str = "step") -> NonFinit
 
 
 def locate_in_step(source: str, lowered, batch, kv_before) -> NonFinite | None:
-    """Re-run one runtime step (runtime.model.LoweredModel.step's arguments) eagerly from `kv_before`."""
-    import numpy as np
-
-    from runtime.batch import attention_arrays, to_mlx
-
-    args = (lowered.step_weights, kv_before, to_mlx(attention_arrays(batch, lowered.layout.block_size)),
-            mx.array(batch.input_ids.astype(np.int32)), mx.array(batch.positions.astype(np.int32)),
-            mx.array(batch.logits_indices.astype(np.int32)))
-    return find_non_finite(source, args)
+    """Re-run one runtime step eagerly from `kv_before`, with the arguments the compiled step had
+    (runtime.model.LoweredModel.step_args: the same device batch, so the same attention path)."""
+    return find_non_finite(source, lowered.step_args(batch, kv_before), kernels=lowered.step_fn.kernels)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     import runtime  # noqa: F401  (fast BLAS before mlx)
-    from runtime.models import resolve
+    from weights.bundled import resolve
 
     os.environ.setdefault("VLLM_RPC_BASE_PATH", tempfile.mkdtemp(prefix="vllm-rpc-"))
     model = resolve(args.model)

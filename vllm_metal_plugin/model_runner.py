@@ -10,7 +10,6 @@ in MLX for exactly the rows vLLM samples from. No math lives here.
 from __future__ import annotations
 
 import json
-from vllm.logger import init_logger
 import os
 import time
 
@@ -18,10 +17,20 @@ import mlx.core as mx
 import numpy as np
 import torch
 from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.utils import bind_kv_cache
 
-from runtime.config import RuntimeConfig, select_device
+from lowering.api import lower_cached
+from lowering.capture import capture_vllm
+from lowering.compile import load_step
+from runtime.batch import StepInput
+from runtime.config import RuntimeConfig
+from runtime.device import device_memory_bytes
+from runtime.kernels import select_device
+from runtime.memory import plan_kv_blocks, weights_bytes
+from runtime.model import CacheLayout, LoweredModel
+from vllm_metal_plugin.debug import locate_in_step
 
 log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
 _MX_DTYPE = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
@@ -82,9 +91,6 @@ class MetalModelRunner(CPUModelRunner):
             raise
         if not self.metal.use_mlx:
             return
-        from lowering.api import lower_cached
-        from lowering.capture import capture_vllm
-
         model = self.model
         state = dict(model.named_parameters(remove_duplicate=False))
         state.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -112,9 +118,6 @@ class MetalModelRunner(CPUModelRunner):
 
     # -- memory ------------------------------------------------------------------------------------
     def kv_cache_budget(self) -> int:
-        from runtime.memory import device_memory_bytes, plan_kv_blocks, weights_bytes
-        from runtime.model import CacheLayout
-
         spec = next(iter(self.get_kv_cache_spec().values()))
         dtype = _MX_DTYPE[spec.dtype]
         layers = len(self.get_kv_cache_spec())
@@ -140,9 +143,6 @@ class MetalModelRunner(CPUModelRunner):
             names.extend(group.layer_names)
         block_size = kernel_block_sizes[0] if kernel_block_sizes else spec.block_size
         if self.metal.use_mlx:
-            from lowering.compile import load_step
-            from runtime.model import CacheLayout, LoweredModel
-
             layout = CacheLayout(len(self._layers), spec.num_kv_heads, spec.head_size, block_size,
                                  _MX_DTYPE[spec.dtype])
             self.lowered = LoweredModel(load_step(self._source), self._weights, layout, num_blocks)
@@ -160,8 +160,6 @@ class MetalModelRunner(CPUModelRunner):
             return super()._model_forward(input_ids=input_ids, positions=positions,
                                           intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds,
                                           **model_kwargs)
-        from runtime.batch import StepInput
-
         md = next(iter(get_forward_context().attn_metadata.values()))
         n = md.num_actual_tokens
         step = StepInput(
@@ -182,8 +180,6 @@ class MetalModelRunner(CPUModelRunner):
         out = torch.from_numpy(np.array(logits.astype(mx.float32), copy=False))
         if self.metal.debug:
             if not torch.isfinite(out).all():
-                from vllm_metal_plugin.debug import locate_in_step
-
                 found = locate_in_step(self._source, self.lowered, step, kv_before)
                 log.error("vllm-metal: non-finite logits in this step (tokens %d, seqs %d): %s",
                           len(step.input_ids), len(step.seq_lens),

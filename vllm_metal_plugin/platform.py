@@ -9,11 +9,11 @@ settings our worker needs (our worker class, our attention backend, block size, 
 from __future__ import annotations
 
 from vllm.logger import init_logger
-
 from vllm.platforms.cpu import CpuPlatform
 from vllm.platforms.interface import PlatformEnum
 
 from runtime.config import RuntimeConfig
+from runtime.device import device_memory_bytes
 
 log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
 
@@ -32,15 +32,13 @@ class MetalPlatform(CpuPlatform):
 
     @classmethod
     def get_device_total_memory(cls, device_id: int = 0) -> int:
-        from runtime.memory import device_memory_bytes
-
         return device_memory_bytes(RuntimeConfig.from_env().device)
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
         if getattr(attn_selector_config, "use_mla", False) or getattr(attn_selector_config, "use_sparse", False):
             raise NotImplementedError("vllm-metal: MLA and sparse attention are not supported yet")
-        return "vllm_metal_plugin.attention.MetalAttentionBackend"
+        return "vllm_metal_plugin.attention_backend.MetalAttentionBackend"
 
     @classmethod
     def support_hybrid_kv_cache(cls) -> bool:

@@ -16,7 +16,7 @@ import tempfile
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     import runtime  # noqa: F401  (fast BLAS before mlx)
-    from runtime.models import resolve
+    from weights.bundled import resolve
 
     if "--model" in args:
         i = args.index("--model")

@@ -54,8 +54,8 @@ def _unary(fn):
 
 for _target, _fn in {
     aten.neg.default: "mx.negative", aten.rsqrt.default: "mx.rsqrt", aten.sqrt.default: "mx.sqrt",
-    aten.exp.default: "fm.exp", aten.log.default: "mx.log", aten.tanh.default: "mx.tanh",
-    aten.sigmoid.default: "fm.sigmoid", aten.cos.default: "mx.cos", aten.sin.default: "mx.sin",
+    aten.exp.default: "k.exp", aten.log.default: "mx.log", aten.tanh.default: "mx.tanh",
+    aten.sigmoid.default: "k.sigmoid", aten.cos.default: "mx.cos", aten.sin.default: "mx.sin",
     aten.abs.default: "mx.abs", aten.reciprocal.default: "mx.reciprocal", aten.erf.default: "mx.erf",
     aten.logical_not.default: "mx.logical_not",
 }.items():
@@ -64,7 +64,7 @@ for _target, _fn in {
 
 @register(aten.silu.default)
 def silu(e, node, x):
-    return f"fm.silu({e.r(x)})"
+    return f"k.silu({e.r(x)})"
 
 
 @register(aten.relu.default)
@@ -74,10 +74,7 @@ def relu(e, node, x):
 
 @register(aten.gelu.default)
 def gelu(e, node, x, approximate="none"):
-    x = e.r(x)
-    if approximate == "tanh":
-        return f"0.5 * {x} * (1 + mx.tanh(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x})))"
-    return f"0.5 * {x} * (1 + mx.erf({x} * 0.7071067811865476))"
+    return f"k.gelu({e.r(x)}, {approximate!r})"
 
 
 @register(aten.clamp.default)

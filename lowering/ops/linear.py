@@ -9,9 +9,7 @@ aten = torch.ops.aten
 
 @register(aten.linear.default)
 def linear(e, node, x, weight, bias=None):
-    if bias is None:
-        return f"{e.r(x)} @ {e.transposed(weight)}"
-    return f"mx.addmm({e.r(bias)}, {e.r(x)}, {e.transposed(weight)})"
+    return f"k.linear({e.r(x)}, {e.transposed(weight)}" + (f", {e.r(bias)})" if bias is not None else ")")
 
 
 @register(aten.mm.default, aten.matmul.default, aten.bmm.default)
@@ -26,13 +24,13 @@ def addmm(e, node, bias, a, b, beta=1, alpha=1):
 
 def _grouped(e, node, x, weight, offs):
     """Rows of x [S, in] are grouped by expert (sorted); rows offs[g-1]..offs[g] use weight[g]
-    [E, in, out]. One `gather_mm` (runtime.experts) with a per-row expert index (no loop over experts or tokens);
+    [E, in, out]. One `k.gather_mm` with a per-row expert index (no loop over experts or tokens);
     rows past offs[-1] are zeros, as in torch."""
     rows, group = e.temp(node, "rows"), e.temp(node, "expert")
     experts = node.args[1].meta["val"].shape[0]
     e.line(f"{rows} = mx.arange({e.r(x)}.shape[0])")
     e.line(f"{group} = mx.minimum(mx.sum({rows}[:, None] >= {e.r(offs)}[None, :], axis=1), {experts - 1})")
-    out = f"gather_mm({e.r(x)}[:, None, :], {e.r(weight)}, {group}, sorted_indices=True)[:, 0, :]"
+    out = f"k.gather_mm({e.r(x)}[:, None, :], {e.r(weight)}, {group}, sorted_indices=True)[:, 0, :]"
     return f"mx.where(({rows} < {e.r(offs)}[-1])[:, None], {out}, 0).astype({e.dtype(node.meta['val'].dtype)})"
 
 

@@ -39,7 +39,7 @@ def cumsum(e, node, x, dim, dtype=None):
 
 @register(aten._softmax.default, aten.softmax.int)
 def softmax(e, node, x, dim, *rest):
-    return f"fm.softmax({e.r(x)}, axis={dim}).astype({e.dtype(node.meta['val'].dtype)})"
+    return f"k.softmax({e.r(x)}, axis={dim}).astype({e.dtype(node.meta['val'].dtype)})"
 
 
 @register(aten.layer_norm.default)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 LOWERINGS: dict = {}
 
 
@@ -46,8 +48,6 @@ def _after(a, b) -> bool:
 
 
 def _views():
-    import torch
-
     aten = torch.ops.aten
     return {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
             aten.select.int, aten.transpose.int, aten.permute.default, aten.expand.default, aten.t.default,
@@ -55,16 +55,8 @@ def _views():
 
 
 def lowering_for(target):
-    _load_families()
     return LOWERINGS.get(target)
 
 
 def supported_targets() -> list[str]:
-    _load_families()
     return sorted(str(t) for t in LOWERINGS)
-
-
-def _load_families() -> None:
-    from lowering.ops import (  # noqa: F401
-        activation, creation, data_movement, elementwise, fused, linear, reduction, sorting,
-    )

@@ -1,11 +1,11 @@
-"""The RoPE of q and k folded into the paged attention that reads them -> one `mlx.rope_paged_attention`.
+"""The RoPE of q and k folded into the paged attention that reads them -> one `mlx.rope_paged_attention`,
+run as `out, kv[i] = k.rope_paged_attention(q, k, v, positions, inv_freq, kv[i], batch, ...)`.
 
 After the rope and attention passes a layer reads `paged_attention(view(rope(q)), view(rope(k)), v)`:
 two rotations whose only use is the attention, which writes k into the cache. Handing the attention
-the un-rotated q and k lets the runtime rotate them where it lays out the cache rows: on MLX's CUDA
-backend one kernel does the two ropes and the K/V layout (runtime/rope_kernel.py), 2-3 fewer kernels
-a layer at decode, where each costs more host time than GPU work. Elsewhere the runtime runs
-`mx.fast.rope` as before.
+the un-rotated q and k lets the kernel table rotate them where it lays out the cache rows: on MLX's CUDA
+backend one kernel does the two ropes and the K/V layout (runtime/kernels/cuda_rope.py), and at decode one
+kernel does the rotation, the cache write and the attention; elsewhere the rotation is the table's `rope`.
 
 A pair fuses when both ropes share their positions, frequencies, style and scale, have the
 attention's head dim, and are read by nothing else (views in between included). It runs last, on the
@@ -17,11 +17,48 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from passes.fused import FusedOp, declare
+from passes.fused.paged_attention import paged_attention
+from passes.fused.rope import rope
+from passes.manager import FunctionPass
 from passes.pattern import record
 from passes.program import Program, value_of
 
 aten = torch.ops.aten
 NAME = "rope_attention"
+
+
+@torch.library.custom_op("mlx::rope_paged_attention", mutates_args=())
+def rope_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    traditional: bool,
+    mscale: float,
+    layer: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    scale: float,
+    sliding_window: int,
+    logit_cap: float,
+) -> torch.Tensor:
+    """`paged_attention` of q and k rotated by `rope` first: q [T, H*D] and k [T, KVH*D] come un-rotated, so a
+    backend can rotate them where it writes the cache."""
+    q = rope(q, positions, inv_freq, head_dim, traditional, mscale)
+    k = rope(k, positions, inv_freq, head_dim, traditional, mscale)
+    return paged_attention(q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_cap)
+
+
+@rope_paged_attention.register_fake
+def _(q, k, v, positions, inv_freq, traditional, mscale, layer, num_heads, num_kv_heads, head_dim, scale,
+      sliding_window, logit_cap):
+    return q.new_empty((q.shape[0], num_heads * head_dim))
+
+
+OP = declare(FusedOp("rope_paged_attention", torch.ops.mlx.rope_paged_attention.default, cache=True))
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
@@ -87,20 +124,11 @@ def fuse(program: Program) -> int:
     return len(triples)
 
 
-class RopeAttention:
-    """Declared like the other passes (name, version, run, expected); the match spans a node with two
-    independent inputs (q's and k's chains), so it rewires by hand like passes/add_rms_norm.py."""
-
-    name = NAME
-    version = 2
-
-    def run(self, program: Program) -> int:
-        return fuse(program)
-
-    def expected(self, program: Program) -> int:
-        """Fused pairs plus pairs that could still fuse: a leftover shows as MISSED."""
-        done = sum(1 for n in program.graph.nodes if n.target == torch.ops.mlx.rope_paged_attention.default)
-        return done + len(candidates(program.graph))
+def _expected(program: Program) -> int:
+    """Fused pairs plus pairs that could still fuse: a leftover shows as MISSED."""
+    done = sum(1 for n in program.graph.nodes if n.target == torch.ops.mlx.rope_paged_attention.default)
+    return done + len(candidates(program.graph))
 
 
-PASS = RopeAttention()
+# the match spans a node with two independent input chains (q's and k's): rewired by hand
+PASS = FunctionPass(NAME, fuse, version=2, expect=_expected)

@@ -1,13 +1,13 @@
-"""SiLU-and-mul (the gated MLP of Llama, Qwen, Mistral...) -> one `mlx.silu_mul` node.
+"""SiLU-and-mul (the gated MLP of Llama, Qwen, Mistral...) -> one `mlx.silu_mul` node, run as `k.silu_mul`.
 
-`silu(gate) * up` is two ATen ops and, emitted naively, three MLX ops; as one fused node it becomes
-one MLX expression, `gate * mx.sigmoid(gate) * up`, which mx.compile turns into a single kernel.
-vLLM's native SiluAndMul (`silu(x[..., :d]) * x[..., d:]`) is the same pattern: `gate` and `up`
-simply bind to the two slices.
+`silu(gate) * up` is two ATen ops and, emitted naively, three MLX ops; as one fused node it becomes one
+kernel-table call, which mx.compile turns into a single kernel. vLLM's native SiluAndMul
+(`silu(x[..., :d]) * x[..., d:]`) is the same pattern: `gate` and `up` simply bind to the two slices.
 """
 
 import torch
 
+from passes.fused import FusedOp, declare
 from passes.manager import PatternPass
 from passes.pattern import Pattern
 
@@ -21,6 +21,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @silu_mul.register_fake
 def _(gate, up):
     return torch.empty_like(torch.broadcast_tensors(gate, up)[0])
+
+
+OP = declare(FusedOp("silu_mul", torch.ops.mlx.silu_mul.default))
 
 
 def search(gate, up):
@@ -47,6 +50,5 @@ def _should_match(program) -> int:
     return fused + left
 
 
-silu_mul_pattern = Pattern(name="silu_mul", search=search, replace=replace, example_inputs=_examples)
-
-PASS = PatternPass("silu_mul", [silu_mul_pattern], expect=_should_match)
+PASS = PatternPass("silu_mul", [Pattern(name="silu_mul", search=search, replace=replace, example_inputs=_examples)],
+                   expect=_should_match)

@@ -1,7 +1,7 @@
 """The pass-developer harness: check a pass on a torch function in a few lines.
 
-    from passes.testing import check_pass
-    from passes.rms_norm import PASS
+    from lowering.testing import check_pass
+    from passes.fused.rms_norm import PASS
 
     def norm(x, weight):
         xf = x.float()
@@ -24,7 +24,7 @@ errors and the graph diff of the pass. The returned `PassCheck` holds all of it 
 
 Op names are those of `Lowered.op_histogram()` and `lower-model`'s op table: `aten.` and `.default`
 dropped (`rsqrt`, `pow.Tensor_Scalar`, `mlx.rms_norm`); a name without an overload (`pow`) matches every
-overload. This module imports no mlx until a check lowers a graph.
+overload.
 """
 
 from __future__ import annotations
@@ -35,12 +35,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import mlx.core as mx
+import numpy as np
 import torch
 import torch.fx as fx
 
+from lowering.api import mlx_weights
+from lowering.compile import load_step
+from passes import cleanup as _cleanup_pass
 from passes.manager import FunctionPass, PassManager, PassResult, PatternPass
 from passes.pattern import Pattern
-from passes.program import Program, exported_weights, run_in_torch
+from passes.program import Program, exported_weights, module_path, run_in_torch
 
 # (atol, rtol): |got - ref| <= atol + rtol * |ref|, elementwise.
 TOLERANCES = {
@@ -86,10 +91,8 @@ def _arg(a) -> str:
 def graph_text(program: Program | fx.Graph) -> str:
     """One line per node: `%name = op(args) : dtype[shape]  # module path`. Names are FX's, stable
     across passes, so two snapshots diff cleanly."""
-    from passes.program import Program as _P
-
-    graph = program.graph if isinstance(program, _P) else program
-    weights = program.weight_paths if isinstance(program, _P) else {}
+    graph = program.graph if isinstance(program, Program) else program
+    weights = program.weight_paths if isinstance(program, Program) else {}
     lines = []
     for n in graph.nodes:
         shape = describe_value(n.meta.get("val"))
@@ -100,20 +103,12 @@ def graph_text(program: Program | fx.Graph) -> str:
             lines.append(f"return {_arg(n.args[0])}")
         else:
             args = [_arg(a) for a in n.args] + [f"{k}={_arg(v)}" for k, v in n.kwargs.items()]
-            where = _module(n)
+            where = module_path(n)
             fused = n.meta.get("fused_from")
             note = "  # " + ", ".join(x for x in (where, f"fused: {fused}" if fused else "") if x) \
                 if where or fused else ""
             lines.append(f"%{n.name} = {op_name(n.target)}({', '.join(args)}) : {shape}{note}")
     return "\n".join(lines) + "\n"
-
-
-def _module(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return path.removeprefix("model.") if isinstance(path, str) else ""
 
 
 def graph_diff(before: str, after: str, name: str = "pass", context: int = 2) -> str:
@@ -258,12 +253,6 @@ def _compare(got: list, ref: list, dtype, atol, rtol) -> tuple[float, float, str
 
 
 def _mlx_run(program: Program, source: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    import mlx.core as mx
-    import numpy as np
-
-    from lowering.api import mlx_weights
-    from lowering.compile import load_step
-
     step = load_step(source, jit=False)
     args = []
     for name in program.inputs:
@@ -303,8 +292,6 @@ def check_pass(
     hypothesis strategy of ints (then `max_examples` draws of size and seed). `pre`: passes run first
     ("cleanup" = the default pipeline's first pass). Returns the PassCheck; raises AssertionError.
     """
-    from passes import cleanup as _cleanup_pass
-
     under_test = as_pass(pass_)
     pre_passes = [_cleanup_pass if p == "cleanup" else as_pass(p) for p in pre]
     if not callable(make):
@@ -414,7 +401,7 @@ def _is_strategy(x) -> bool:
     return isinstance(x, SearchStrategy)
 
 
-class strategies:  # noqa: N801  (a namespace: passes.testing.strategies.sizes(...))
+class strategies:  # noqa: N801  (a namespace: lowering.testing.strategies.sizes(...))
     """Hypothesis strategies for `check_pass(..., sizes=...)` and for your own @given tests."""
 
     @staticmethod

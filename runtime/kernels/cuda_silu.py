@@ -1,20 +1,17 @@
-"""`silu_mul(gate, up) = silu(gate) * up` (passes/silu_mul.py): the gated MLP's activation.
+"""`silu_mul(gate, up) = silu(gate) * up` (passes/fused/silu_mul.py) for a single token on MLX's CUDA backend.
 
-Everywhere it is one MLX expression that mx.compile fuses into one kernel, except for a single token
-on MLX's CUDA backend: there `gate` and `up` are [1, F] column slices of the merged gate/up projection,
+Elsewhere it is one MLX expression that mx.compile fuses into one kernel. For one token on MLX-CUDA, `gate`
+and `up` are [1, F] column slices of the merged gate/up projection,
 MLX counts them row-contiguous (one row) and gives the fused kernel's output their row stride 2F,
-and the down projection's GEMV, which wants a row stride of F, copies it first: a copy kernel a layer
-(31 in an 8B decode step, docs/benchmarks.md r11). A small kernel that writes a contiguous row instead
-computes sigmoid(g) * g, then * up, in f32, each rounded to the dtype: within 2 ulp of MLX's fused kernel
-in bf16 and f32 (r12), closer to f32 than MLX's float16 sigmoid. 8B decode step: 294 -> 262 kernels (r12c).
+and the down projection's GEMV, which wants a row stride of F, copies it first: a copy kernel a layer. This
+kernel writes a contiguous row instead; it computes sigmoid(g) * g, then * up, in f32, each rounded to the
+dtype: within 2 ulp of MLX's fused kernel in bf16 and f32, closer to f32 than MLX's float16 sigmoid.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from runtime import fastmath as fm
-from runtime.config import on_cuda
 
 _SOURCE = r"""
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -42,16 +39,14 @@ def _kernel():
     return _KERNEL
 
 
-def usable(gate: mx.array, up: mx.array) -> bool:
-    """The kernel serves this call: a CUDA default device, one [1, F] row of one float dtype."""
-    return (on_cuda() and gate.ndim == 2 and gate.shape[0] == 1 and gate.shape == up.shape
-            and gate.dtype == up.dtype and gate.dtype in _FLOATS)
+def fits(gate: mx.array, up: mx.array) -> bool:
+    """The kernel serves this call: one [1, F] row of one float dtype."""
+    return (gate.ndim == 2 and gate.shape[0] == 1 and gate.shape == up.shape and gate.dtype == up.dtype
+            and gate.dtype in _FLOATS)
 
 
 def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up for gate and up of one shape (e.g. [T, F] column slices of the merged projection)."""
-    if not usable(gate, up):
-        return fm.silu(gate) * up
+    """silu(gate) * up for one [1, F] row (column slices of the merged projection, read in place)."""
     n = gate.shape[1]
     return _kernel()(inputs=[gate, up], template=[("T", gate.dtype), ("N", n)], grid=(n, 1, 1),
                      threadgroup=(256, 1, 1), output_shapes=[(1, n)], output_dtypes=[gate.dtype])[0]

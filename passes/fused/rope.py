@@ -1,4 +1,4 @@
-"""RoPE -> `mlx.rope` (mx.fast.rope with per-token position offsets).
+"""RoPE -> `mlx.rope`, run as `k.rope` (mx.fast.rope with per-token position offsets, or the CPU's own).
 
 Matches the rotation itself, `x * cos + rotate(x) * sin`, in its neox (rotate-half) and interleaved
 (GPT-J) forms, wherever cos/sin come from. The frequencies are then read off the cos/sin values:
@@ -16,11 +16,46 @@ import torch
 import torch.fx as fx
 
 from passes.cleanup import CASTS
+from passes.fused import FusedOp, declare
 from passes.manager import PatternPass
 from passes.pattern import Match, Pattern
 from passes.program import Program, module_path
 
 log = logging.getLogger(__name__)
+
+
+@torch.library.custom_op("mlx::rope", mutates_args=())
+def rope(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, head_dim: int, traditional: bool, mscale: float
+) -> torch.Tensor:
+    """Rotary embedding of x [T, heads * head_dim] (or [T, heads, head_dim]) at per-token positions.
+
+    Rotates the first `2 * len(inv_freq)` dims of each head by position x inv_freq (in float32, as models
+    compute it; cos/sin rounded to x's dtype); `traditional` pairs adjacent dims (GPT-J), otherwise the two
+    halves (GPT-NeoX); `mscale` scales the rotated part (YaRN).
+    """
+    shape = x.shape
+    xh = x.reshape(shape[0], -1, head_dim)
+    rot = 2 * inv_freq.shape[0]
+    angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    cos = (angles.cos() * mscale)[:, None, :].to(x.dtype)
+    sin = (angles.sin() * mscale)[:, None, :].to(x.dtype)
+    xr, xp = xh[..., :rot], xh[..., rot:]
+    if traditional:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((out, xp), dim=-1).reshape(shape)
+
+
+@rope.register_fake
+def _(x, positions, inv_freq, head_dim, traditional, mscale):
+    return torch.empty_like(x)
+
+
+OP = declare(FusedOp("rope", torch.ops.mlx.rope.default))
 _HALF = 99991  # the int sentinel of passes.pattern: example shapes are built so slices use it
 
 

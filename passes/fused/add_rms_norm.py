@@ -1,12 +1,13 @@
-"""A residual add and the RMSNorm that reads it -> one `mlx.add_rms_norm` node (both results).
+"""A residual add and the RMSNorm that reads it -> one `mlx.add_rms_norm` node (both results), run as
+`h, normed = k.add_rms_norm(x, residual, weight, eps)`.
 
 Every pre-norm decoder layer (Llama, Qwen, Mistral, ...) does `h = h + sublayer(h)`, then normalises h
 for the next sublayer; the add's result is also the next residual, so it has other users and a
 pattern (whose inner nodes must not escape) cannot take it. This pass rewrites the pair into one node
 with two outputs, `getitem` 0 taking the add's users and 1 the norm's. On MLX's CUDA backend the
-runtime runs it as one kernel (runtime/norm.py): 2 of a Llama layer's ~14 decode kernels become 1, and
-MLX pays ~6-8 us of host time per kernel there (docs/benchmarks.md). Elsewhere it is the add and
-`mx.fast.rms_norm`, exactly as before.
+kernel table runs it as one kernel (runtime/kernels/cuda_norm.py): 2 of a Llama layer's ~14 decode kernels
+become 1, and MLX pays several microseconds of host time per kernel there. Elsewhere it is the add and
+`mx.fast.rms_norm`.
 
 Only the plain case fuses: an add of two tensors of the norm's shape and dtype, and a norm whose weight
 and output have that dtype too (mixed-dtype norms keep their separate nodes). It runs after the
@@ -20,10 +21,28 @@ import operator
 import torch
 import torch.fx as fx
 
+from passes.fused import FusedOp, declare
+from passes.fused.rms_norm import rms_norm
+from passes.manager import FunctionPass
 from passes.program import Program, value_of as _val
 
 aten = torch.ops.aten
 NAME = "add_rms_norm"
+
+
+@torch.library.custom_op("mlx::add_rms_norm", mutates_args=())
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, rms_norm(x + residual) * weight): a residual add and the norm that reads it, all in x's dtype."""
+    h = x + residual
+    return h, rms_norm(h, weight, eps, h.dtype)
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+OP = declare(FusedOp(NAME, torch.ops.mlx.add_rms_norm.default, outputs=("add", "rms_norm")))
 
 
 def candidates(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
@@ -73,18 +92,5 @@ def _expected(program: Program) -> int:
     return done + len(candidates(program.graph))
 
 
-class AddRmsNorm:
-    """Declared like the other passes (name, version, run, expected); the add escapes the match (it
-    is the next residual), which a `passes.pattern` rewrite refuses, so this one rewires by hand."""
-
-    name = NAME
-    version = 1
-
-    def run(self, program: Program) -> int:
-        return fuse(program)
-
-    def expected(self, program: Program) -> int:
-        return _expected(program)
-
-
-PASS = AddRmsNorm()
+# the add escapes the match (it is the next residual), which a passes.pattern rewrite refuses: rewired by hand
+PASS = FunctionPass(NAME, fuse, expect=_expected)

@@ -1,4 +1,5 @@
-"""Attention (+ KV-cache write) -> one `mlx.paged_attention` node per layer.
+"""Attention (+ KV-cache write) -> one `mlx.paged_attention` node per layer, run as
+`out, kv[i] = k.paged_attention(q, k, v, kv[i], batch, ...)`.
 
 Two spellings of attention reach us:
 - vLLM: the opaque `vllm.unified_attention_with_output(q, k, v, output, layer_name)` op, which writes
@@ -11,16 +12,65 @@ over the paged cache for any mix of prefill and decode sequences.
 
 from __future__ import annotations
 
-
 import dataclasses
+import math
 
 import torch
 import torch.fx as fx
 
+from passes.fused import FusedOp, declare
+from passes.manager import FunctionPass
 from passes.pattern import record
 from passes.program import AttentionLayer, Program
 
 aten = torch.ops.aten
+
+
+@torch.library.custom_op("mlx::paged_attention", mutates_args=())
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    scale: float,
+    sliding_window: int,
+    logit_cap: float,
+) -> torch.Tensor:
+    """Write k/v of this step into layer `layer`'s paged cache, attend, return [T, heads * head_dim].
+
+    The batch (which tokens belong to which sequence, their cache blocks) is implicit: the runtime
+    supplies it. This torch reference treats all T tokens as ONE new sequence (causal prefill), which
+    is what a standalone graph means, so rewritten graphs can be checked against the originals.
+    `sliding_window` <= 0 means none; `logit_cap` <= 0 means no soft-capping.
+    """
+    t = q.shape[0]
+    qh = q.reshape(t, num_heads, head_dim).transpose(0, 1).float()
+    kh = k.reshape(t, num_kv_heads, head_dim).transpose(0, 1).float()
+    vh = v.reshape(t, num_kv_heads, head_dim).transpose(0, 1).float()
+    rep = num_heads // num_kv_heads
+    kh, vh = kh.repeat_interleave(rep, 0), vh.repeat_interleave(rep, 0)
+    scores = (qh @ kh.transpose(1, 2)) * scale
+    if logit_cap > 0:
+        scores = torch.tanh(scores / logit_cap) * logit_cap
+    i = torch.arange(t)[:, None]
+    j = torch.arange(t)[None, :]
+    visible = j <= i
+    if sliding_window > 0:
+        visible &= j > i - sliding_window
+    scores = scores.masked_fill(~visible, -math.inf)
+    out = scores.softmax(-1) @ vh
+    return out.transpose(0, 1).reshape(t, num_heads * head_dim).to(q.dtype)
+
+
+@paged_attention.register_fake
+def _(q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_cap):
+    return q.new_empty((q.shape[0], num_heads * head_dim))
+
+
+OP = declare(FusedOp("paged_attention", torch.ops.mlx.paged_attention.default, cache=True))
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
@@ -102,43 +152,37 @@ def _erase_chain(graph: fx.Graph, node: fx.Node) -> None:
         node = parent
 
 
-class AttentionPass:
-    name = "attention"
-    version = 1
-
-    def run(self, program: Program) -> int:
-        layers = {layer.name: layer for layer in program.attention}
-        ordered = list(program.attention)
-        count = 0
-        for node in list(program.graph.nodes):
-            if node.op != "call_function" or node._erased:
-                continue
-            if node.target == aten.scaled_dot_product_attention.default:
-                layer = ordered[count] if count < len(ordered) else None
-                if layer is None:
-                    continue
-                with program.graph.inserting_before(node):
-                    new = _replace_hf_sdpa(program, node, layer)
-                new.meta["fused_from"] = "attention"
-                node.replace_all_uses_with(new)
-                program.graph.erase_node(node)
-                count += 1
-                continue
-            found = _vllm_attention(node)
-            if found is None:
-                continue
-            q, k, v, holder, name = found
-            layer = layers.get(getattr(name, "value", name))  # vLLM passes a LayerName wrapper
+def fuse(program: Program) -> int:
+    layers = {layer.name: layer for layer in program.attention}
+    ordered = list(program.attention)
+    count = 0
+    for node in list(program.graph.nodes):
+        if node.op != "call_function" or node._erased:
+            continue
+        if node.target == aten.scaled_dot_product_attention.default:
+            layer = ordered[count] if count < len(ordered) else None
             if layer is None:
                 continue
             with program.graph.inserting_before(node):
-                _replace_vllm(program, node, layer, q, k, v, holder)
+                new = _replace_hf_sdpa(program, node, layer)
+            new.meta["fused_from"] = "attention"
+            node.replace_all_uses_with(new)
+            program.graph.erase_node(node)
             count += 1
-        program.graph.eliminate_dead_code()
-        return count
+            continue
+        found = _vllm_attention(node)
+        if found is None:
+            continue
+        q, k, v, holder, name = found
+        layer = layers.get(getattr(name, "value", name))  # vLLM passes a LayerName wrapper
+        if layer is None:
+            continue
+        with program.graph.inserting_before(node):
+            _replace_vllm(program, node, layer, q, k, v, holder)
+        count += 1
+    program.graph.eliminate_dead_code()
+    return count
 
-    def expected(self, program: Program) -> int | None:
-        return len(program.attention) or None
 
-
-PASS = AttentionPass()
+# vLLM's op writes an output buffer that later nodes read through views: rewired by hand
+PASS = FunctionPass("attention", fuse, expect=lambda program: len(program.attention) or None)

@@ -1,18 +1,17 @@
 """RoPE of q and k and the layout of this step's K/V cache rows, as one kernel on MLX's CUDA backend.
 
-Paged attention with `rope` (passes/rope_attention.py) receives q, k, v as the projections left them
+Paged attention with `rope` (passes/fused/rope_paged_attention.py) receives q, k, v as the projections left them
 (usually column slices of one merged q/k/v projection, so strided) and needs q rotated, plus K (rotated)
 and V as the rows one scatter writes into the cache: [2 * KVH * T, D], K heads then V heads, each head's
-T tokens in order (runtime/attention.py). With MLX's ops that is a rope per tensor and a copy or two
-for the layout: 3-4 kernels a layer, at a few microseconds each on the GPU and ~6-10 us of host time
-each at decode (docs/benchmarks.md). Here it is one.
+T tokens in order (runtime/kernels/paged.py). With MLX's ops that is a rope per tensor and a copy or two
+for the layout: 3-4 kernels a layer, each costing microseconds of host time at decode. Here it is one.
 
 One thread per (token, head, pair of dims) over the q, k and v heads. The pair is (j, j + R/2)
 (GPT-NeoX) or (2j, 2j + 1) (GPT-J, `traditional`) for j < R/2; the other threads copy two of the head's
 unrotated dims. theta = position * inv_freq[j] and sin/cos in f32, the rotation in f32, rounded once
 to the input dtype: MLX's rope kernel computes the same way (it is given 1 / inv_freq and inverts it
-back, so theta may differ in the last bit). `mscale` scales the rotated dims (YaRN), as passes/ops.py's
-reference does.
+back, so theta may differ in the last bit). `mscale` scales the rotated dims (YaRN), as the torch
+reference (passes/fused/rope.py) does.
 Inputs are read through their strides: a column slice of the merged projection is not copied first.
 """
 
@@ -20,8 +19,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from runtime.config import on_cuda
-from runtime.paged_kernel import float_bits
+from runtime.kernels.cuda_attention import float_bits
 
 _SOURCE = r"""
     constexpr int P = D / 2;                         // dim pairs per head
@@ -93,11 +91,11 @@ def _kernel(into_cache: bool = False):
     return _KERNELS[into_cache]
 
 
-def usable(q: mx.array, k: mx.array, v: mx.array, rope: tuple, head_dim: int) -> bool:
-    """The kernel serves this call: a CUDA default device, one float dtype for q, k and v, an even head
-    dim that holds the rotated dims, one position per token."""
+def fits(q: mx.array, k: mx.array, v: mx.array, rope: tuple, head_dim: int) -> bool:
+    """The kernel serves this call: one float dtype for q, k and v, an even head dim that holds the rotated
+    dims, one position per token."""
     positions, inv_freq = rope[:2]
-    return (on_cuda() and q.dtype in _FLOATS and q.dtype == k.dtype == v.dtype and head_dim % 2 == 0
+    return (q.dtype in _FLOATS and q.dtype == k.dtype == v.dtype and head_dim % 2 == 0
             and 2 * inv_freq.shape[0] <= head_dim and positions.ndim == 1)
 
 
@@ -106,12 +104,6 @@ def rope_qkv(q, k, v, positions, inv_freq, traditional: bool, mscale: float, *, 
     """q [T, H*D], k and v [T, KVH*D] (any strides), positions [T] int, inv_freq [R/2] -> (q rotated
     [T, H, D], rows [2 * KVH * T, D]: k rotated then v, head-major), in q's dtype."""
     return _call(q, k, v, positions, inv_freq, traditional, mscale, num_heads, num_kv_heads, head_dim)
-
-
-def in_place_usable() -> bool:
-    """Whether decode steps write K/V into the cache from this kernel (`rope_qkv_into_cache`) instead of
-    handing rows to a scatter. A separate switch for A/B runs (benchmarks/gpu.py `ours_kv_scatter`)."""
-    return True
 
 
 def rope_qkv_into_cache(q, k, v, positions, inv_freq, traditional: bool, mscale: float, cache, kv_rows, *,
@@ -124,7 +116,7 @@ def rope_qkv_into_cache(q, k, v, positions, inv_freq, traditional: bool, mscale:
     MLX arrays are immutable, so this writes under MLX's feet, as vLLM's reshape_and_cache does under
     torch's: the caller keeps using `cache` itself as the updated cache, and only a reader that depends
     on the returned q (the fused decode attention) is ordered after the write. Hence decode steps only
-    (runtime/attention.py), where that one kernel is the cache's only reader in the layer."""
+    (runtime/kernels/cuda.py), where that one kernel is the cache's only reader in the layer."""
     (q_out,) = _call(q, k, v, positions, inv_freq, traditional, mscale, num_heads, num_kv_heads, head_dim,
                      cache=cache, kv_rows=kv_rows)
     return q_out

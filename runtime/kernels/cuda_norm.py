@@ -1,9 +1,8 @@
 """`add_rms_norm(x, residual, weight, eps) -> (h, normed)`: a residual add and the RMSNorm of its result
-(passes/add_rms_norm.py), as one kernel on MLX's CUDA backend, as `x + residual` and `mx.fast.rms_norm`
-elsewhere.
+(passes/fused/add_rms_norm.py) as one kernel on MLX's CUDA backend.
 
 On CUDA, MLX runs the add and the norm as two kernels (the add cannot fuse into the norm, a fast
-primitive) at ~6-8 us of host time each; a Llama step has one such pair per sublayer (64 for 32
+primitive) at microseconds of host time each; a Llama step has one such pair per sublayer (64 for 32
 layers). The kernel gives the same numbers as the two: h = T(x + residual) is written and
 normalised as written, the sum of squares in f32, out = T(w * T(h * rsqrt(mean(h^2) + eps))), which
 is how MLX's CUDA rms_norm rounds (only the order of the f32 sum differs). One CUDA block per row,
@@ -14,8 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from runtime.config import on_cuda
-from runtime.paged_kernel import float_bits
+from runtime.kernels.cuda_attention import float_bits
 
 _SOURCE = r"""
     constexpr int PER = (N + BLOCK - 1) / BLOCK;   // elements of the row per thread
@@ -74,20 +72,13 @@ def _kernel():
     return _KERNEL
 
 
-def usable(x: mx.array, residual: mx.array, weight: mx.array) -> bool:
-    """The kernel serves this call: a CUDA default device, one dtype, the shapes of a residual add."""
-    return (on_cuda() and x.dtype in _FLOATS and x.dtype == residual.dtype == weight.dtype
+def fits(x: mx.array, residual: mx.array, weight: mx.array) -> bool:
+    """The kernel serves this call: one dtype, the shapes of a residual add."""
+    return (x.dtype in _FLOATS and x.dtype == residual.dtype == weight.dtype
             and x.shape == residual.shape and weight.shape == x.shape[-1:] and x.shape[-1] <= _MAX_N)
 
 
-def add_rms_norm(x: mx.array, residual: mx.array, weight: mx.array, eps: float) -> tuple[mx.array, mx.array]:
-    if not usable(x, residual, weight):
-        h = x + residual
-        return h, mx.fast.rms_norm(h, weight, eps)
-    return add_rms_norm_kernel(x, residual, weight, eps)
-
-
-def add_rms_norm_kernel(x, residual, weight, eps):
+def add_rms_norm(x, residual, weight, eps):
     n = x.shape[-1]
     rows = x.size // n
     block = min(_MAX_BLOCK, max(32, 1 << (max(n // _PER, 1) - 1).bit_length()))  # <= 16 elements a thread: 4096 -> 256

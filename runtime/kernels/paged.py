@@ -1,0 +1,159 @@
+"""Paged attention composed from MLX ops: write this step's K/V through the slot mapping, gather each
+sequence's K/V through its block table, attend. The generic kernel table runs it as it is; a backend
+replaces the pieces it has kernels for (`table.attention`, `table.new_kv`, `table.attend_decode`).
+
+A layer's cache is one array, K then V, head-major: [2, KVH, blocks, block_size, D]. One scatter
+writes this step's K and V; gathering a group's block table gives [2, KVH, S, Lk, D] in one copy,
+which attention reads as [S, KVH, Lk, D] through strides (no transpose copy; a token-major cache needs
+one per layer and step, several times slower at decode). With `rope`, q and k arrive un-rotated
+(passes/fused/rope_paged_attention.py) and are rotated here, before the cache write.
+The batch (runtime/batch.py) splits sequences into groups (decodes, the rest); each group lays its
+queries out as [S, Lq] (sequence, query position; padded rows point at token 0 and are dropped
+again) and its keys as [S, Lk] positions covered by whole blocks. The mask follows from positions
+alone: key j is visible to a query at position p iff j <= p (and j > p - window), which is exactly
+causal prefill, chunked prefill over earlier context, and decode.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def is_decode(q, batch) -> bool:
+    """Every token of the step is its sequence's only query (static: shapes only)."""
+    groups = batch["groups"]
+    return len(groups) == 1 and groups[0]["q_index"].shape == (q.shape[0], 1)
+
+
+def paged_attention(table, q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim, scale, window=-1, cap=0.0,
+                    rope=None):
+    """q: [T, H*D]; k, v: [T, KVH*D]; cache: [2, KVH, blocks, block_size, D], K then V.
+    rope: None, or (positions [T], inv_freq [R/2], traditional, mscale) when q and k come un-rotated.
+
+    Returns (out [T, H*D], updated cache). GQA is handled by the attention without repeating K/V.
+    """
+    t = q.shape[0]
+    groups = batch["groups"]
+    q, k, v, rows = table.new_kv(q, k, v, rope, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    cache = write(cache, rows, batch)
+    if is_decode(q, batch):
+        return table.attend_decode(q, cache, groups[0], scale=scale, window=window, cap=cap), cache
+    # One group whose [S, Lq] layout holds exactly the T tokens: every sequence has Lq of them, so the
+    # layout is the token order itself (q_index = arange(T) as [S, Lq], out_index = arange(T)) and
+    # reshapes replace the four gathers per layer (a batch-1 prefill, or equal prompts; static: shapes only)
+    in_order = len(groups) == 1 and groups[0]["q_index"].size == t
+    outs = [
+        _attend(table, q, k, v, cache, group, scale, window, cap, in_order).reshape(-1, num_heads * head_dim)
+        for group in groups
+    ]
+    if in_order:
+        return outs[0], cache
+    out = (outs[0] if len(outs) == 1 else mx.concatenate(outs))[batch["out_index"]]
+    return out, cache
+
+
+def new_kv(table, q, k, v, rope, *, num_heads, num_kv_heads, head_dim):
+    """q [T, H, D], k and v [T, KVH, D], and `rows` [2 * KVH * T, D]: this step's K then V as the cache
+    writes them (head-major), rotated first by `table.rope` when `rope` is given."""
+    t = q.shape[0]
+    if rope is not None:
+        positions, inv_freq, traditional, mscale = rope
+        q = table.rope(q, positions, inv_freq, head_dim=head_dim, traditional=traditional, mscale=mscale)
+        k = table.rope(k, positions, inv_freq, head_dim=head_dim, traditional=traditional, mscale=mscale)
+    q = q.reshape(t, num_heads, head_dim)
+    k, v = k.reshape(t, num_kv_heads, head_dim), v.reshape(t, num_kv_heads, head_dim)
+    rows = mx.concatenate([k.swapaxes(0, 1), v.swapaxes(0, 1)]).reshape(-1, head_dim)
+    return q, k, v, rows
+
+
+def write(cache, rows, batch):
+    """Scatter `rows` [2 * KVH * T, D] into the cache viewed as [2 * KVH * slots, D] rows, at
+    `batch["kv_rows"]` (made once per step by runtime.model.device_batch) or, without it, at the rows
+    of `slot_mapping`: one scatter writes K and V (MLX's `cache[:, slots] = ...` would build an arange
+    index per call, a kernel per layer and tensor on a GPU)."""
+    index = batch.get("kv_rows")
+    if index is None:
+        planes, blocks, block_size = cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3]
+        index = (mx.arange(planes, dtype=mx.int32)[:, None] * (blocks * block_size) + batch["slot_mapping"]).reshape(-1)
+    flat = cache.reshape(-1, cache.shape[-1])
+    flat[index] = rows.astype(flat.dtype)
+    return flat.reshape(cache.shape)
+
+
+def _attend(table, q, k, v, cache, group, scale, window, cap, in_order=False):
+    """One group of sequences: queries [S, H, Lq, D] against their keys [S, KVH, Lk, D]: gathered from
+    the cache, or, for prompts with no earlier context (no `blocks`, runtime/batch.py), this step's own
+    K/V laid out like the queries, under a causal mask (MLX's fused causal SDPA on a GPU; padded rows
+    sit after every real query, so causality hides them). `in_order`: the layout is the token order."""
+    index = group["q_index"]
+    lay_out = (lambda x: x.reshape(*index.shape, *x.shape[1:])) if in_order else (lambda x: x[index])
+    queries = lay_out(q).transpose(0, 2, 1, 3)
+    if "blocks" not in group:
+        keys = lay_out(k).transpose(0, 2, 1, 3).astype(queries.dtype)
+        values = lay_out(v).transpose(0, 2, 1, 3).astype(queries.dtype)
+        pos = mx.arange(index.shape[1], dtype=mx.int32)
+        mask = "causal" if window <= 0 and cap <= 0 else _mask(pos[None], index.shape[1], window, pos)
+    else:
+        keys, values, mask = _from_cache(cache, group, window, queries.dtype)  # mask [S, 1, Lq, Lk]
+    return _sdpa(table, queries, keys, values, scale, mask, cap).transpose(0, 2, 1, 3)  # [S, Lq, H, D]
+
+
+def attend_decode(table, q, cache, group, *, scale, window, cap):
+    """A pure decode step (every token is its sequence's only query): the queries are q itself as
+    [T, H, 1, D] and the output goes straight back to [T, H*D], so the per-layer query gather, the
+    padded-row gather and two transposes drop out (q_index and out_index are aranges here)."""
+    t, h, d = q.shape
+    queries = q.reshape(t, h, 1, d)
+    keys, values, mask = _from_cache(cache, group, window, queries.dtype)  # mask [T, 1, 1, Lk]
+    return _sdpa(table, queries, keys, values, scale, mask, cap).reshape(t, h * d)  # [T, H, 1, D] is [T, 1, H, D]
+
+
+def _from_cache(cache, group, window, dtype):
+    """The group's keys and values gathered from the cache (in `dtype`) and the mask of what each
+    query may see."""
+    both = _gather(cache, group).astype(dtype)
+    keys, values = both[0], both[1]
+    return keys, values, _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))
+
+
+def _sdpa(table, queries, keys, values, scale, mask, cap):
+    if cap > 0:
+        return _softcapped(table, queries, keys, values, scale, mask, cap)
+    return table.attention(queries, keys, values, scale=scale, mask=mask)
+
+
+def _gather(cache, group):
+    """[2, KVH, blocks, block_size, D] cache -> [2, S, KVH, n * block_size, D]: the keys and values of the
+    group's [S, n] block table (views of one copy). The cache is taken as [2 * KVH * blocks] rows of
+    block_size * D: MLX's CPU `take` copies whole contiguous rows along axis 0 many times faster than it
+    gathers along axis 1. `block_rows` ([2 * KVH * S * n], head-major) comes from
+    runtime.model.device_batch, once per step; without it, it is made here."""
+    two, kvh, num_blocks, block_size, d = cache.shape
+    s, n = group["blocks"].shape
+    rows = group.get("block_rows")
+    if rows is None:
+        rows = (mx.arange(two * kvh, dtype=mx.int32)[:, None, None] * num_blocks + group["blocks"][None]).reshape(-1)
+    flat = cache.reshape(two * kvh * num_blocks, block_size * d)
+    return mx.take(flat, rows, axis=0).reshape(two, kvh, s, n * block_size, d).transpose(0, 2, 1, 3, 4)
+
+
+def _mask(q_pos, kv_len: int, window: int, key_pos=None):
+    if key_pos is None:  # runtime.model.device_batch passes it in, made once per step
+        key_pos = mx.arange(kv_len, dtype=mx.int32)
+    qp = q_pos[:, None, :, None]
+    visible = key_pos <= qp
+    if window > 0:
+        visible = visible & (key_pos > qp - window)
+    return visible
+
+
+def _softcapped(table, q, k, v, scale, mask, cap):
+    """Gemma-2 style logit soft-capping, which the fused SDPA kernel does not offer."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = mx.repeat(k, groups, axis=1)
+        v = mx.repeat(v, groups, axis=1)
+    scores = (q @ k.swapaxes(-1, -2)).astype(mx.float32) * scale
+    scores = mx.tanh(scores / cap) * cap
+    scores = mx.where(mask, scores, -mx.inf)
+    return table.softmax(scores, axis=-1).astype(v.dtype) @ v
