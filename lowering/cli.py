@@ -507,7 +507,7 @@ def env_info() -> dict:
     import torch
 
     from lowering.compile import cache_dir
-    from runtime import blas
+    from runtime import blas, kernels
 
     def version(*dists):
         for d in dists:
@@ -532,7 +532,8 @@ def env_info() -> dict:
         "platform": f"{platform.system()} {platform.machine()}",
         "versions": {"torch": torch.__version__, "mlx": mx.__version__, "vllm": vllm,
                      "transformers": version("transformers"), "vllm-metal-mlx": version("vllm-metal-mlx")},
-        "mlx_device": str(mx.default_device()),
+        "mlx_device": kernels.current().config.device,
+        "kernel_table": kernels.current().name,
         "VLLM_MLX_DEVICE": os.environ.get("VLLM_MLX_DEVICE"),
         "blas": blas.report(),
         "cache_dir": str(cache_dir()),
@@ -544,6 +545,7 @@ def env_text(info: dict) -> str:
     lines += [f"{k:<22}{v if v is not None else 'not installed'}" for k, v in info["versions"].items()]
     lines.append(f"mlx device            {info['mlx_device']}" + (f" (VLLM_MLX_DEVICE={info['VLLM_MLX_DEVICE']})"
                                                           if info["VLLM_MLX_DEVICE"] else ""))
+    lines.append(f"kernel table          {info['kernel_table']}")
     for k, v in info["blas"].items():
         lines.append(f"{'blas.' + k:<22}{v}")
     lines.append(f"cache dir             {info['cache_dir']}")

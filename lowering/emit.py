@@ -127,8 +127,8 @@ class Emitter:
         """`weight.T`, the right operand of `x @ weight.T`. For a weight it is a view made once when the
         step's weights are prepared (its WEIGHTS table, runtime.model.prepare_weights) rather than a
         transpose node in every step's graph. (Adding x's unit batch axes to that view as well, so that
-        MLX's matmul needs no flatten and unflatten around it, cost a copy kernel per layer on MLX-CUDA:
-        the compiled SiLU x mul's output keeps its input slice's row stride, which the GEMV copies, r9.)"""
+        MLX's matmul needs no flatten and unflatten around it, costs a copy kernel per layer on MLX-CUDA:
+        the compiled SiLU x mul's output keeps its input slice's row stride, which the GEMV copies.)"""
         path = self._weight_path(weight) if isinstance(weight, fx.Node) else None
         if path is None:
             return f"{self.r(weight)}.T"

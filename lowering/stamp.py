@@ -1,8 +1,8 @@
 """Capture a deep model fast: export it with its first few of N identical decoder layers, then stamp the
 last exported layer's subgraph (the template) into the remaining ones, with their weights.
 
-torch.export spends ~0.3 s per decoder layer on symbolic-shape bookkeeping on these machines
-(SmolLM2's 30 layers: ~10 s of a ~20 s `lower-model`). Layers that are the same modules with the same
+torch.export spends a large share of a deep model's capture on symbolic-shape bookkeeping, per decoder
+layer (docs/architecture.md). Layers that are the same modules with the same
 settings trace to the same graph up to their weights, so the rest are copies: layer k's copy reads
 what the template read from its predecessor from layer k - 1's copy, and its own weights. The HF front
 exports layers 0 and 1 (template 1); the vLLM front layers 0-2 (template 2: its layer 0 starts the
@@ -10,7 +10,6 @@ residual stream and traces differently), and renames the layer each copy's atten
 stack whose layers have the same module types, parameter shapes and scalar settings (a string naming
 the layer itself aside; one `layer_types` entry) is stamped; anything else is exported whole.
 tests/test_stamp.py checks the result against a whole export (same graph, same emitted source).
-SmolLM2's capture: HF 9.2 -> 2.0 s, vLLM 6.0-6.7 -> 1.8-2.2 s.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 A transformers model runs on `input_ids[None]`, so every activation of the captured step carries a
 leading axis of size 1 (vLLM's models work on `[T, H]` already). MLX pays for it at every linear:
 its matmul flattens a 3-D input to 2-D and unflattens the result, two graph nodes a linear, and the
-column slices and reshapes around attention add more. Each node costs host time in every step
-(~0.5-1.8 us a view node on MLX-CUDA, docs/benchmarks.md), and a 32-layer step has hundreds.
+column slices and reshapes around attention add more. Each node costs host time in every step (on
+MLX-CUDA in particular), and a 32-layer step has hundreds.
 
 The pass starts at `unsqueeze(x, 0)` and carries the squeezed value forward through the ops that
 work row by row (linears, norms, the fused ops, elementwise ops whose other operands broadcast the

@@ -3,9 +3,9 @@ slot mapping) -> the arrays paged attention needs. Vectorised numpy, no loop ove
 
 Shapes are bucketed so that the compiled step sees few distinct shapes: queries and keys per sequence
 are rounded up to a power of two up to 256, above that to sixteenths of their next power of two
-(..., 256, 288, 320, ..., 512, 576, 640, ...). A new shape costs one retrace (~60 ms for SmolLM2 on the
-CPU; the kernels are reused) and padding wastes at most 1/8 of a long group's attention. Whole powers
-of two padded 513 keys to 1024: decode at 512-640 tokens of context ran at 0.58x mlx-lm's speed.
+(..., 256, 288, 320, ..., 512, 576, 640, ...). A new shape costs one retrace (the kernels are reused)
+and padding wastes at most 1/8 of a long group's attention; whole powers of two would pad 513 keys to
+1024, doubling the attention of decodes just past a power of two.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _group_arrays(step: StepInput, block_size: int, qsl, q_lens, members) -> tup
     """Arrays of one group, and its padded queries per sequence (Lq).
 
     Keys are named by whole blocks (`blocks` [S, Lk / block_size]): a block-table gather copies
-    contiguous blocks, where a per-slot gather moves one head-row at a time (4-7x slower here).
+    contiguous blocks, where a per-slot gather moves one head-row at a time (several times slower).
     Blocks past a sequence's length are block 0: their keys sit at positions no query can see.
     A group of prompts with no earlier context gets no `blocks`: it attends to its own new K/V.
     """

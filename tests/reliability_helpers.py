@@ -1,4 +1,4 @@
-"""Helpers for tests/test_reliability.py and tests/test_reliability_slow.py (issue 8).
+"""Helpers for tests/test_reliability.py and tests/test_reliability_slow.py.
 
 Servers and engines come from tests/vllm_helpers.py; this adds the HTTP side (127.0.0.1 only,
 every call with a timeout), the /metrics reader, tiny checkpoints of architectures we do and do

@@ -190,7 +190,7 @@ def test_env(capsys):
 def test_env_json(capsys):
     code, out, _ = run(capsys, "env", "--format", "json")
     data = json.loads(out)
-    assert code == 0 and {"torch", "mlx", "vllm"} <= set(data["versions"]) and data["mlx_device"]
+    assert code == 0 and {"torch", "mlx", "vllm"} <= set(data["versions"]) and data["mlx_device"] and data["kernel_table"]
     assert "sgemm_library" in data["blas"] and data["cache_dir"]
 
 

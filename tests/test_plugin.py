@@ -1,4 +1,4 @@
-"""The vLLM plugin end to end, with the real engine (issue 5, "Done when"; no mocks).
+"""The vLLM plugin end to end, with the real engine (no mocks).
 
 Every engine configuration runs in its own subprocess (tests/vllm_helpers.py is the runner) and
 answers several checks per start, because a start costs ~30-50 s on this 2-core machine. The four
@@ -48,7 +48,7 @@ def engines(smollm2_path, workdir):
     pool.submit("metal", {**base, "llm": {**llm, "disable_log_stats": False}, "stats": True,
                           "tasks": ["platform", "greedy", "prefix", "sampling"]}, timeout=ENGINE_TIMEOUT)
     # The second MLX engine starts once the first has lowered (or loaded) the step: two processes
-    # lowering the same model at once is issue 8's business, not this test's.
+    # lowering the same model at once is tests/test_reliability.py's business, not this test's.
     pool.submit("metal_npc", {**base, "llm": {**llm, "enable_prefix_caching": False},
                               "tasks": ["platform", "mixed", "prefix"]}, timeout=ENGINE_TIMEOUT,
                 after=lambda p: p.runs["metal"].proc.poll() is not None

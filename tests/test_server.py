@@ -1,5 +1,5 @@
 """vLLM's OpenAI-compatible server with the plugin, on 127.0.0.1, driven by the official `openai` client
-(issue 5's server item, and issue 8's bad-request basics). Real server, no mocks.
+(completions, chat, streaming, bad requests). Real server, no mocks.
 
 The server is one subprocess for the module (`vllm-metal-serve`, which starts vLLM's own
 `vllm.entrypoints.openai.api_server`; the module itself is the fallback), started on a free loopback
