@@ -88,7 +88,7 @@ def resolve_model(arg: str | None) -> Source:
     if arg is None or (arg in models.bundled_names() and not Path(arg).exists()):
         name = arg or models.DEFAULT_MODEL
         try:
-            return Source("bundled", name, Path(models.prepare(name)))
+            return Source("bundled", name, Path(models.resolve(name)))
         except (RuntimeError, ValueError) as exc:
             raise CliError(f"bundled model {name}: {exc}") from exc
     path = Path(arg).expanduser()

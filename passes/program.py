@@ -44,6 +44,9 @@ class Program:
     # float32 originals of weights the model holds rounded to its dtype, by module path (vLLM's bf16 RoPE
     # cos/sin caches): passes that read values off weights (passes/rope.py) read these instead.
     float32_sources: dict[str, torch.Tensor] = field(default_factory=dict)
+    # weights held in MLX's affine format, by module path (passes.fused.quantized.Quantized): the quantize pass
+    # makes their readers quantized ops
+    quantized: dict[str, object] = field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
@@ -57,26 +60,25 @@ class Program:
             if have is not None and node.name.startswith(name.split("_")[0]) and have.shape == value.shape \
                     and have.dtype == value.dtype and torch.equal(have, value):
                 return node
-        name = self._free_name(name)
-        first_input = next(n for n in self.graph.nodes if n.op == "placeholder")
-        with self.graph.inserting_before(first_input):
-            node = self.graph.placeholder(name)
-        node.meta["val"] = _fake_like(value, self.graph)
-        self.weights[name] = value
-        self.weight_paths[name] = name
-        return node
+        return self.add_weight(self._free_name(name), value)
 
-    def add_derived(self, path: str, value: torch.Tensor, sources: list[str], dim: int = 0) -> fx.Node:
-        """A weight placeholder at module path `path` holding `value` = the weights at `sources`
-        (module paths) concatenated along `dim`, made once here; the recipe goes in `derived`."""
+    def add_weight(self, path: str, value: torch.Tensor, near: str | None = None) -> fx.Node:
+        """A weight placeholder at module path `path` holding `value`, placed where the weight at path `near`
+        is (graph text stays in model order), or first."""
         name = self._free_name(re.sub(r"\W", "_", path))
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
-        where = next((n for n in placeholders if self.weight_paths.get(n.name) == sources[0]), placeholders[0])
-        with self.graph.inserting_before(where):  # where its first source is: graph text stays in model order
+        where = next((n for n in placeholders if self.weight_paths.get(n.name) == near), placeholders[0])
+        with self.graph.inserting_before(where):
             node = self.graph.placeholder(name)
         node.meta["val"] = _fake_like(value, self.graph)
         self.weights[node.name] = value
         self.weight_paths[node.name] = path
+        return node
+
+    def add_derived(self, path: str, value: torch.Tensor, sources: list[str], dim: int = 0) -> fx.Node:
+        """A weight placeholder at module path `path` holding `value` = the weights at `sources` (module paths)
+        concatenated along `dim`, made once here; the recipe goes in `derived`."""
+        node = self.add_weight(path, value, near=sources[0])
         self.derived[path] = {"cat": list(sources), "dim": dim}
         return node
 

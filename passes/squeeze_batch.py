@@ -31,12 +31,13 @@ NAME = "squeeze_batch"
 
 # ops whose every output row depends on the same input row: their leading axis is free
 _ROWWISE = {aten.linear.default, aten.embedding.default, mlx.rms_norm.default, mlx.add_rms_norm.default,
-            mlx.silu_mul.default}
+            mlx.silu_mul.default, mlx.gelu_mul.default, mlx.quantized_linear.default}
 _ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Scalar, aten.mul.Scalar,
                 aten.div.Scalar, aten.sub.Scalar, aten.neg.default, aten.tanh.default, aten.silu.default,
                 aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.exp.default, aten.rsqrt.default,
                 aten.pow.Tensor_Scalar, aten._to_copy.default, aten.to.dtype}
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_TABLES = {aten.embedding.default: 1, mlx.quantized_embedding.default: 3}  # lookups: which argument the indices are
 
 
 def _ndim(node) -> int:
@@ -115,10 +116,11 @@ class _Squeezer:
             node.args = (self._arg(args[0]), args[1] - 1 if args[1] > 0 else args[1], *args[2:])
             self._squeeze(node)
             return True
-        if t == aten.embedding.default:  # rows of the table at squeezed indices
-            if args[1] not in self.squeezed or args[0] in self.squeezed:
+        if t in _TABLES:  # rows of a table at squeezed indices
+            at = _TABLES[t]
+            if args[at] not in self.squeezed or any(a in self.squeezed for a in args[:at]):
                 return False
-            node.args = (args[0], self._arg(args[1]), *args[2:])
+            node.args = (*args[:at], self._arg(args[at]), *args[at + 1:])
             self._squeeze(node)
             return True
         if t in _ROWWISE or t in _ELEMENTWISE:

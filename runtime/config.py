@@ -127,6 +127,36 @@ def _paged_kernel_tune(env: Mapping[str, str]) -> tuple[int, int]:
     return warps, keys
 
 
+QUANTIZE_ENV = "VLLM_METAL_QUANTIZE"
+_QUANTIZE_BITS, _QUANTIZE_GROUPS, _DEFAULT_GROUP = {"q4": 4, "q8": 8}, (32, 64, 128), 64
+QUANTIZE_ACCEPTED = ", ".join([*_QUANTIZE_BITS, *(f"{q}:{g}" for q in _QUANTIZE_BITS for g in _QUANTIZE_GROUPS)])
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """On-the-fly quantization: MLX affine `bits` (4 or 8) in groups of `group_size` (32, 64 or 128)."""
+
+    bits: int
+    group_size: int = _DEFAULT_GROUP
+
+    def __str__(self) -> str:
+        return f"q{self.bits}:{self.group_size}"
+
+
+def parse_quantize_spec(value: str | None, name: str = QUANTIZE_ENV) -> QuantizeSpec | None:
+    """`q4`, `q8`, `q4:32`, ... -> QuantizeSpec; None, "" or "none" -> None; anything else -> ConfigError."""
+    if value is None or value.strip().lower() in ("", "none"):
+        return None
+    bits, colon, group = value.strip().lower().partition(":")
+    try:
+        spec = QuantizeSpec(_QUANTIZE_BITS[bits], int(group) if colon else _DEFAULT_GROUP)
+    except (KeyError, ValueError):
+        spec = None
+    if spec is None or spec.group_size not in _QUANTIZE_GROUPS:
+        raise _bad(name, value, f"{QUANTIZE_ACCEPTED} (or unset/none for full precision)")
+    return spec
+
+
 def cache_root(env: Mapping[str, str] | None = None) -> Path:
     """Where lowered artefacts and prepared models are kept: $VLLM_METAL_CACHE, default ~/.cache/vllm-metal."""
     env = os.environ if env is None else env
@@ -143,6 +173,7 @@ class RuntimeConfig:
     debug_dir: str = os.path.join(tempfile.gettempdir(), "vllm-metal-debug")
     kernels_off: frozenset[str] = frozenset()  # KERNEL_SWITCHES names
     paged_kernel_tune: tuple[int, int] = (8, 4)  # CUDA decode attention: warps per block, keys in flight per warp
+    quantize: QuantizeSpec | None = None  # quantize full-precision linear and embedding weights at load
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "RuntimeConfig":
@@ -157,4 +188,5 @@ class RuntimeConfig:
             debug_dir=os.path.expanduser(debug_dir),
             kernels_off=_kernels_off(env),
             paged_kernel_tune=_paged_kernel_tune(env),
+            quantize=parse_quantize_spec(env.get(QUANTIZE_ENV)),
         )

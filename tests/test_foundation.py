@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import runtime.blas
-import weights.bundled
+import weights.bundled as bundled
 
 ROOT = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reference-BLAS trap is Linux-only")
@@ -149,18 +149,18 @@ def test_damaged_checkpoint_is_detected_and_rebuilt(smollm2_path, tmp_path, monk
     data[len(data) // 2] ^= 0x01  # same size, different content: only the hash can tell
     tok.write_bytes(bytes(data))
 
-    problems = weights.bundled.verify(copy)
+    problems = bundled.verify(copy)
     assert len(problems) == 2, problems
     assert any(p.startswith("model.safetensors ") and "bytes" in p for p in problems), problems
     assert any(p.startswith("tokenizer.json ") and "sha256" in p for p in problems), problems
     cli = subprocess.run([sys.executable, "-m", "runtime.models", "verify"], cwd=ROOT, capture_output=True, text=True)
     assert cli.returncode == 1 and "model.safetensors" in cli.stdout and "tokenizer.json" in cli.stdout
 
-    rebuilt = weights.bundled.prepare("smollm2")  # never hands out the damaged copy: converts again (~35 s)
+    rebuilt = bundled.prepare("smollm2")  # never hands out the damaged copy: converts again (~35 s)
     assert rebuilt == copy
-    assert weights.bundled.verify(rebuilt) == []
+    assert bundled.verify(rebuilt) == []
     assert stat.S_IMODE(rebuilt.stat().st_mode) == 0o755
     # The conversion is deterministic: the rebuilt files are byte-identical to the original ones.
-    original = json.loads((smollm2_path / weights.bundled.MANIFEST).read_text())
-    assert json.loads((rebuilt / weights.bundled.MANIFEST).read_text()) == original
+    original = json.loads((smollm2_path / bundled.MANIFEST).read_text())
+    assert json.loads((rebuilt / bundled.MANIFEST).read_text()) == original
     assert not [p for p in copy.parent.iterdir() if p.name.startswith(".prepare-")]  # no leftovers

@@ -40,6 +40,8 @@ BAD_VALUES = [
     ("VLLM_METAL_KERNELS_OFF", "decode_layer,nope"),
     ("MLX_PAGED_KERNEL_TUNE", "3,4"),
     ("MLX_PAGED_KERNEL_TUNE", "8"),
+    ("VLLM_METAL_QUANTIZE", "q3"),
+    ("VLLM_METAL_QUANTIZE", "q4:48"),
 ]
 ALL_VARS = sorted({name for name, _ in BAD_VALUES} | {"VLLM_METAL_DEBUG_DIR"})
 

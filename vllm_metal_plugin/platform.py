@@ -14,6 +14,7 @@ from vllm.platforms.interface import PlatformEnum
 
 from runtime.config import RuntimeConfig
 from runtime.device import device_memory_bytes
+from vllm_metal_plugin.checkpoints import redirect_gguf, serve_quantized
 
 log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
 
@@ -53,6 +54,23 @@ class MetalPlatform(CpuPlatform):
         return True  # one vllm.unified_attention_with_output node per layer: the attention pass's anchor
 
     @classmethod
+    def pre_register_and_update(cls, parser=None) -> None:
+        """vLLM asks this before it reads any model config. A GGUF file has no config.json, which vLLM reads
+        first (its speculator check): the model argument naming one is pointed at the file's model directory
+        (vllm_metal_plugin/checkpoints.py), which vLLM then reads like any other."""
+        super().pre_register_and_update(parser)
+        from vllm.engine import arg_utils  # vLLM's engine arguments: imported by the time vLLM asks this
+
+        check = arg_utils.maybe_override_with_speculators
+        if not getattr(check, "reads_gguf", False):
+            def gguf_aware(*args, model, tokenizer, **kwargs):
+                model, tokenizer = redirect_gguf(model, tokenizer)
+                return check(*args, model=model, tokenizer=tokenizer, **kwargs)
+
+            gguf_aware.reads_gguf = True
+            arg_utils.maybe_override_with_speculators = gguf_aware
+
+    @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         config = RuntimeConfig.from_env()  # raises ConfigError naming any bad VLLM_METAL_* value
         parallel = vllm_config.parallel_config
@@ -63,6 +81,9 @@ class MetalPlatform(CpuPlatform):
             )
         if parallel.worker_cls == "auto":
             parallel.worker_cls = "vllm_metal_plugin.worker.MetalWorker"
+        quantized = serve_quantized(vllm_config)  # the runner loads a quantized checkpoint into MLX itself
+        if quantized is not None:
+            log.info("vllm-metal: %s checkpoint: its weights load into MLX as they are quantized", quantized)
         super().check_and_update_config(vllm_config)
         cache = vllm_config.cache_config
         if cache is not None and not getattr(cache, "user_specified_block_size", False):

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from runtime.config import cache_root
+from weights.model_dir import gguf_model_dir
 
 DEFAULT_MODEL = "smollm2"
 MANIFEST = "manifest.json"
@@ -30,8 +31,12 @@ _BUNDLED = {
 }
 
 
+QUANTIZED_SUFFIX = "-q4"
+
+
 def bundled_names() -> list[str]:
-    return sorted(_BUNDLED)
+    """Names `resolve` takes: each bundled model, and the same at 4 bits from its GGUF file (`smollm2-q4`)."""
+    return sorted([*_BUNDLED, *(name + QUANTIZED_SUFFIX for name in _BUNDLED)])
 
 
 def _log(msg: str) -> None:
@@ -112,7 +117,7 @@ def _convert(spec: dict, target: Path) -> None:
 def prepare(name: str = DEFAULT_MODEL) -> Path:
     """Return the verified checkpoint directory of a bundled model, (re)building it when needed."""
     if name not in _BUNDLED:
-        raise ValueError(f"unknown bundled model {name!r}; bundled models: {', '.join(bundled_names())}")
+        raise ValueError(f"unknown bundled model {name!r}; bundled models: {', '.join(sorted(_BUNDLED))}")
     spec = _BUNDLED[name]
     target = cache_root() / "models" / spec["dir"]
     if target.exists():
@@ -129,9 +134,13 @@ def prepare(name: str = DEFAULT_MODEL) -> Path:
 
 
 def resolve(model: str | None) -> str:
-    """A model argument as users give it: None or a bundled name -> the prepared path; else unchanged."""
+    """A model argument as users give it: None or a bundled name -> the prepared path (`<name>-q4`: the bundled
+    model at 4 bits, served from its own GGUF file); else unchanged."""
     if model is None or model in _BUNDLED:
         return str(prepare(model or DEFAULT_MODEL))
+    if model.endswith(QUANTIZED_SUFFIX) and model.removesuffix(QUANTIZED_SUFFIX) in _BUNDLED:
+        name = model.removesuffix(QUANTIZED_SUFFIX)
+        return str(gguf_model_dir(_gguf_path(_BUNDLED[name]), tokenizer=prepare(name)))
     return model
 
 
@@ -143,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=bundled_names())
     args = parser.parse_args(argv)
     if args.command == "verify":
-        target = cache_root() / "models" / _BUNDLED[args.name]["dir"]
+        target = cache_root() / "models" / _BUNDLED[args.name.removesuffix(QUANTIZED_SUFFIX)]["dir"]
         problems = verify(target)
         print("ok" if not problems else "\n".join(problems))
         return 0 if not problems else 1
     try:
-        print(prepare(args.name))
+        print(resolve(args.name))
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

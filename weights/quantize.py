@@ -10,48 +10,32 @@ the quantized embedding), when their input size is a multiple of the group; norm
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
+from runtime.config import QUANTIZE_ACCEPTED as ACCEPTED
+from runtime.config import QUANTIZE_ENV, ConfigError, QuantizeSpec
+from runtime.config import parse_quantize_spec as parse_spec
 from weights.errors import QuantizeSpecError
 from weights.quantized import QuantizedWeight, pack_codes
 
-ENV = "VLLM_METAL_QUANTIZE"
-SPEC_BITS = {"q4": 4, "q8": 8}
-SPEC_GROUPS = (32, 64, 128)
-DEFAULT_GROUP = 64
 MIN_ELEMENTS = 1 << 12  # matrices smaller than 64 x 64 save next to nothing and lose accuracy
-ACCEPTED = ", ".join([*SPEC_BITS, *(f"{q}:{g}" for q in SPEC_BITS for g in SPEC_GROUPS)])
-_SPEC = re.compile(r"(q[48])(?::(\d+))?")
 
 
-@dataclass(frozen=True)
-class QuantizeSpec:
-    bits: int
-    group_size: int = DEFAULT_GROUP
-
-    def __str__(self) -> str:
-        return f"q{self.bits}:{self.group_size}"
-
-
-def parse_quantize_spec(value: str | None, name: str = ENV) -> QuantizeSpec | None:
-    """`q4`, `q8`, `q4:32`, ... -> QuantizeSpec; None, "" or "none" -> None; anything else -> QuantizeSpecError."""
-    if value is None or value.strip().lower() in ("", "none"):
-        return None
-    m = _SPEC.fullmatch(value.strip().lower())
-    group = int(m.group(2)) if m and m.group(2) else DEFAULT_GROUP
-    if not m or group not in SPEC_GROUPS:
-        raise QuantizeSpecError(f"{name}={value!r} is invalid; accepted: {ACCEPTED} (or unset/none for full precision)")
-    return QuantizeSpec(SPEC_BITS[m.group(1)], group)
+def parse_quantize_spec(value: str | None, name: str = QUANTIZE_ENV) -> QuantizeSpec | None:
+    """`q4`, `q8`, `q4:32`, ... -> QuantizeSpec; None, "" or "none" -> None; anything else -> QuantizeSpecError
+    (runtime/config.py reads the variable; this is its parser, with this package's error type)."""
+    try:
+        return parse_spec(value, name)
+    except ConfigError as e:
+        raise QuantizeSpecError(str(e)) from None
 
 
 def spec_from_env(env: Mapping[str, str] | None = None) -> QuantizeSpec | None:
     """The on-the-fly quantization the user asked for through VLLM_METAL_QUANTIZE (None: none)."""
-    return parse_quantize_spec((os.environ if env is None else env).get(ENV))
+    return parse_quantize_spec((os.environ if env is None else env).get(QUANTIZE_ENV))
 
 
 def should_quantize(

@@ -16,7 +16,8 @@ from lowering.ops.registry import register
 from passes.fused import FUSED, FusedOp
 
 
-def _is_tensor(arg) -> bool:
+def is_tensor_argument(arg) -> bool:
+    """A schema argument the emitter passes positionally: a tensor, or an optional one."""
     t = arg.type
     return isinstance(t, torch.TensorType) or (isinstance(t, torch.OptionalType)
                                                 and isinstance(t.getElementType(), torch.TensorType))
@@ -30,10 +31,12 @@ def call(fused: FusedOp, e, node, *args, **kwargs) -> str | None:
         if fused.cache and arg.name == "layer":
             layer = value
             positional += [f"kv[{value}]", "batch"]
-        elif _is_tensor(arg):
+        elif is_tensor_argument(arg):
             positional.append(e.r(value))
         else:
             keywords.append(f"{arg.name}={e.r(value)}")
+    while positional and positional[-1] == "None":  # optional tensors left out (`bias`): the kernel's default
+        positional.pop()
     expr = f"k.{fused.name}({', '.join(positional + keywords)})"
     note = f"  # fused: {node.meta['fused_from']}" if node.meta.get("fused_from") else ""
     if fused.cache:

@@ -82,6 +82,19 @@ class Generic:
             out = out * mscale if rot == head_dim else mx.concatenate([out[..., :rot] * mscale, out[..., rot:]], axis=-1)
         return out.reshape(shape)
 
+    def quantized_linear(self, x, wq, scales, biases, bias=None, *, bits: int, group_size: int):
+        """x @ w.T (+ bias) for w in MLX's affine format (wq uint32 [N, K * bits / 32], scales and biases
+        [N, K / group_size]), in x's dtype. Scales kept in another dtype (float16 from a GGUF file, exact) make
+        MLX compute in float32; the result is rounded to x's dtype once."""
+        out = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        out = out if bias is None else out + bias
+        return out if out.dtype == x.dtype else out.astype(x.dtype)
+
+    def quantized_embedding(self, wq, scales, biases, indices, *, bits: int, group_size: int, out_dtype):
+        """The rows `indices` of w, in MLX's affine format, dequantized to `out_dtype`."""
+        return mx.dequantize(wq[indices], scales[indices], biases[indices], group_size=group_size,
+                             bits=bits).astype(out_dtype)
+
     def silu_mul(self, gate, up):
         return self.silu(gate) * up
 
