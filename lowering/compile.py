@@ -2,8 +2,8 @@
 
 An artefact is the step's source plus a JSON description of its weights and attention layers,
 stored under `$VLLM_METAL_CACHE/lowered/<key>/`, where the key hashes the model's identity (config,
-dtype, front end), the pass fingerprint and the versions of torch, vLLM, MLX and this package's
-lowering code. Files are written to a temp dir and renamed into place (two processes lowering the
+dtype, front end, weight format, quantization), the versions of torch, vLLM and MLX, and the code of
+lowering/, passes/ and runtime/ (so any change to a pass or a kernel makes a new key). Files are written to a temp dir and renamed into place (two processes lowering the
 same model never expose a half-written artefact), and the source's sha256 is checked before it is
 ever executed: a truncated or altered artefact is rebuilt, never run.
 """

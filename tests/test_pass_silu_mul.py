@@ -1,4 +1,4 @@
-"""SiLU-and-mul -> one mlx.silu_mul node (passes/silu_mul.py), checked with the pass harness."""
+"""SiLU-and-mul -> one mlx.silu_mul node (passes/fused/silu_mul.py), checked with the pass harness."""
 
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,6 @@
 """The attention backend vLLM sees: it only packages vLLM's batch metadata for our runner.
 
-With MLX (the default) the attention math runs inside the lowered step (runtime/attention.py);
+With MLX (the default) the attention math runs inside the lowered step (runtime/kernels/paged.py);
 the metadata built here is what the runner turns into a runtime StepInput. With
 VLLM_METAL_USE_MLX=0 the torch model runs eagerly and `MetalAttentionImpl.forward` does paged
 attention in torch over the same cache layout: the baseline.
