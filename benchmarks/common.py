@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
 _T0 = time.perf_counter()
 
 
@@ -41,6 +42,27 @@ def _first_line(path: str, prefix: str) -> str | None:
     except OSError:
         pass
     return None
+
+
+def _markers(name: str, doc: str) -> tuple[int, int]:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{DOC} has no {begin} ... {end} markers: put them where that section goes")
+    return doc.index(begin) + len(begin), doc.index(end)
+
+
+def doc_section(name: str, doc: str) -> str:
+    """The generated text between <!-- name:begin --> and <!-- name:end --> of docs/benchmarks.md."""
+    start, stop = _markers(name, doc)
+    return doc[start:stop].strip("\n")
+
+
+def write_doc_section(name: str, text: str) -> None:
+    """Replace the generated text of section `name` in docs/benchmarks.md (the prose around it stays)."""
+    doc = DOC.read_text()
+    start, stop = _markers(name, doc)
+    DOC.write_text(doc[:start] + "\n" + text.strip("\n") + "\n" + doc[stop:])
+    log("doc", f"wrote the {name} section of {DOC.relative_to(ROOT)}")
 
 
 def cpu_machine() -> dict:

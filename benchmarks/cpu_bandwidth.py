@@ -1,24 +1,28 @@
-"""Section 3: memory bandwidth of this machine, a large copy with torch on 2 threads.
+"""Memory bandwidth of this machine: a copy of a 1 GiB float32 buffer (far beyond cache) with torch.
 
-GB/s = 2 * bytes / time (each element read once and written once); 1 GiB buffers, far beyond cache.
+GB/s = 2 * bytes / time (each element read once and written once). Prints one JSON line.
+
+    .venv/bin/python benchmarks/cpu_bandwidth.py --threads 2 --repeats 7
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import summary  # noqa: E402
+import torch
+
+from common import summary
 
 
 def main() -> int:
-    import torch
-
-    threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 7
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+    threads, repeats = args.threads, args.repeats
     torch.set_num_threads(threads)
     n = 1 << 28  # 256 Mi float32 = 1 GiB
     a = torch.ones(n, dtype=torch.float32)

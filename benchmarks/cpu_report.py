@@ -1,115 +1,205 @@
-"""The 'gaps' part of docs/benchmarks.md: one paragraph per goal, numbers filled in from the run.
-
-The reasoning in these paragraphs was checked by hand against profiles and the code (see the report of
-the session that wrote them); the numbers are this run's. Edit the text when the causes change.
+"""The CPU section of docs/benchmarks.md from a run's results (benchmarks/run.py): tables with this run's
+numbers, and what explains them. The explanations are static text checked against profiles of the current
+code; edit them when the causes change.
 """
 
 from __future__ import annotations
 
+from common import fmt, summary
 
-def _med(s):
-    return s["median"] if s else float("nan")
+E2E_MODES = {
+    "mlx": ("plugin, MLX (lowered)", {"VLLM_METAL_USE_MLX": "1"}),
+    "torch": ("plugin, `VLLM_METAL_USE_MLX=0` (torch eager)", {"VLLM_METAL_USE_MLX": "0"}),
+    "cpu": ("vLLM built-in CPU platform (eager)",
+            {"VLLM_PLUGINS": "none", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
+}
+HOST_PARTS = (("prepare", "lowering.driver: the StepInput of the sequence (numpy)"),
+              ("step_args", "the step's arrays: attention and cache-row indices (numpy), one host-to-device array"),
+              ("call", "calling the `mx.compile`d step (graph replay, host only)"),
+              ("eval", "`mx.eval` (the math, on 2 cores)"))
+
+# what limits a goal while it is missed
+LIMITS = {
+    "ceiling": "the products read 538 MB through OpenBLAS's sgemv at 10-28 GB/s on these matrices; ~200 small MLX "
+               "ops a step run one at a time on one thread (only BLAS is threaded); bf16 has no fast GEMV in "
+               "MLX's CPU backend",
+    "e2e": "a batch-32 decode step: GEMMs at M = 32 through OpenBLAS against torch's oneDNN, K/V of 32 sequences "
+           "gathered from the paged cache where vLLM's kernel reads it in place, small MLX ops one at a time",
+    "host": "replaying the compiled graph (~1,500 nodes) costs ~4 ms a step, paid in full by the synchronous "
+            "loop that vLLM's sampler needs (logits on the host every step)",
+}
 
 
-def findings(res: dict) -> str:
-    c32, c16 = res["compiler_f32"], res["compiler_bf16"]
-    bw = res["bandwidth"]["gb_s"]["median"]
-    host = c32.get("host") or {}
-    ms = {k: 1e3 * v for k, v in host.get("median_s", {}).items()}
-    ceil = bw * 1e9 / c32["decode_step_weight_bytes"]
-    ours_dec, ref_dec = c32["ours"]["decode"]["median"], c32["mlx_lm"]["decode"]["median"]
-    e2e = res.get("e2e") or {}
+def _status(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**not met**")
 
-    def tok(mode, n):
-        try:
-            vals = sorted(r["tok_s"] for r in e2e[mode]["levels"][str(n)])
-            return vals[len(vals) // 2] if len(vals) % 2 else sum(vals[len(vals) // 2 - 1: len(vals) // 2 + 1]) / 2
-        except KeyError:
-            return float("nan")
 
-    busy = [l.get("busy_start", l["load_start"]) for l in res.get("loads", [])]
-    P = ["## Gaps, causes and what to do", ""]
-    if busy and max(busy) > 1.0:
-        P += [f"**Noise warning.** The machine is shared; up to {max(busy):.1f} cores were busy at the start of a "
-              "section (2 cores: anything above ~1 means another process competes for a core). Absolute "
-              "tok/s of this run are lower than on a quiet machine; the ours/mlx-lm ratios are interleaved repeats in one "
-              "process and hold up better, but the min-max spread shows how much each moved.", ""]
-    P += [
-        f"**Decode vs mlx-lm (f32 {c32['ratio']['decode']['median']:.2f}x, bf16 {c16['ratio']['decode']['median']:.2f}x).** "
-        "A batch-1 decode step is matrix-vector products plus attention. Both models reach the same BLAS path: "
-        "`runtime/matvec.c` (built by `runtime/matvec.py`, wired in by `runtime/blas.py`) sends MLX's M=1 `cblas_sgemm` "
-        "calls to OpenBLAS's `sgemv`, 1.6-3.4x faster than its sgemm at M=1 here (mlx-lm runs in the same process and "
-        "gets the shim too). What differs is attention over a paged cache, and three things made ours slower at this "
-        "512-token context (0.58x before this table's code, measured interleaved): (1) MLX's CPU `take` along the block "
-        "axis moved 0.8 MB of K in 0.59 ms - gathering whole blocks as rows of the cache viewed `[kv_heads * blocks, "
-        "block * head_dim]` takes 0.05 ms; (2) key counts were bucketed to powers of two, so 513-640 tokens of context "
-        "gathered and attended 1024 keys - buckets are now sixteenths of the power of two above 256 (576, 640, ...; a new "
-        "shape costs one ~60 ms retrace); (3) MLX's CPU `exp` costs 35-50 ns an element here (its `negative` ~1 ns), so "
-        "the softmax over 9 heads x 1024 keys cost 0.35 ms a layer: `runtime/fastmath.py` builds exp from a polynomial "
-        "and the exponent bits, which mx.compile fuses into one kernel at ~4-6 ns an element (within 1e-7 relative), and "
-        "attention on the CPU uses it (`fastmath.attention`; GPUs keep MLX's SDPA). mlx-lm reads a contiguous cache with "
-        "MLX's own SDPA and so still pays the slow exp in its softmax.",
-        "",
-        f"**Prefill vs mlx-lm (f32 {c32['ratio']['prefill']['median']:.2f}x, bf16 {c16['ratio']['prefill']['median']:.2f}x).** "
-        "The projections are the same OpenBLAS sgemm calls (vLLM's merged qkv_proj and gate_up_proj make fewer, larger "
-        "ones). The difference is the exponentials: a 512-token f32 prefill of SmolLM2 evaluates ~24M sigmoids (SiLU) and "
-        "~70M exps (attention softmax), ~3 s at MLX's CPU rate - most of mlx-lm's prefill - and ~0.4 s through "
-        "`runtime/fastmath.py`, which the emitted code calls for exp, sigmoid, SiLU and softmax. Prompts with no earlier "
-        "context attend to their own new K/V under a causal mask (no cache gather). bf16 on the CPU is slow for both "
-        "(MLX's CPU backend has no fast bf16 GEMM), so its ratio is dominated by the shared matmuls.",
-        "",
-        f"**Bandwidth ceiling (ours {ours_dec:.1f} tok/s = {100 * ours_dec / ceil:.0f}% of {ceil:.0f} tok/s; mlx-lm "
-        f"{100 * ref_dec / ceil:.0f}%).** A decode step must read {c32['decode_step_weight_bytes'] / 1e6:.0f} MB of f32 "
-        f"weights; at the measured {bw:.1f} GB/s that is {1e3 / ceil:.0f} ms, and our step takes {1e3 / ours_dec:.0f} ms at "
-        "this table's 512-640 tokens of context. OpenBLAS 0.3.21's sgemv reaches 10-28 GB/s on these matrices in isolation, "
-        "so the products alone take ~25-50 ms; the rest is ~200 small MLX ops per step on one host thread (MLX's CPU backend "
-        "runs ops serially; only BLAS is multi-threaded), attention over 600 keys in 30 layers, and graph replay. bf16 is far "
-        "below its ceiling because MLX's CPU backend has no fast bf16 GEMV (bf16 decode is slower than f32 here despite half "
-        "the bytes). Moving this further needs MLX CPU kernels (threaded elementwise ops, bf16 GEMV), not lowering changes.",
-        "",
-    ]
+def _tok(e2e: dict, mode: str, level, key: str = "tok_s", scale: float = 1.0) -> dict | None:
+    try:
+        values = [scale * r[key] for r in e2e[mode]["levels"][str(level)] if r[key] is not None]
+    except KeyError:
+        return None
+    return summary(values) if values else None
+
+
+def _quiet_line(loads: list[dict]) -> str:
+    return ("- **Quiet check:** the machine is shared; before each part the run waits (up to 2 min) until under 0.5 "
+            "cores are busy over 3 s. Cores busy when each part started (1-min load average): " + ", ".join(
+                f"{x['section']}: {x['busy_start']} ({x['load_start']})"
+                + (f", waited {x['waited_s']:.0f} s" if x["waited_s"] > 5 else "") for x in loads))
+
+
+def goals(res: dict, ceiling: float) -> list[str]:
+    c32, c16, e2e = res["compiler_f32"], res["compiler_bf16"], res.get("e2e") or {}
+    host = res["overheads"]["host"]
+    pct = 100 * c32["ours"]["decode"]["median"] / ceiling
+    plugin, builtin = _tok(e2e, "mlx", 32), _tok(e2e, "cpu", 32)
+    r32 = plugin["median"] / builtin["median"] if plugin and builtin else None
+    rows = [(f"decode >= 1.0x mlx-lm ({c['dtype']})", f"{fmt(c['ratio']['decode'], 2)}x", c["ratio"]["decode"]["median"] >= 1, "")
+            for c in (c32, c16)]
+    rows += [(f"prefill >= 1.0x mlx-lm ({c['dtype']})", f"{fmt(c['ratio']['prefill'], 2)}x", c["ratio"]["prefill"]["median"] >= 1, "")
+             for c in (c32, c16)]
+    rows += [("decode at batch 1 >= 60% of the bandwidth ceiling (f32)",
+              f"{pct:.0f}% ({c32['ours']['decode']['median']:.1f} of {ceiling:.1f} tok/s)", pct >= 60, LIMITS["ceiling"]),
+             ("plugin >= 1.0x the built-in CPU platform at 32 requests",
+              f"{r32:.2f}x ({plugin['median']:.1f} vs {builtin['median']:.1f} tok/s)" if r32 else "not run",
+              None if r32 is None else r32 >= 1, LIMITS["e2e"]),
+             ("host time < 5% of a batch-1 decode step",
+              f"{host['host_pct']:.1f}% ({1e3 * host['host_s']:.1f} of {1e3 * host['median_s']['total']:.0f} ms)",
+              host["host_pct"] < 5, LIMITS["host"])]
+    return ["| goal | now | status | what limits it |", "|---|---|---|---|",
+            *(f"| {g} | {now} | {_status(ok)} | {limit if ok is False else ''} |" for g, now, ok, limit in rows)]
+
+
+def render(res: dict, results_path) -> str:
+    m, p = res["machine"], res["plan"]
+    c32, c16, bw = res["compiler_f32"], res["compiler_bf16"], res["bandwidth"]["gb_s"]
+    over, e2e = res["overheads"], res.get("e2e") or {}
+    ceiling = bw["median"] * 1e9 / c32["decode_step_weight_bytes"]
+    L = [f"Written by `benchmarks/run.py` from its results, `{results_path}`. Model: SmolLM2-135M-Instruct (bundled, "
+         "134.5M parameters, 30 layers, tied embeddings), on MLX's CPU backend.", "",
+         f"- **Machine:** {m['cores']} cores, `{m['cpu']}`, {m['mem_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']}",
+         f"- **Date:** {res['date']}; **command:** `{res['command']}` ({res.get('total_s', float('nan')) / 60:.0f} min)",
+         f"- **BLAS used by MLX:** `{(c32.get('blas') or {}).get('sgemm_library')}`, MLX {c32.get('mlx')}",
+         "- **Statistic:** median (min-max) over repeats after a warm-up; ours / mlx-lm ratios are per repeat inside one "
+         "process (the two interleaved), then summarised.",
+         _quiet_line(res["loads"]), "", "### Goals", "", *goals(res, ceiling), ""]
+
+    L += ["### The lowered model against mlx-lm", "",
+          "Same BLAS, weights, dtype and harness: batch 1, greedy, one forward + argmax + `.item()` a token. Ours: vLLM's "
+          "torch model -> `capture_vllm` -> passes -> compiled MLX, driven by `lowering.driver`; mlx-lm 0.32.2: "
+          "`mlx_lm.load(path, model_config={'rope_theta': 1e5})` (`benchmarks/cpu_compiler.py`).", "",
+          "| dtype | prompt / new tokens | repeats | prefill ours tok/s | mlx-lm | **ratio** | decode ours tok/s | "
+          "mlx-lm | **ratio** | greedy tokens equal |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in (c32, c16):
+        L.append(f"| {c['dtype']} | {c['prompt']} / {c['gen']} | {c['repeats']} | {fmt(c['ours']['prefill'])} | "
+                 f"{fmt(c['mlx_lm']['prefill'])} | **{fmt(c['ratio']['prefill'], 2)}x** | {fmt(c['ours']['decode'], 2)} | "
+                 f"{fmt(c['mlx_lm']['decode'], 2)} | **{fmt(c['ratio']['decode'], 2)}x** | {c['greedy_agree']}/{c['greedy_of']} |")
+    same = c32["text_ours"] == c32["text_mlx_lm"]
+    L += ["", f"bf16 runs a {c16['prompt']}-token prompt and {c16['gen']} new tokens: MLX's CPU backend has no fast bf16 "
+          "GEMM, so bf16 is ~10x slower than f32 here. Greedy f32 text, "
+          + (f"both: `{c32['text_ours']!r}`." if same else
+             f"ours: `{c32['text_ours']!r}`; mlx-lm: `{c32['text_mlx_lm']!r}`."), ""]
+
+    e = p["e2e"]
+    L += ["### End to end in vLLM 0.32 (`LLM.generate`, offline)", "",
+          f"float32, prompts of 128 distinct random tokens, {e['gen']} new tokens each, greedy, `ignore_eos`, prefix "
+          f"caching off, `max_num_seqs=32`; {e['repeats']} repeats a level after a warm-up generate (8 new tokens) at "
+          "that level; one engine process per configuration (`benchmarks/vllm_e2e.py`). TTFT includes queueing behind "
+          "the other prompts' prefill.", ""]
     if e2e:
-        if res.get("e2e_note"):
-            P += [f"**Note on section 2.** {res['e2e_note']}", ""]
-        P += [
-            f"**vLLM end to end (32 requests: plugin MLX {tok('mlx', 32):.0f} vs built-in CPU {tok('cpu', 32):.0f} "
-            f"tok/s, {tok('mlx', 32) / tok('cpu', 32):.2f}x; batch 1: {tok('mlx', 1):.1f} vs {tok('cpu', 1):.1f}).** "
-            "The built-in CPU platform runs torch with oneDNN/MKL GEMMs and its own C++ attention kernels, which read the "
-            "paged cache in place, with vectorised exp. At 32 requests of 128 + 128 tokens most steps are batch-32 "
-            "decodes. Measured separately on the quiet machine of the 2026-11-28 run (an Intel Xeon; `lowering.driver`, the "
-            "same lowered step, contexts 129-140): a batch-32 decode step took 200-260 ms of evaluation - the GEMMs (M=32; OpenBLAS within "
-            "0.7-1x of torch's MKL at these shapes, ~75 ms with 2 threads), attention ~80 ms (30 layers x 2.7 ms: "
-            "1.2 ms to gather 32 sequences' K and V, 12.6 MB a layer at ~10 GB/s, where vLLM's kernel reads in place, "
-            "and 1.45 ms of math over 256 keys, the power-of-two bucket of 129-140 tokens), and ~70 ms of small MLX ops, "
-            "which MLX's CPU backend runs one at a time on one thread while OpenBLAS's idle threads spin "
-            "(`sched_yield` was 13% of a perf profile). What would close it is ours to do: a CPU paged-attention "
-            "kernel (MLX has no custom-kernel API on the CPU: a C extension like `runtime/matvec.c`), finer key buckets "
-            "below 256 on the CPU, and fewer, larger MLX ops. Two plugin bugs found while measuring this are fixed: "
-            "every step ran the MLX step twice (vLLM's `hidden_states[:num_tokens]` bookkeeping slice re-ran it for all "
-            "tokens) and the `auto` KV budget held room for only 4 full-length sequences. Plugin torch "
-            "(`VLLM_METAL_USE_MLX=0`) is the same vLLM model as the built-in platform, eager, but through our runner and "
-            "the torch-native attention path, so the built-in one is the stronger baseline. Engine start: the plugin's "
-            "includes lowering (from the cache when hit: ~1 s, see 4) and `mx.compile` tracing on the first steps.",
-            "",
-        ]
-    if host:
-        P += [
-            f"**Host overhead ({host['host_pct']:.1f}% of a batch-1 decode step, {host['host_s'] * 1e3:.1f} ms of "
-            f"{ms['total']:.0f} ms).** The biggest host part is calling the compiled step ({ms['call']:.1f} ms): "
-            "`mx.compile` replays its recorded tape, building one lazy array per node (~1,500 nodes: 30 layers of "
-            "matmuls, splits, reshapes, RoPE, paged-attention gathers/scatters), and flattens ~180 weight and 60 cache "
-            f"arrays; then `attention_arrays` ({ms['attention_arrays']:.1f} ms of numpy). Measured on a toy compiled step "
-            "with 183 weights (~180 nodes): 0.23 ms per call with the weights passed as a dict, 0.17 ms with them closed "
-            "over (`functools.partial(step, weights)` before `mx.compile`), so closing over the weights saves only "
-            "~0.06 ms; the cost scales with graph nodes. Cheap fixes (not applied): (a) a decode-only fast path in "
-            "`runtime/batch.py` `attention_arrays` (all q_len == 1: `q_index = arange`, `q_pos = positions`, no "
-            "`np.where`/`repeat`/`diff`); (b) fewer emitted nodes per layer (on the CPU RoPE now "
-            "shares one cos/sin table a step: runtime/fastmath.py `rope`); (c) the real cure, as mlx-lm does: overlap host and device by "
-            "building step n+1 while step n evaluates (`mx.async_eval`, feeding the lazy argmax token instead of "
-            "`.item()`); `LoweredModel.step_lazy` and `Driver.prepare` provide this (benchmarks/gpu.py's async decode "
-            "uses it), but this table measures the synchronous loop, which is what vLLM's sampler imposes: it needs the "
-            "logits on the host every step. The share grows as the math gets faster: the step got ~2x faster in this "
-            "round (fastmath, row gather, buckets) while the host time stayed, so the share doubled.",
-            "",
-        ]
-    return "\n".join(P)
+        levels = e["levels"].split(",")
+        L += ["| configuration | engine start s | " + " | ".join(f"tok/s @{n}" for n in levels) + " | "
+              + " | ".join(f"TTFT s @{n}" for n in levels) + " | " + " | ".join(f"TPOT ms @{n}" for n in levels) + " |",
+              "|---|---|" + "---|" * (3 * len(levels))]
+        for mode, (label, _) in E2E_MODES.items():
+            if mode in e2e:
+                cells = [fmt(_tok(e2e, mode, n)) for n in levels] + [fmt(_tok(e2e, mode, n, "ttft_s"), 2) for n in levels]
+                cells += [fmt(_tok(e2e, mode, n, "tpot_s", 1e3), 0) for n in levels]
+                L.append(f"| {label} | {e2e[mode]['start_s']:.0f} | " + " | ".join(cells) + " |")
+        ratios = [f"@{n}: {_tok(e2e, 'mlx', n)['median'] / _tok(e2e, 'cpu', n)['median']:.2f}x" for n in levels
+                  if _tok(e2e, "mlx", n) and _tok(e2e, "cpu", n)]
+        texts = {r.get("sample_text") for r in e2e.values()}
+        sample = (f"All answer 'The capital of France is' with `{texts.pop()!r}`." if len(texts) == 1 else
+                  "Answers to 'The capital of France is': " + "; ".join(f"{k}: `{r.get('sample_text')!r}`"
+                                                                         for k, r in e2e.items()) + ".")
+        L += ["", "Plugin MLX / built-in CPU platform (ratio of medians, processes run one after the other): "
+              + ", ".join(ratios) + ". " + sample, ""]
+    else:
+        L += ["(not run: --skip-e2e)", ""]
+
+    L += ["### The limit: memory bandwidth", "",
+          f"torch `copy_` of a 1 GiB float32 buffer on 2 threads, read + write: **{fmt(bw)} GB/s** ({bw['n']} repeats). "
+          "A batch-1 decode step reads every weight once (the tied embedding once, as the LM head); K/V reads at "
+          "these lengths are < 1%.", "",
+          "| dtype | weights read a step | ceiling tok/s | ours tok/s | % | mlx-lm tok/s | % | plugin in vLLM @1 | % |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    plugin1 = _tok(e2e, "mlx", 1)
+    for c in (c32, c16):
+        ceil = bw["median"] * 1e9 / c["decode_step_weight_bytes"]
+        ours, ref = c["ours"]["decode"]["median"], c["mlx_lm"]["decode"]["median"]
+        plug = plugin1["median"] if plugin1 and c is c32 else None
+        L.append(f"| {c['dtype']} | {c['decode_step_weight_bytes'] / 1e6:.1f} MB | {ceil:.1f} | {ours:.2f} | "
+                 f"{100 * ours / ceil:.0f}% | {ref:.2f} | {100 * ref / ceil:.0f}% | "
+                 + (f"{plug:.2f} | {100 * plug / ceil:.0f}%" if plug else "n/a | n/a") + " |")
+
+    lo, lc, host = over["lowering"], over["lower_cached"], over["host"]
+    ms = {k: 1e3 * v for k, v in host["median_s"].items()}
+    L += ["", "### Overheads", "", "Lowering SmolLM2 f32 once, in a fresh process (`benchmarks/cpu_overheads.py`):", "",
+          "| stage | s |", "|---|---|",
+          f"| build vLLM's torch model and load its weights (not lowering) | {lo['build_vllm_model_s']:.1f} |",
+          f"| capture (`torch.export` of the whole step) | {lo['capture_s']:.1f} |",
+          f"| passes | {lo['passes_s']:.2f} |", f"| emit MLX source | {lo['emit_s']:.2f} |",
+          f"| weights -> MLX, KV cache | {lo['mlx_weights_s']:.2f} |",
+          f"| first prefill + 16 decode steps (`mx.compile` traces each new shape) | {lo['first_run_s']:.1f} |",
+          f"| `lower_cached` miss (capture + passes + emit + store), as the plugin calls it | {lc['miss']['s']:.1f} |",
+          f"| `lower_cached` hit (load the verified artefact, weights -> MLX) | {lc['hit']['s']:.2f} |", "",
+          "Host time of a batch-1 decode step (f32, context 129-176 tokens, medians of 48 steps):", "",
+          "| part | ms | % of step |", "|---|---|---|",
+          *(f"| {label} | {ms[k]:.2f} | {100 * ms[k] / ms['total']:.1f}% |" for k, label in HOST_PARTS),
+          f"| **whole step** | {ms['total']:.1f} | host {host['host_pct']:.1f}% |", ""]
+    return "\n".join(L + why(res, ceiling))
+
+
+def why(res: dict, ceiling: float) -> list[str]:
+    """What explains the numbers (static text; this run's numbers in the headings)."""
+    c32, c16 = res["compiler_f32"], res["compiler_bf16"]
+    busy = [x.get("busy_start", x["load_start"]) for x in res.get("loads", [])]
+    P = ["### Why", ""]
+    if busy and max(busy) > 1.0:
+        P += [f"**Noise.** Up to {max(busy):.1f} cores were busy when a part started: absolute tok/s are lower than on "
+              "a quiet machine; the interleaved ours / mlx-lm ratios hold up better, and the min-max spread shows by how "
+              "much each moved.", ""]
+    P += [f"**Decode vs mlx-lm (f32 {c32['ratio']['decode']['median']:.2f}x, bf16 {c16['ratio']['decode']['median']:.2f}x).** "
+          "Both reach the same BLAS path: `runtime/matvec.c` sends MLX's M = 1 `cblas_sgemm` calls to OpenBLAS's "
+          "`sgemv` (1.6-3.4x faster than its sgemm at M = 1; mlx-lm, in the same process, gets it too). What differs "
+          "is attention: ours gathers whole cache blocks as rows, buckets key counts to sixteenths of the power of two "
+          "above 256, and computes the softmax's exp from a polynomial and the exponent bits (`fastmath`, ~4-6 ns an "
+          "element, within 1e-7 relative) where MLX's CPU `exp` costs 35-50 ns an element; mlx-lm pays that exp in "
+          "its SDPA.", "",
+          f"**Prefill vs mlx-lm (f32 {c32['ratio']['prefill']['median']:.2f}x, bf16 {c16['ratio']['prefill']['median']:.2f}x).** "
+          "The projections are the same OpenBLAS sgemm calls (vLLM's merged qkv_proj and gate_up_proj make fewer, "
+          "larger ones). The difference is the exponentials: a 512-token f32 prefill evaluates ~24M sigmoids (SiLU) "
+          "and ~70M exps (softmax), ~3 s at MLX's CPU rate and ~0.4 s through `fastmath`. A prompt with no earlier "
+          "context attends to its own K/V under a causal mask, without a cache gather. In bf16 the shared matmuls "
+          "dominate.", "",
+          f"**Bandwidth ceiling ({100 * c32['ours']['decode']['median'] / ceiling:.0f}% of {ceiling:.0f} tok/s in f32).** "
+          f"{c32['decode_step_weight_bytes'] / 1e6:.0f} MB of weights at the measured bandwidth take "
+          f"{1e3 / ceiling:.0f} ms; our step takes {1e3 / c32['ours']['decode']['median']:.0f} ms at 512-640 tokens of "
+          "context. OpenBLAS's sgemv reaches 10-28 GB/s on these matrices alone, so the products take ~25-50 ms; the "
+          "rest is ~200 small MLX ops a step on one thread and attention over ~600 keys in 30 layers. Closing it needs "
+          "CPU kernels (threaded elementwise ops, a bf16 GEMV), not lowering changes.", ""]
+    if res.get("e2e"):
+        P += ["**vLLM end to end.** The built-in CPU platform runs torch with oneDNN GEMMs and its own C++ attention, "
+              "which reads the paged cache in place with a vectorised exp. At 32 requests of 128 + 128 tokens most steps "
+              "are batch-32 decodes; ours gathers 32 sequences' K and V (12.6 MB a layer) and runs its small ops one at a "
+              "time while OpenBLAS's idle threads spin. What closes it: a CPU paged-attention kernel and fewer, larger ops. "
+              "Plugin torch (`VLLM_METAL_USE_MLX=0`) runs the same vLLM model eager through our runner and a torch-native "
+              "attention, so the built-in platform is the stronger baseline. Engine start includes lowering (from the "
+              "cache when hit) and `mx.compile` tracing of the first steps.", ""]
+    P += ["**Host time.** Calling the compiled step replays its recorded graph, one lazy array per node (~1,500: 30 "
+          "layers of matmuls, splits, reshapes, RoPE, cache gathers and writes), its cost growing with the node count. "
+          "Overlapping host and device (building step n+1 while step n runs, `LoweredModel.step_lazy`, as the GPU "
+          "suite's pipelined loop does) hides it, but vLLM's sampler needs each step's logits on the host, so the plugin "
+          "runs the synchronous loop measured here.", ""]
+    return P

@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     q["lower"].add_argument("--out", default=ARTEFACTS, help="artefact folder (default: %(default)s, ignored by git)")
     for cmd in ("check", "ab", "profile", "kernel", "bandwidth", "torch"):
         q[cmd].add_argument("--out", default=DEFAULT_OUT, help="results file of this machine class (default: %(default)s)")
-    for cmd in ("check", "ab", "profile", "kernel"):
+    for cmd in ("check", "ab", "profile"):
         q[cmd].add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     for cmd in ("check", "ab", "profile"):
         more = "; more folders, comma-separated, are lowerings to compare with the first" if cmd == "ab" else ""
@@ -75,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
     q["torch"].add_argument("--budget-s", type=float, default=480.0, help="skip torch.compile work started after this")
     q["report"].add_argument("file", help="a results file, e.g. " + DEFAULT_OUT)
     q["report"].add_argument("--sides", default="", help="the `ab` columns to show, comma-separated (default: all)")
+    q["report"].add_argument("--write", action="store_true", help="also write them into docs/benchmarks.md's GPU section")
     return p
 
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
+import torch
 
 from common import ResultsFile, log
 from gpu_profile import cuda_kernels
@@ -40,7 +41,9 @@ def inputs(batch: int, context: int, seed: int) -> dict:
 
 
 def main(args) -> int:
-    config = mlx_setup(args.device)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu.py kernel times CUDA kernels through CUPTI (torch's profiler): torch sees no CUDA device")
+    config = mlx_setup("gpu")
     res = ResultsFile(args.out, "kernel", "paged decode attention", context=args.context)
     tunes = [tuple(int(x) for x in c.split("x")) for c in args.tunes.split(",")]
     scale = HEAD_DIM ** -0.5

@@ -89,3 +89,8 @@ def lower(models: str, out: Path) -> dict:
         log("lower", f"{name} {dtype}: {report[f'{name}-{dtype}']}")
         del model, program
     return report
+
+
+def main(args) -> int:
+    print(json.dumps(lower(args.models, Path(args.out)), default=str))
+    return 0

@@ -23,8 +23,11 @@ from gpu_workloads import BLOCK, PROMPT, WARMUP, load_config, prompts_for
 from lowering.compile import load_step
 
 
-def cuda_kernels(fn, steps: int) -> dict:
-    """The CUDA kernels `fn` launches, through CUPTI: per step, their count and GPU time, and the 15 costliest."""
+def cuda_kernels(fn, steps: int) -> dict | None:
+    """The CUDA kernels `fn` launches, through CUPTI: per step, their count and GPU time, and the 15 costliest;
+    None where torch sees no CUDA device."""
+    if not torch.cuda.is_available():
+        return None
     torch.cuda.init()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
@@ -90,7 +93,7 @@ def main(args) -> int:
                     row["kernels"] = cuda_kernels(lambda: system.decode(state, 4, pipelined=False), steps=4)
                     system.finish(state)
                 res.add(system=label, **row)
-                k = row["kernels"]
+                k = row["kernels"] or {"per_step": 0, "gpu_ms_per_step": 0, "top": "(no CUDA device)"}
                 log("profile", f"{what} {label}: {row['record']:.2f} + {row['launch']:.2f} + {row['wait']:.2f} ms; "
                     f"{k['per_step']:.0f} kernels, {k['gpu_ms_per_step']:.2f} ms GPU; top: {k['top'][:4]}")
             except Exception as exc:  # noqa: BLE001  one system's failure must not lose the others

@@ -1,6 +1,8 @@
 """Markdown tables of a GPU results file (benchmarks/results/gpu-<class>.json), as docs/benchmarks.md shows them.
 
-    python benchmarks/gpu.py report benchmarks/results/gpu-h100.json [--sides ours,ours_rope_apart,mlx_lm]
+    python benchmarks/gpu.py report benchmarks/results/gpu-h100.json [--sides ours,mlx_lm] [--write]
+
+--write puts them between <!-- gpu:begin --> and <!-- gpu:end --> of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+
+from common import write_doc_section
 
 NAMES = {"llama8b": "Llama-3-8B shape", "smollm2": "SmolLM2-135M shape"}
 
@@ -53,8 +57,8 @@ def ceiling_line(data: dict, model: str = "llama8b") -> str | None:
         ms = {m: _by_round(part["rows"], side, "decode", 1, f"{m}_ms") for m in ("sync", "async")}
         if ms["sync"]:
             tok = {m: 1e3 / statistics.median(v.values()) for m, v in ms.items()}
-            cells.append(f"{side} {tok['async']:.0f} tok/s pipelined = **{100 * tok['async'] / ceiling:.0f}%**, "
-                         f"{tok['sync']:.0f} synchronous = {100 * tok['sync'] / ceiling:.0f}%")
+            cells.append(f"{side} async {tok['async']:.0f} tok/s = **{100 * tok['async'] / ceiling:.0f}%**, "
+                         f"sync {tok['sync']:.0f} = {100 * tok['sync'] / ceiling:.0f}%")
     return (f"{NAMES.get(model, model)}, batch 1: a step reads {step_bytes / 1e9:.2f} GB; at the measured copy bandwidth "
             f"of {gb_s:.0f} GB/s the ceiling is **{ceiling:.0f} tok/s**. " + "; ".join(cells) + ".")
 
@@ -63,8 +67,8 @@ def profile_table(data: dict) -> str | None:
     rows = []
     for what, part in data.get("profile", {}).items():
         for r in part["rows"]:
-            k = r.get("kernels") or {}
-            rows.append(f"| {what} | {r['system']} | {k.get('per_step', 0):.0f} | {k.get('gpu_ms_per_step', 0):.2f} | "
+            k = r.get("kernels") or {"per_step": float("nan"), "gpu_ms_per_step": float("nan")}
+            rows.append(f"| {what} | {r['system']} | {k['per_step']:.0f} | {k['gpu_ms_per_step']:.2f} | "
                         f"{r['record']:.2f} | {r['launch']:.2f} | {r['wait']:.2f} | {r['total']:.2f} |")
     if not rows:
         return None
@@ -109,10 +113,14 @@ def kernel_table(data: dict) -> str | None:
 
 
 def report(path: str, sides: list[str] | None = None) -> str:
+    if not Path(path).is_file():
+        raise SystemExit(f"no results file {path}: a measuring command (check, ab, profile, ...) writes it with --out")
     data = json.loads(Path(path).read_text())
     out = []
     for model, part in data.get("ab", {}).items():
-        out += [f"### {NAMES.get(model, model)}: ms a step ({part['rounds']} paired rounds)", "", ab_table(part, sides), ""]
+        out += [f"### {NAMES.get(model, model)}: ms a step", "",
+                f"Each side's median over {part['rounds']} paired rounds; in brackets the median per-round ratio of its "
+                "time to the first column's (> 1: the first column is faster).", "", ab_table(part, sides), ""]
     for title, text in (("Bandwidth ceiling", ceiling_line(data)), ("Profiles", profile_table(data)),
                         ("Correctness", checks_table(data)), ("torch", torch_table(data)),
                         ("Decode attention alone, GPU us a call", kernel_table(data))):
@@ -122,5 +130,8 @@ def report(path: str, sides: list[str] | None = None) -> str:
 
 
 def main(args) -> int:
-    print(report(args.file, [s for s in args.sides.split(",") if s] or None))
+    text = report(args.file, [s for s in args.sides.split(",") if s] or None)
+    print(text)
+    if args.write:
+        write_doc_section("gpu", text)
     return 0
