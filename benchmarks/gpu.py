@@ -2,11 +2,11 @@
 
     python benchmarks/gpu.py lower --out benchmarks/lowered        # CPU, torch >= 2.13: the lowered artefacts
     python benchmarks/gpu.py check --dtype float32                 # on the GPU machine, the folder carried along
-    python benchmarks/gpu.py ab --variants ours_rope_apart --mlx-lm --out benchmarks/results/gpu-h100.json
+    python benchmarks/gpu.py ab --mlx-lm --variants ours_rope_apart --out benchmarks/results/gpu-h100.json
     python benchmarks/gpu.py report benchmarks/results/gpu-h100.json
 
-Every measuring command adds its part to one results file per machine class (--out), replacing that part's
-previous result; `report` prints the tables of docs/benchmarks.md from it. Shapes and workloads:
+Every measuring command adds its part to the results file of its machine class (--out), replacing that
+part's last result; `report` prints the tables of docs/benchmarks.md from it. Shapes and workloads:
 benchmarks/gpu_workloads.py; the systems: gpu_systems.py; ours with kernels off: gpu_variants.py.
 """
 
@@ -33,7 +33,7 @@ COMMANDS = {
     "torch": ("gpu_torch", "the bandwidth, then torch eager and torch.compile on the same shapes"),
     "report": ("gpu_report", "the markdown tables of a results file"),
 }
-DEFAULT_OUT = "benchmarks/results/gpu-h100.json"
+RESULTS_H100 = "benchmarks/results/gpu-h100.json"
 ARTEFACTS = "benchmarks/lowered"
 
 
@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
                             help="model:dtype, comma-separated (models: llama8b, smollm2, tiny, tiny_llama3)")
     q["lower"].add_argument("--out", default=ARTEFACTS, help="artefact folder (default: %(default)s, ignored by git)")
     for cmd in ("check", "ab", "profile", "kernel", "bandwidth", "torch"):
-        q[cmd].add_argument("--out", default=DEFAULT_OUT, help="results file of this machine class (default: %(default)s)")
+        q[cmd].add_argument("--out", help=f"the results file of this machine class to add to, e.g. {RESULTS_H100} "
+                                          "(default: none, the results are only logged)")
     for cmd in ("check", "ab", "profile"):
         q[cmd].add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     for cmd in ("check", "ab", "profile"):
@@ -73,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     q["torch"].add_argument("--prefills", default="512,4096")
     q["torch"].add_argument("--systems", default="eager,compile")
     q["torch"].add_argument("--budget-s", type=float, default=480.0, help="skip torch.compile work started after this")
-    q["report"].add_argument("file", help="a results file, e.g. " + DEFAULT_OUT)
+    q["report"].add_argument("file", help="a results file, e.g. " + RESULTS_H100)
     q["report"].add_argument("--sides", default="", help="the `ab` columns to show, comma-separated (default: all)")
     q["report"].add_argument("--write", action="store_true", help="also write them into docs/benchmarks.md's GPU section")
     return p

@@ -23,22 +23,32 @@ from gpu_variants import parse, variant_step
 from gpu_workloads import BLOCK, PROMPT, SEGMENT, WARMUP, load_config, prompts_for
 
 
+def step_split(record) -> tuple[object, dict]:
+    """`record()` (lazy tokens, or a tuple starting with them), then `mx.async_eval` of the tokens, then their
+    values on the host: what `record` returned and the three times in ms (record, launch, wait) and their sum."""
+    t0 = time.perf_counter()
+    out = record()
+    t1 = time.perf_counter()
+    tok = out[0] if isinstance(out, tuple) else out
+    mx.async_eval(tok)
+    t2 = time.perf_counter()
+    tok.tolist()
+    t3 = time.perf_counter()
+    return out, {"record": (t1 - t0) * 1e3, "launch": (t2 - t1) * 1e3, "wait": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
+
+
+def medians(splits: list[dict]) -> dict:
+    return {k: statistics.median(s[k] for s in splits) for k in splits[0]}
+
+
 def decode_split(system, state: dict, steps: int) -> dict:
     """`steps` synchronous decode steps, each split into record (building it), launch (`mx.async_eval`
-    returning) and wait (the token ids on the host); medians in ms, and of their sum (total)."""
-    split = {k: [] for k in ("record", "launch", "wait", "total")}
+    returning) and wait (the token ids on the host); medians in ms."""
+    splits = []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        tok = system.record_step(state)
-        t1 = time.perf_counter()
-        mx.async_eval(tok)
-        t2 = time.perf_counter()
-        tok.tolist()
-        t3 = time.perf_counter()
-        state["tok"] = tok
-        for k, v in zip(split, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-            split[k].append(v * 1e3)
-    return {k: statistics.median(v) for k, v in split.items()}
+        state["tok"], split = step_split(lambda: system.record_step(state))
+        splits.append(split)
+    return medians(splits)
 
 
 def logits_agree(ours: Ours, ref: MlxLm, vocab: int) -> dict:

@@ -25,9 +25,6 @@ from lowering.capture import capture_hf
 from lowering.emit import emit_source
 from passes import default_manager
 
-DEFAULT_MODELS = "smollm2:bfloat16,llama8b:bfloat16,smollm2:float32"
-
-
 def lower_program(model, name: str):
     """capture_hf + the default passes + emit. Returns (source, program, info)."""
     program = capture_hf(model, name)

@@ -8,15 +8,12 @@ and mlx_lm; a decode step at batch --batch, or a batch-1 prefill of --prefill to
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import mlx.core as mx
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import ResultsFile, log
-from gpu_ab import decode_split
+from gpu_ab import decode_split, medians, step_split
 from gpu_systems import Artefact, MlxLm, Ours, mlx_setup
 from gpu_variants import VARIANTS, variant_step
 from gpu_workloads import BLOCK, PROMPT, WARMUP, load_config, prompts_for
@@ -44,19 +41,12 @@ def prefill_split(system, prompt) -> dict:
     """A batch-1 prefill's host split (record, launch, wait for the last token's argmax) and its kernels."""
     for _ in range(2):  # traces and cuDNN plans for this shape
         system.prefill_last(prompt)
-    parts = {k: [] for k in ("record", "launch", "wait", "total")}
+    splits = []
     for _ in range(10):
-        t0 = time.perf_counter()
-        tok, handle = system.record_prefill(prompt)
-        t1 = time.perf_counter()
-        mx.async_eval(tok)
-        t2 = time.perf_counter()
-        tok.tolist()
-        t3 = time.perf_counter()
+        (_, handle), split = step_split(lambda: system.record_prefill(prompt))
         system.release(handle)
-        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
-            parts[k].append(v * 1e3)
-    out = {k: statistics.median(v) for k, v in parts.items()}
+        splits.append(split)
+    out = medians(splits)
     out["kernels"] = cuda_kernels(lambda: system.prefill_last(prompt), steps=1)
     return out
 

@@ -18,16 +18,12 @@ import mlx.core as mx
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from common import ROOT
 from gpu_workloads import BLOCK
 from lowering.compile import load_step
 from lowering.driver import Driver
 from runtime.config import RuntimeConfig
 from runtime.kernels import select_device
 from runtime.model import CacheLayout, LoweredModel
-
-ARTEFACTS = ROOT / "benchmarks" / "lowered"  # `gpu.py lower` writes here by default (ignored by git)
-
 
 def mlx_setup(device: str) -> RuntimeConfig:
     """The runtime config from the environment with `device` ("gpu" or "cpu"), MLX's device set from it."""

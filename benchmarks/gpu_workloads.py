@@ -1,10 +1,11 @@
 """The model shapes and workloads of the GPU suite.
 
 Shapes: SmolLM2-135M's config (configs/smollm2-135m.json), a Llama-3-8B shape (configs/llama3-8b-shape.json)
-and two tiny Llamas for tests, as transformers `LlamaForCausalLM` models. Workloads: a prefill is one
-forward of a batch-1 prompt (PREFILLS tokens); a decode at batch B starts from B prompts of PROMPT random
-tokens prefilled together, then runs WARMUP steps and timed segments of SEGMENT steps. With these
-numbers every context stays within 256 keys: one compiled shape per batch size.
+and two tiny Llamas for tests, as transformers `LlamaForCausalLM` models. Workloads (the commands' defaults:
+batches 1, 8, 32, 128; prefills of 512 and 4096 tokens): a prefill is one forward of a batch-1 prompt; a
+decode at batch B starts from B prompts of PROMPT random tokens prefilled together, then runs WARMUP steps
+and timed segments of SEGMENT steps. With these numbers every context stays within 256 keys: one compiled
+shape per batch size.
 """
 
 from __future__ import annotations
@@ -26,12 +27,8 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_si
 TINY_LLAMA3 = dict(TINY, tie_word_embeddings=False, rope_parameters={
     "rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
     "original_max_position_embeddings": 1024})
-MODELS = ("llama8b", "smollm2")
-
 PROMPT = 96
 SEGMENT, REPEATS, WARMUP = 24, 3, 4
-BATCHES = (1, 8, 32, 128)
-PREFILLS = (512, 4096)
 BLOCK = 16
 
 

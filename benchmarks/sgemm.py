@@ -74,7 +74,7 @@ def main() -> None:
     if sys.platform.startswith("linux"):
         # The traps, each in a fresh process (the BLAS is chosen once per process): OpenBLAS on its generic
         # kernels (what Debian's OpenBLAS picks on CPUs it does not know), and MLX's bundled reference BLAS
-        # (~0.5 s per 1024^3 matmul: fewer repeats).
+        # (far slower: fewer repeats).
         for label, var, value, repeats in (
             ("OPENBLAS_CORETYPE=Prescott", "OPENBLAS_CORETYPE", "Prescott", 10),
             ("VLLM_METAL_BLAS=none", "VLLM_METAL_BLAS", "none", 5),
