@@ -68,7 +68,8 @@ def goals(res: dict, ceiling: float) -> list[str]:
               f"{host['host_pct']:.1f}% ({1e3 * host['host_s']:.1f} of {1e3 * host['median_s']['total']:.0f} ms)",
               host["host_pct"] < 5, LIMITS["host"])]
     return ["| goal | now | status | what limits it |", "|---|---|---|---|",
-            *(f"| {g} | {now} | {_status(ok)} | {limit if ok is False else ''} |" for g, now, ok, limit in rows)]
+            *(f"| {g} | {now} | {_status(ok)} | {(limit or 'not analysed for this run') if ok is False else ''} |"
+              for g, now, ok, limit in rows)]
 
 
 def render(res: dict, results_path) -> str:
@@ -104,7 +105,7 @@ def render(res: dict, results_path) -> str:
     e = p["e2e"]
     L += ["### End to end in vLLM 0.32 (`LLM.generate`, offline)", "",
           f"float32, prompts of 128 distinct random tokens, {e['gen']} new tokens each, greedy, `ignore_eos`, prefix "
-          f"caching off, `max_num_seqs=32`; {e['repeats']} repeats a level after a warm-up generate (8 new tokens) at "
+          f"caching off, `max_num_seqs={max(int(n) for n in e['levels'].split(','))}`; {e['repeats']} repeat{'s' if e['repeats'] != 1 else ''} a level after a warm-up generate (8 new tokens) at "
           "that level; one engine process per configuration (`benchmarks/vllm_e2e.py`). TTFT includes queueing behind "
           "the other prompts' prefill.", ""]
     if e2e:
