@@ -18,32 +18,30 @@ import subprocess
 import sys
 import time
 
+import mlx.core as mx
+import torch
+from transformers import AutoModelForCausalLM
+
+from lowering import capture
+from lowering.api import build_model, lower
+from lowering.driver import Driver
+from runtime import memory
+from runtime.model import LoweredModel
+from weights.bundled import prepare
+
 DTYPES = ("f32", "bf16")
 MAX_MODEL_LEN, MAX_NUM_SEQS, MAX_BATCHED = 8192, 256, 2048  # vLLM's defaults for SmolLM2 here
 
 
 def _rss(stages: list, name: str) -> None:
-    from runtime.memory import process_memory
-
-    stages.append((name, process_memory()))
+    stages.append((name, memory.process_memory()))
 
 
 def measure(dtype_name: str) -> dict:
-    import mlx.core as mx
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import weights.bundled
-    from lowering import capture
-    from lowering.api import build_model, lower
-    from runtime import memory
-    from lowering.driver import Driver
-    from runtime.model import LoweredModel
-
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     stages: list = []
     _rss(stages, "imports done")
-    path = weights.bundled.prepare("smollm2")
+    path = prepare("smollm2")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     torch_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     _rss(stages, "torch model loaded")

@@ -4,7 +4,8 @@
 
 Measures in this process (MLX pointed at OpenBLAS by `import runtime`), then in child processes with
 the two traps: OPENBLAS_CORETYPE=Prescott (OpenBLAS's generic kernels, what Debian's OpenBLAS falls back
-to on CPUs it does not recognise) and VLLM_METAL_BLAS=none (the reference BLAS MLX's Linux wheel bundles). GFLOP/s = 2*n^3 / time; median over repeats after warm-up, with min-max.
+to on CPUs it does not recognise) and VLLM_METAL_BLAS=none (the reference BLAS MLX's Linux wheel bundles).
+GFLOP/s = 2*n^3 / time; median over repeats after warm-up, with min-max.
 """
 
 import runtime  # noqa: F401  (first: loads the optimized BLAS before mlx.core)
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 import runtime.blas
+from common import cpu_machine
 
 
 def _gflops(fn, n: int, repeats: int, warmup: int) -> dict:
@@ -51,13 +53,8 @@ def measure(n: int, repeats: int, warmup: int) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {cpu}"
+    m = cpu_machine()
+    return f"{platform.system()} {platform.machine()}, {m['cores']} cores, {m['cpu']}"
 
 
 def main() -> None:
@@ -77,7 +74,7 @@ def main() -> None:
     if sys.platform.startswith("linux"):
         # The traps, each in a fresh process (the BLAS is chosen once per process): OpenBLAS on its generic
         # kernels (what Debian's OpenBLAS picks on CPUs it does not know), and MLX's bundled reference BLAS
-        # (~0.5 s per 1024^3 matmul: fewer repeats).
+        # (far slower: fewer repeats).
         for label, var, value, repeats in (
             ("OPENBLAS_CORETYPE=Prescott", "OPENBLAS_CORETYPE", "Prescott", 10),
             ("VLLM_METAL_BLAS=none", "VLLM_METAL_BLAS", "none", 5),

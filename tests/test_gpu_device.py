@@ -1,14 +1,15 @@
 """The GPU device path. Without a GPU: VLLM_MLX_DEVICE=gpu is refused where MLX has no GPU backend,
-benchmarks/gpu.py's correctness check (lowered logits vs transformers, same weights) runs on the CPU, and the
-CPU's kernel table uses none of the CUDA kernels. With MLX's CUDA backend as the default device (a GPU machine):
-each CUDA kernel (runtime/kernels/cuda_*.py) against MLX's own ops or the generic composed path, the CUDA table
-with a kernel off (RuntimeConfig.kernels_off) serving as the other side.
+the GPU suite's correctness check (benchmarks/gpu_check.py: lowered logits vs transformers, same weights) runs
+on the CPU, and the CPU's kernel table uses none of the CUDA kernels. With MLX's CUDA backend as the default
+device (a GPU machine; docs/benchmarks.md runs these first): each CUDA kernel (runtime/kernels/cuda_*.py) against
+MLX's own ops or the generic composed path, the CUDA table with a kernel off (RuntimeConfig.kernels_off) serving
+as the other side.
 
 The check runs on the GPU too (`python benchmarks/gpu.py check`; results in docs/benchmarks.md, GPU section)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
@@ -26,12 +27,9 @@ from runtime.model import CacheLayout, device_batch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _gpu_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = module
-    spec.loader.exec_module(module)
-    return module
+def _gpu_check(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the benchmarks import their siblings by name
+    return importlib.import_module("gpu_check")
 
 
 @pytest.mark.skipif(gpu_available(), reason="this MLX build has a GPU backend")
@@ -46,12 +44,10 @@ def test_gpu_refused_without_gpu_backend():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_benchmark_check_on_cpu(dtype, monkeypatch, tmp_path):
-    bench = _gpu_bench()
-    monkeypatch.setattr(bench, "LOWERED", tmp_path / "none")  # capture here, not a GPU host's artefact
-    monkeypatch.setenv("VLLM_MLX_DEVICE", "cpu")  # check() sets it; restored afterwards
+def test_benchmark_check_on_cpu(dtype, monkeypatch):
+    bench = _gpu_check(monkeypatch)
     vllm_before = "vllm" in sys.modules
-    out = bench.check("tiny", dtype, "cpu")
+    out = bench.check("tiny", dtype, "cpu", artefacts=None)  # captured here
     assert out["ok"], out
     assert out["lowering"].startswith("captured here")
     assert out["rows_compared"] == 8 and out["max_abs_logit"] > 0

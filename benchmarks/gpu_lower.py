@@ -1,0 +1,93 @@
+"""Lowered artefacts for the GPU suite: transformers' Llama at each shape -> capture_hf -> passes -> emit.
+
+    python benchmarks/gpu.py lower --out benchmarks/lowered
+
+writes <out>/<model>-<dtype>/ with step.py (the emitted MLX source), meta.json (parameter shapes and
+dtypes, tied aliases, the merged projections' recipes, the attention layers) and constants.safetensors
+(the non-parameter tensors the step reads). CPU only, no MLX: the GPU machine gets the folder carried
+along, since torch.export of the HF model needs a newer torch than the one found there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from common import log
+from gpu_workloads import load_config, torch_model
+from lowering.capture import capture_hf
+from lowering.emit import emit_source
+from passes import default_manager
+
+def lower_program(model, name: str):
+    """capture_hf + the default passes + emit. Returns (source, program, info)."""
+    program = capture_hf(model, name)
+    t = time.perf_counter()
+    results = default_manager().run(program)
+    source = emit_source(program)
+    info = {"capture_s": program.meta["capture_s"], "passes_emit_s": time.perf_counter() - t,
+            "passes": {r.name: r.matched for r in results}}
+    return source, program, info
+
+
+def _aliases(model) -> dict[str, str]:
+    """path -> canonical path for tied parameters (SmolLM2's lm_head is its embedding)."""
+    first, out = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    return out
+
+
+def save_artefact(folder: Path, model, source: str, program, info: dict) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    alias = _aliases(model)
+    used = set(program.weight_paths.values())
+    derived = {p: r for p, r in getattr(program, "derived", {}).items() if p in used}
+    # a merged projection (passes/merge_projections.py) is stored as its recipe; its sources go in params
+    paths = sorted((used - set(derived)) | {s for r in derived.values() for s in r["cat"]})
+    meta = {"params": {}, "aliases": {}, "constants": [], "layers": [asdict(x) for x in program.attention],
+            "derived": derived, "torch": torch.__version__, **info}
+    tensors = {program.weight_paths[k]: v for k, v in program.weights.items()}
+    constants = {}
+    for path in paths:
+        if path in params:
+            t = params[path]
+            meta["params"][path] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            if alias[path] != path and alias[path] in paths:  # export names a tied tensor once; both if used twice
+                meta["aliases"][path] = alias[path]
+        else:
+            meta["constants"].append(path)
+            constants[path] = tensors[path].detach().contiguous().clone()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "step.py").write_text(source)
+    save_file(constants or {"_": torch.zeros(1)}, str(folder / "constants.safetensors"))
+    meta["source_sha256"] = hashlib.sha256(source.encode()).hexdigest()
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def lower(models: str, out: Path) -> dict:
+    """Each `model:dtype` of the comma-separated `models` lowered into `out`."""
+    report = {"torch": torch.__version__}
+    for spec in models.split(","):
+        name, _, dtype = spec.partition(":")
+        if not hasattr(torch, dtype or "?"):
+            raise SystemExit(f"--models: {spec!r} is not model:dtype (e.g. smollm2:bfloat16)")
+        t = time.perf_counter()
+        model = torch_model(load_config(name), getattr(torch, dtype), "cpu", init="empty")
+        source, program, info = lower_program(model, name)
+        save_artefact(out / f"{name}-{dtype}", model, source, program, info)
+        report[f"{name}-{dtype}"] = {**info, "total_s": time.perf_counter() - t}
+        log("lower", f"{name} {dtype}: {report[f'{name}-{dtype}']}")
+        del model, program
+    return report
+
+
+def main(args) -> int:
+    print(json.dumps(lower(args.models, Path(args.out)), default=str))
+    return 0
