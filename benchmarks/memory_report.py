@@ -56,8 +56,10 @@ def measure(dtype_name: str) -> dict:
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages otherwise; shows what is really live
     _rss(stages, "after malloc_trim(0)")
 
+    from runtime.device import device_memory_bytes
+
     wb = memory.weights_bytes(small.weights)
-    device = memory.device_memory_bytes("cpu")
+    device = device_memory_bytes("cpu")
     dims = dict(max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS, hidden_size=576, num_heads=9,
                 max_num_batched_tokens=MAX_BATCHED)
     plans = {str(f): memory.plan_kv_blocks(small.layout, wb, f, device, **dims).as_dict() for f in (0.1, "auto")}
