@@ -24,16 +24,14 @@ from vllm.v1.worker.utils import bind_kv_cache
 from lowering.api import lower_cached
 from lowering.capture import capture_vllm
 from lowering.compile import load_step
-from lowering.quantize import for_model
 from runtime.batch import StepInput
 from runtime.config import RuntimeConfig
 from runtime.device import device_memory_bytes
 from runtime.kernels import select_device
 from runtime.memory import plan_kv_blocks, weights_bytes
 from runtime.model import CacheLayout, LoweredModel
-from vllm_metal_plugin.checkpoints import quantized_source
+from vllm_metal_plugin.checkpoints import checkpoint_sources
 from vllm_metal_plugin.debug import locate_in_step
-from weights import load
 
 log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
 _MX_DTYPE = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
@@ -98,7 +96,7 @@ class MetalModelRunner(CPUModelRunner):
         state = dict(model.named_parameters(remove_duplicate=False))
         state.update(dict(model.named_buffers(remove_duplicate=False)))
         start = time.perf_counter()
-        sources, fmt = self._quantized_sources(model)
+        sources, fmt = checkpoint_sources(model, self.model_config.model)
         identity = {
             "front": "vllm",
             "model": self.model_config.model,
@@ -121,21 +119,6 @@ class MetalModelRunner(CPUModelRunner):
         model.compute_logits = _materialize  # logits come out of the MLX step already
         for p in model.parameters():  # MLX holds its own copy: release the torch weights
             p.data = torch.empty(0, dtype=p.dtype)
-
-    def _quantized_sources(self, model) -> tuple[dict | None, str | None]:
-        """The weights of a quantized checkpoint (vLLM built the model with dummy ones), by the model's parameter
-        paths, and the checkpoint's format; (None, None) for any other model."""
-        found = quantized_source(self.model_config.model)
-        if found is None:
-            return None, None
-        loaded = load(found[1])
-        quantized, plain, missing = for_model(model, loaded.tensors)
-        if missing:
-            raise RuntimeError(f"vllm-metal: {found[1]} ({found[0]}) lacks {len(missing)} of the model's weights: "
-                               + ", ".join(missing))
-        log.info("vllm-metal: %s weights from %s: %d quantized, %d in full precision (%s)", found[0], found[1],
-                 len(quantized), len(plain), "; ".join(loaded.conversions) or "no conversion")
-        return {**quantized, **plain}, found[0]
 
     # -- memory ------------------------------------------------------------------------------------
     def kv_cache_budget(self) -> int:

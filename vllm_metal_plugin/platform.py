@@ -14,7 +14,6 @@ from vllm.platforms.interface import PlatformEnum
 
 from runtime.config import RuntimeConfig
 from runtime.device import device_memory_bytes
-from vllm_metal_plugin.checkpoints import redirect_gguf, serve_quantized
 
 log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
 
@@ -57,8 +56,14 @@ class MetalPlatform(CpuPlatform):
     def pre_register_and_update(cls, parser=None) -> None:
         """vLLM asks this before it reads any model config. A GGUF file has no config.json, which vLLM reads
         first (its speculator check): the model argument naming one is pointed at the file's model directory
-        (vllm_metal_plugin/checkpoints.py), which vLLM then reads like any other."""
+        (vllm_metal_plugin/checkpoints.py), which vLLM then reads like any other; and AWQ/GPTQ checkpoints are
+        claimed by this platform's quantization config, which builds full-precision layers (the weights go into
+        MLX as they are quantized)."""
         super().pre_register_and_update(parser)
+        # here, not at the top: vLLM's layer modules that checkpoints.py builds on import the platform themselves
+        from vllm_metal_plugin.checkpoints import redirect_gguf, register_quantization
+
+        register_quantization()
         from vllm.engine import arg_utils  # vLLM's engine arguments: imported by the time vLLM asks this
 
         check = arg_utils.maybe_override_with_speculators
@@ -81,6 +86,8 @@ class MetalPlatform(CpuPlatform):
             )
         if parallel.worker_cls == "auto":
             parallel.worker_cls = "vllm_metal_plugin.worker.MetalWorker"
+        from vllm_metal_plugin.checkpoints import serve_quantized  # see pre_register_and_update
+
         quantized = serve_quantized(vllm_config)  # the runner loads a quantized checkpoint into MLX itself
         if quantized is not None:
             log.info("vllm-metal: %s checkpoint: its weights load into MLX as they are quantized", quantized)
