@@ -6,6 +6,9 @@
 
 Exit codes: 0 ok; 2 the model has ops without an MLX lowering (after the full report);
 1 any other error, as one line (a traceback only with --debug).
+
+torch, transformers, MLX and the lowering are imported where a command needs them, not at the top:
+`lower-model --help` and bad-argument errors answer in a fraction of a second instead of several.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="PATH", help="write the output to PATH instead of stdout")
     p.add_argument("--check", action="store_true",
                    help="run lowered MLX vs torch on random ids (prefill + decode): max_abs_err, greedy_match")
+    p.add_argument("--quantize", metavar="SPEC", default=None,
+                   help="quantize linear and embedding weights at load: q4, q8, q4:32, ... (as VLLM_METAL_QUANTIZE)")
     p.add_argument("--add-pass", action="append", default=[], metavar="MODULE:ATTR",
                    help="add a pass object (e.g. passes.fused.silu_mul:PASS) before final_cleanup; repeatable")
     p.add_argument("--skip-pass", action="append", default=[], metavar="NAME", help="drop a default pass; repeatable")
@@ -84,6 +89,8 @@ class Source:
 
 def resolve_model(arg: str | None) -> Source:
     import weights.bundled as models
+    from weights.gguf import is_gguf
+    from weights.model_dir import gguf_model_dir
 
     if arg is None or (arg in models.bundled_names() and not Path(arg).exists()):
         name = arg or models.DEFAULT_MODEL
@@ -94,6 +101,8 @@ def resolve_model(arg: str | None) -> Source:
     path = Path(arg).expanduser()
     if not path.exists():
         raise CliError(f"{arg}: no such file or directory (bundled models: {', '.join(models.bundled_names())})")
+    if is_gguf(path):
+        return Source("checkpoint", arg, gguf_model_dir(path, tokenizer=False))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CliError(f"{arg}: a checkpoint directory needs a config.json")
@@ -120,7 +129,7 @@ def _config(path: Path):
     return AutoConfig.for_model(kind, **raw)
 
 
-def build_hf_model(src: Source, dtype: str | None):
+def build_hf_model(src: Source, dtype: str | None, random_weights: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -128,7 +137,7 @@ def build_hf_model(src: Source, dtype: str | None):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     tdtype = getattr(torch, dtype or "float32")
-    if src.kind == "config" or (src.kind == "checkpoint" and not _has_weights(src.path)):
+    if random_weights or src.kind == "config" or (src.kind == "checkpoint" and not _has_weights(src.path)):
         config = _config(src.path / "config.json" if src.path.is_dir() else src.path)
         torch.manual_seed(0)
         try:
@@ -173,8 +182,14 @@ def capture(src: Source, front: str, dtype: str | None):
                 return hf["model"](ids[None], use_cache=False).logits[0]
 
         return program, reference
-    model = build_hf_model(src, dtype)
+    from lowering.quantize import attach
+    from weights.model_dir import quantized_source
+
+    found = quantized_source(str(src.path)) if src.path.is_dir() else None
+    model = build_hf_model(src, dtype, random_weights=found is not None)
+    quantized = _load_quantized_checkpoint(model, found[1]) if found else {}
     program = cap.capture_hf(model, name=src.name)
+    attach(program, quantized)
 
     def reference(ids):
         import torch
@@ -183,6 +198,33 @@ def capture(src: Source, front: str, dtype: str | None):
             return model(ids[None], use_cache=False).logits[0]
 
     return program, reference
+
+
+def _load_quantized_checkpoint(model, path: str) -> dict:
+    """A quantized checkpoint's weights into the transformers model built from its config: its full-precision
+    tensors, and its quantized ones dequantized (the torch reference for --check). Returns the quantized ones."""
+    import mlx.core as mx
+    import numpy as np
+    import torch
+
+    from lowering.quantize import for_activations
+    from weights import QuantizedWeight, load
+
+    loaded = load(path)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if getattr(model.config, "tie_word_embeddings", False):  # the head reads the embedding's weight
+        names = {id(m): n for n, m in model.named_modules()}
+        head, embed = (f"{names[id(m)]}.weight" for m in (model.get_output_embeddings(), model.get_input_embeddings()))
+        if head not in loaded.tensors and embed in loaded.tensors:
+            loaded.tensors[head] = loaded.tensors[embed]
+    with torch.no_grad():
+        for name, t in loaded.tensors.items():
+            if name in params:
+                full = t.dequantize(mx.float32) if isinstance(t, QuantizedWeight) else t.astype(mx.float32)
+                params[name].copy_(torch.from_numpy(np.array(full)))
+    dtype = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}[model.dtype]
+    return {name: for_activations(t, dtype) for name, t in loaded.tensors.items()
+            if isinstance(t, QuantizedWeight) and name in params}
 
 
 # -- passes -------------------------------------------------------------------------------------
@@ -225,6 +267,7 @@ class Run:
     unsupported: list = field(default_factory=list)
     stages: dict = field(default_factory=dict)  # stage name -> graph text (only those asked for)
     timings: dict = field(default_factory=dict)
+    weight_bytes: dict = field(default_factory=dict)
 
     @property
     def ops(self) -> dict:
@@ -238,7 +281,9 @@ def lower_model(args, keep: set[str], snapshot=None) -> Run:
     (default: graph text); "before <pass>" is kept too for every kept pass."""
     from lowering.api import run_passes
     from lowering.emit import UnsupportedOpsError, emit_source
+    from lowering.quantize import attach, quantize_program, weight_bytes
     from lowering.testing import graph_text
+    from runtime.config import ConfigError, parse_quantize_spec
 
     snapshot = snapshot or graph_text
     t0 = time.perf_counter()
@@ -247,9 +292,16 @@ def lower_model(args, keep: set[str], snapshot=None) -> Run:
     for stage in keep - {"captured", "final"}:
         if stage not in manager.names:
             raise CliError(f"unknown pass {stage!r} (stages: captured, {', '.join(manager.names)}, final)")
+    try:
+        spec = parse_quantize_spec(args.quantize, "--quantize")
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
     run = Run(src, args.front)
     t1 = time.perf_counter()
     run.program, run.reference = capture(src, args.front, args.dtype)
+    if spec is not None:
+        attach(run.program, quantize_program(run.program, spec))
+    run.weight_bytes = weight_bytes(run.program)
     t2 = time.perf_counter()
     run.captured = run.program.node_count()
     previous = snapshot(run.program) if keep else ""
@@ -335,6 +387,7 @@ def summary_json(run: Run, dtype: str, checked: dict | None) -> dict:
         "passes": [{"name": r.name, "matched": r.matched, "expected": r.expected, "missed": r.missed,
                     "nodes_before": r.nodes_before, "nodes_after": r.nodes_after, "ms": round(r.ms, 2)}
                    for r in run.results],
+        "weight_bytes": run.weight_bytes,
         "ops": run.ops,
         "unsupported": [{"target": u.target, "module": u.module, "source": u.source} for u in run.unsupported],
         "timings": {k: round(v, 3) for k, v in run.timings.items()},
@@ -344,10 +397,19 @@ def summary_json(run: Run, dtype: str, checked: dict | None) -> dict:
     return out
 
 
+def _weight_bytes_text(b: dict) -> str:
+    mib = 1 << 20
+    if not b.get("quantized_weights"):
+        return f"weights  {b['full_precision'] / mib:.1f} MiB"
+    return (f"weights  {b['full_precision'] / mib:.1f} MiB -> {b['quantized'] / mib:.1f} MiB quantized "
+            f"({b['quantized_weights']} weights, {b['quantized'] / b['full_precision']:.2f}x)")
+
+
 def summary_text(data: dict) -> str:
     lines = [f"model    {data['model']}  ({data['source']['kind']}: {data['source']['path']})",
              f"front    {data['front']}    dtype {data['dtype']}    layers {data['layers']}",
-             f"nodes    captured {data['nodes']['captured']} -> final {data['nodes']['final']}", "",
+             f"nodes    captured {data['nodes']['captured']} -> final {data['nodes']['final']}",
+             _weight_bytes_text(data["weight_bytes"]), "",
              f"  {'pass':<18}{'matched':>9}{'expected':>10}{'before':>9}{'after':>8}{'ms':>10}"]
     for r in data["passes"]:
         mark = "  <-- MISSED" if r["missed"] else ""

@@ -87,6 +87,19 @@ def quantize_program(program: Program, spec: QuantizeSpec, weights: dict[str, mx
     return out
 
 
+def weight_bytes(program: Program) -> dict:
+    """Bytes of the program's weights in full precision (as captured) and as the step reads them, with the
+    quantized ones packed (codes + scales + biases): what `lower-model` reports."""
+    full = kept = 0
+    for name, t in program.weights.items():
+        size = t.numel() * t.element_size()
+        full += size
+        kept += 0 if program.weight_paths[name] in program.quantized else size
+    packed = {q.wq.data_ptr(): sum(a.numel() * a.element_size() for a in (q.wq, q.scales, q.biases))
+              for q in program.quantized.values()}  # a tied head shares the embedding's arrays: counted once
+    return {"full_precision": full, "quantized": kept + sum(packed.values()), "quantized_weights": len(packed)}
+
+
 def for_model(model: torch.nn.Module, tensors: dict[str, object]) -> tuple[dict[str, QuantizedWeight],
                                                                            dict[str, mx.array], list[str]]:
     """A checkpoint's tensors (Hugging Face module paths -> mx.array or QuantizedWeight) as the torch model's
@@ -108,7 +121,7 @@ def for_model(model: torch.nn.Module, tensors: dict[str, object]) -> tuple[dict[
             found = [tied]
         if all(isinstance(f, QuantizedWeight) for f in found):
             q = found[0] if len(found) == 1 else concat_rows(found)
-            quantized[path] = _scales_for(q, _MX_DTYPES.get(param.dtype, mx.float32))
+            quantized[path] = for_activations(q, _MX_DTYPES.get(param.dtype, mx.float32))
         elif not any(isinstance(f, QuantizedWeight) for f in found):
             array = found[0] if len(found) == 1 else mx.concatenate(found, axis=0)
             plain[path] = array.astype(_MX_DTYPES.get(param.dtype, array.dtype))
@@ -118,7 +131,7 @@ def for_model(model: torch.nn.Module, tensors: dict[str, object]) -> tuple[dict[
     return quantized, plain, missing
 
 
-def _scales_for(q: QuantizedWeight, dtype: mx.Dtype) -> QuantizedWeight:
+def for_activations(q: QuantizedWeight, dtype: mx.Dtype) -> QuantizedWeight:
     """Scales and biases widened to float32 for a float32 model (exact; MLX dequantizes in their dtype, and a
     GGUF file's float16 block scales times a code do not fit float16); kept as they are otherwise."""
     if dtype != mx.float32 or q.scales.dtype == mx.float32:

@@ -27,10 +27,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json")
 
 
-def gguf_model_dir(gguf_path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> Path:
+def gguf_model_dir(gguf_path: str | os.PathLike, tokenizer: str | os.PathLike | bool | None = None) -> Path:
     """A model directory vLLM can read for a GGUF file: its config (from the GGUF metadata), the tokenizer
-    (the files of `tokenizer`, a directory, or else the one the GGUF file carries) and SOURCE_NOTE naming the
-    file. Made once per file and tokenizer, under $VLLM_METAL_CACHE/gguf."""
+    (the files of `tokenizer`, a directory; None: the one the GGUF file carries; False: none, for tools that
+    only lower the model) and SOURCE_NOTE naming the file. Made once per file and tokenizer, under
+    $VLLM_METAL_CACHE/gguf."""
     gguf_path = Path(gguf_path).resolve()
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}:{tokenizer}".encode()).hexdigest()[:16]
@@ -46,7 +47,9 @@ def gguf_model_dir(gguf_path: str | os.PathLike, tokenizer: str | os.PathLike | 
     config = AutoConfig.for_model(**metadata)
     config.dtype = "float32"
     config.save_pretrained(tmp)
-    if tokenizer is not None:
+    if tokenizer is False:
+        pass
+    elif tokenizer is not None:
         for name in _TOKENIZER_FILES:
             if (Path(tokenizer) / name).exists():
                 shutil.copy(Path(tokenizer) / name, tmp / name)
