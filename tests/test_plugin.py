@@ -11,6 +11,7 @@ run starts once the lowered step is in the on-disk cache.
   metal_npc  plugin, enable_prefix_caching=False: 32 mixed prompts together vs alone, the prefix
              prompts without caching
   torch      plugin with VLLM_METAL_USE_MLX=0 (vLLM's torch model, eager): greedy 8x48 + logprobs
+  metal_q4   plugin serving the bundled model at 4 bits from its own GGUF file (`smollm2-q4`): greedy 8x48
   reference  VLLM_PLUGINS=none (vLLM's built-in CPU platform, enforce_eager): platform, greedy 8x48
   transformers  no engine: transformers `generate` on the same prompts (greedy, f32)
 
@@ -22,12 +23,15 @@ step and the test says so (a warning in the summary).
 from __future__ import annotations
 
 import json
+import re
 import time
 import warnings
 
 import pytest
 
 import vllm_helpers as vh
+
+import weights.bundled as bundled
 
 NEAR_TIE = 1e-4
 LOGPROB_TOL = 1e-3
@@ -60,6 +64,8 @@ def engines(smollm2_path, workdir):
     pool.submit("transformers", {**base, "tasks": ["hf"]}, timeout=ENGINE_TIMEOUT)
     pool.submit("torch", {**base, "llm": llm, "tasks": ["platform", "greedy"]},
                 env=vh.clean_env(VLLM_METAL_USE_MLX="0"), timeout=ENGINE_TIMEOUT)
+    pool.submit("metal_q4", {**base, "model": bundled.resolve("smollm2-q4"), "llm": llm, "tasks": ["platform", "greedy"]},
+                timeout=ENGINE_TIMEOUT)
     started = time.monotonic()
     pool.start()
     try:
@@ -134,6 +140,27 @@ def test_greedy_matches_builtin_cpu_platform(engines, smollm2_path, workdir):
     compared = _near_tie_check(list(zip(prompts, _greedy_ids(ours), _greedy_ids(ref))), str(smollm2_path), workdir,
                                "MLX vs vLLM CPU platform")
     print(f"MLX vs vLLM CPU platform: {sum(compared)}/{8 * 48} tokens compared, identical")
+
+
+def test_bundled_model_at_4_bits(engines, smollm2_path, workdir):
+    """The bundled model served from its own 4-bit GGUF file: its weights are those the float32 checkpoint was
+    dequantized from, so the greedy tokens equal the float32 checkpoint's (up to near-ties), from a fifth of
+    the weight memory."""
+    q4, f32 = engines.get("metal_q4"), engines.get("metal")
+    (worker,) = q4["platform"]["workers"]
+    assert worker["mlx_step_built"] and "gguf checkpoint" in q4["log"], "the GGUF was not served by the plugin"
+    prompts = _prompts(smollm2_path)["greedy"]
+    compared = _near_tie_check(list(zip(prompts, _greedy_ids(q4), _greedy_ids(f32))), str(smollm2_path), workdir,
+                               "4-bit GGUF vs float32 checkpoint")
+    print(f"4-bit GGUF vs float32 checkpoint: {sum(compared)}/{8 * 48} tokens compared, identical")
+    sizes = [_weights_bytes(run["log"]) for run in (q4, f32)]
+    assert sizes[0] < 0.25 * sizes[1], f"weights: {sizes[0]} bytes at 4 bits vs {sizes[1]} in float32"
+
+
+def _weights_bytes(log: str) -> int:
+    plans = re.findall(r'KV cache plan (\{.*\})', log)
+    assert plans, "no KV cache plan in the engine log"
+    return json.loads(plans[-1])["weights_bytes"]
 
 
 def test_greedy_matches_transformers_generate(engines, smollm2_path, workdir):
