@@ -82,7 +82,7 @@ def quantized_matmul(
 def _quantized_matmul_tiled(x, w, scales, biases, group_size, bits) -> mx.array:
     """Many rows: float32 weights a tile of rows at a time, multiplied by the BLAS."""
     n = w.shape[0]
-    out_dtype = mx.promote_types(x.dtype, scales.dtype)
+    out_dtype = x.dtype if x.dtype == scales.dtype else mx.float32  # MLX's promotion of two float dtypes
     xf = x.astype(mx.float32)
     parts = []
     for start in range(0, n, TILE_ROWS):
