@@ -1,7 +1,7 @@
 // Checks every kernel set this CPU runs against a float64 reference, without MLX or Python, and
 // times them: a way to test the AVX-512 kernels on a machine that has AVX-512 but no MLX.
-//   cmake -S csrc -B build/check -DCPU_EXT_KERNEL_CHECK=ON && cmake --build build/check --target kernel_check
-//   build/check/kernel_check            (exit status 1 on any mismatch)
+//   cmake -S csrc -B build/check -DCPU_EXT_KERNEL_CHECK=ON -DCMAKE_EXE_LINKER_FLAGS=-static
+//   cmake --build build/check && build/check/kernel_check      (exit status 1 on any mismatch)
 #include <chrono>
 #include <cmath>
 #include <cstdio>
