@@ -32,9 +32,9 @@ BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 FLOAT_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 
-# Rows of x up to which the quantized kernel runs; above, dequantized tiles + MLX's matmul
-# (benchmarks/cpu_kernels.py measures the crossover).
-GEMM_MAX_M = 64
+# Rows of x up to which the quantized kernel runs; above, dequantized tiles + MLX's matmul (OpenBLAS),
+# which overtakes the kernel between 128 and 256 rows on a 2-core AVX2 machine (docs/benchmarks.md).
+GEMM_MAX_M = 192
 TILE_ROWS = 4096  # weight rows dequantized at a time above GEMM_MAX_M
 
 
