@@ -1,4 +1,4 @@
-"""The CPU kernels of runtime/cpu_ext.py against MLX's own ops, and the machine's copy bandwidth.
+"""The CPU kernels of runtime/kernels/cpu_ext.py against MLX's own ops, and the machine's copy bandwidth.
 
     .venv/bin/python benchmarks/cpu_kernels.py [--repeats 15] [--shapes 4096x4096,14336x4096,49152x576]
                                                [--rows 1,8,32] [--threads N] [--json out.json]
@@ -25,7 +25,7 @@ import time
 
 import mlx.core as mx
 
-from runtime import cpu_ext
+from runtime.kernels import cpu_ext
 
 GROUP = 64
 MIN_BYTES = 256 << 20  # weights per timed call, well beyond the last-level cache

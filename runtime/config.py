@@ -100,6 +100,8 @@ KERNEL_SWITCHES = {
     "kv_in_place": "CUDA: decode K/V written into the cache by the RoPE kernel, not a scatter",
     "add_rms_norm": "CUDA: residual add + RMSNorm in one kernel",
     "silu_row": "CUDA: SiLU x mul of one token as a kernel writing a contiguous row",
+    "cpu_matmul": "CPU: float32/bfloat16/float16 linears up to GEMM_MAX_M rows through runtime._cpu_ext",
+    "cpu_quantized": "CPU: quantized linears through runtime._cpu_ext (else MLX's quantized matmul)",
 }
 _WARPS, _KEYS = (1, 2, 4, 8, 16, 32), (1, 2, 4, 8)
 

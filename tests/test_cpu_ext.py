@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (runtime/cpu_ext.py, csrc/) against float64 NumPy references.
+"""The compiled CPU kernels (runtime/kernels/cpu_ext.py, csrc/) against float64 NumPy references.
 
 Every weight layout (4/8 bits, groups 32/64/128, float32/bfloat16/float16 scales) and dtype, odd
 sizes, rows 1..65, every thread count up to the CPUs, every kernel set this CPU runs, NaN/inf,
@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from runtime import cpu_ext
+from runtime.kernels import cpu_ext
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 # (atol, rtol) of the result's dtype, as vLLM's tests use them.

@@ -1,4 +1,9 @@
-"""The kernel table of MLX's CPU backend: the generic table with the CPU's own math.
+"""The kernel table of MLX's CPU backend: the generic table with the CPU's own kernels and math.
+
+Matrix products go through our compiled kernels (runtime/kernels/cpu_ext.py, C++ in csrc/): quantized
+(4/8-bit affine) linears, and float32/bfloat16/float16 ones up to `cpu_ext.GEMM_MAX_M` rows, where
+MLX's CPU backend multiplies quantized and 16-bit weights many times slower than float32 and float32
+through a BLAS made for large matrices; above that many rows MLX's float32 matmul (OpenBLAS) is faster.
 
 MLX's CPU `exp` (and the sigmoid, SiLU and softmax built on it) is slow, and its `mx.fast.rope` with a position
 per token slower than elementwise ops that fuse: runtime/kernels/fastmath.py builds them from arithmetic
@@ -11,12 +16,30 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from runtime.kernels import fastmath
+from runtime.kernels import cpu_ext, fastmath
 from runtime.kernels.generic import Generic
 
 
 class Cpu(Generic):
     name = "cpu"
+
+    def _on(self, kernel: str) -> bool:
+        return kernel not in self.config.kernels_off
+
+    def linear(self, x, weight_t, bias=None):
+        w = weight_t.T  # the weight as stored, [N, K] row by row (prepared as its transposed view)
+        rows = x.size // x.shape[-1]
+        if not self._on("cpu_matmul") or (w.dtype == mx.float32 and rows > cpu_ext.GEMM_MAX_M):
+            return super().linear(x, weight_t, bias)
+        out = cpu_ext.linear(x, w)
+        return out if bias is None else out + bias
+
+    def quantized_linear(self, x, wq, scales, biases, bias=None, *, bits: int, group_size: int):
+        if not self._on("cpu_quantized") or bits not in cpu_ext.BITS:
+            return super().quantized_linear(x, wq, scales, biases, bias, bits=bits, group_size=group_size)
+        out = cpu_ext.quantized_matmul(x, wq, scales, biases, group_size=group_size, bits=bits)
+        out = out if bias is None else out + bias
+        return out if out.dtype == x.dtype else out.astype(x.dtype)
 
     def exp(self, x):
         return fastmath.exp(x)
