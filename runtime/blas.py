@@ -14,9 +14,8 @@ its PLT, so a global OpenBLAS wins those too (measured: torch's 1024^3 sgemm 3-4
 `report()` reads the GOT slots the dynamic linker (or we) filled, so it tells the truth either way.
 OpenBLAS is also told which kernels to use (`OPENBLAS_CORETYPE`, from the CPU flags) unless the user
 set it, because Debian's OpenBLAS 0.3.21 mis-detects newer CPUs and falls back to generic kernels.
-MLX's cblas_sgemm goes through runtime/matvec.c when a C compiler can build it: batch-1 products (M == 1)
-go to the BLAS's sgemv, which streams weights 2.5-4.5x faster than its sgemm there (runtime/matvec.py).
-LAPACK calls (linalg ops) stay on MLX's bundled LAPACK. Importing this module loads neither mlx nor torch.
+The lowered step's matrix products up to a few hundred rows run in our own kernels (runtime/kernels/cpu_ext.py);
+the BLAS serves the larger ones (prefill) and anything else MLX multiplies. LAPACK calls (linalg ops) stay on MLX's bundled LAPACK. Importing this module loads neither mlx nor torch.
 """
 
 from __future__ import annotations
@@ -192,8 +191,6 @@ def _patch_mlx() -> None:
                 target = ctypes.cast(_handle[symbol], ctypes.c_void_p).value
             except AttributeError:
                 continue  # our BLAS lacks it
-            if symbol == "cblas_sgemm":
-                target = _matvec_sgemm() or target
             for addr in (bias + off for off in offsets):
                 # Only slots into the bundled BLAS: not LAPACK (also in OpenBLAS), libc, or slots already ours.
                 if _base_of(_slot_value(addr)) in bundled:
@@ -215,13 +212,6 @@ def _load_and_patch() -> None:
         import warnings
 
         warnings.warn(f"vllm-metal: could not point MLX at {_loaded}: {exc!r}; MLX keeps its slow bundled BLAS")
-
-
-def _matvec_sgemm() -> int | None:
-    """runtime/matvec.c's sgemm (M == 1 products through sgemv), wired to our BLAS, if it builds."""
-    from runtime import matvec
-
-    return matvec.load(_handle)
 
 
 def _slot_value(addr: int) -> int | None:
@@ -351,15 +341,7 @@ def sgemm_library() -> str:
     import mlx.core  # noqa: F401  (load MLX and its bundled BLAS, as a real run would)
 
     libs = [lib for _, lib in _bindings(_mlx_objects(), "cblas_sgemm") if lib]
-    if libs and libs[0] == _matvec_path():
-        return os.path.realpath(_loaded)  # the shim forwards every call to it
     return libs[0] if libs else "unknown"
-
-
-def _matvec_path() -> str | None:
-    from runtime import matvec
-
-    return os.path.realpath(matvec.path()) if matvec.path() else None
 
 
 def torch_sgemm_library() -> str | None:
@@ -385,6 +367,5 @@ def report() -> dict:
         "loaded": _loaded if _handle is not None else None,
         "openblas_core": openblas_core(),
         "patched": sorted(set(_patched)),
-        "matvec": _matvec_path(),  # runtime/matvec.c: M == 1 sgemm calls go to sgemv
         "torch_sgemm_library": torch_sgemm_library(),
     }

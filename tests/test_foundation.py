@@ -46,42 +46,6 @@ def test_mlx_sgemm_is_not_the_reference_blas():
         assert report["openblas_core"] == expected, report
 
 
-_MATVEC = """
-import json, runtime, runtime.blas
-import mlx.core as mx, numpy as np
-rng = np.random.default_rng(0)
-a, w = rng.standard_normal((1, 300)).astype(np.float32), rng.standard_normal((700, 300)).astype(np.float32)
-b = rng.standard_normal((300, 500)).astype(np.float32)
-c = rng.standard_normal((300, 1)).astype(np.float32)
-cases = {  # every way MLX hands an M == 1 product to cblas_sgemm (transposed B, plain B, transposed A)
-    "a @ w.T": (mx.array(a) @ mx.array(w).T, a.astype(np.float64) @ w.T.astype(np.float64)),
-    "a @ b": (mx.array(a) @ mx.array(b), a.astype(np.float64) @ b.astype(np.float64)),
-    "c.T @ b": (mx.array(c).T @ mx.array(b), c.T.astype(np.float64) @ b.astype(np.float64)),
-    "2 rows": (mx.array(np.vstack([a, a])) @ mx.array(w).T, np.vstack([a, a]).astype(np.float64) @ w.T.astype(np.float64)),
-}
-err = {k: float(np.abs(np.asarray(got) - ref).max()) for k, (got, ref) in cases.items()}
-# A transposed ([K, 1] read with leading dimension 3): MLX copies such vectors, so call the shim directly.
-import ctypes
-from runtime import matvec
-if matvec._lib is not None:
-    f, P = matvec._lib.vllm_metal_sgemm, ctypes.c_void_p
-    f.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, P, ctypes.c_int, P, ctypes.c_int, ctypes.c_float, P, ctypes.c_int]
-    cols = np.ascontiguousarray(np.hstack([a.T, a.T + 1, a.T + 2]))  # [300, 3]; column 0 is a
-    out = np.zeros((1, 700), np.float32)
-    f(101, 112, 112, 1, 700, 300, 1.0, cols.ctypes.data, 3, w.ctypes.data, 300, 0.0, out.ctypes.data, 700)
-    err["transposed a (direct)"] = float(np.abs(out - cases["a @ w.T"][1]).max())
-print(json.dumps({"err": err, "matvec": runtime.blas.report()["matvec"]}))
-"""
-
-
-@linux_only
-def test_matvec_shim_is_used_and_exact():
-    # runtime/matvec.c sends M == 1 sgemm calls to sgemv: every operand layout must give the product.
-    out = json.loads(_python(_MATVEC))
-    assert out["matvec"], "runtime/matvec.c was not built or not wired in (is a C compiler installed?)"
-    assert max(out["err"].values()) < 1e-3, out["err"]
-
-
 @linux_only
 def test_venv_hook_makes_it_automatic():
     # mlx.core first, runtime never imported before it: only setup.sh's .pth hook can have set it up.
