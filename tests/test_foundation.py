@@ -117,7 +117,7 @@ def test_damaged_checkpoint_is_detected_and_rebuilt(smollm2_path, tmp_path, monk
     assert len(problems) == 2, problems
     assert any(p.startswith("model.safetensors ") and "bytes" in p for p in problems), problems
     assert any(p.startswith("tokenizer.json ") and "sha256" in p for p in problems), problems
-    cli = subprocess.run([sys.executable, "-m", "runtime.models", "verify"], cwd=ROOT, capture_output=True, text=True)
+    cli = subprocess.run([sys.executable, "-m", "weights.bundled", "verify"], cwd=ROOT, capture_output=True, text=True)
     assert cli.returncode == 1 and "model.safetensors" in cli.stdout and "tokenizer.json" in cli.stdout
 
     rebuilt = bundled.prepare("smollm2")  # never hands out the damaged copy: converts again (~35 s)
