@@ -1,0 +1,150 @@
+"""Perplexity of SmolLM2 on benchmarks/data/coriolanus.txt, llama-perplexity's way, for several systems.
+
+    .venv/bin/python benchmarks/perplexity.py                         # every system, n_ctx 512
+    .venv/bin/python benchmarks/perplexity.py --systems llamacpp,transformers-f32 --n-ctx 256
+
+Systems (each gets the same token ids, windows and scoring: benchmarks/_perplexity.py):
+  transformers-f32  transformers, float32, on the bundled checkpoint (`weights.bundled.prepare`). That
+                    checkpoint is the bundled Q4_1 GGUF dequantized, so this is the GGUF's own weights
+                    in float32 arithmetic.
+  ours-f32          the same checkpoint captured by lowering.capture.capture_hf, lowered and built
+                    (lowering.api), every window one prefill step with logits at all positions.
+  llamacpp          llama.cpp (llama-cpp-python, `logits_all=True`) on the bundled GGUF itself; it
+                    runs in its own environment, made on first use (benchmarks/llamacpp.py).
+The text is tokenized once with the checkpoint's tokenizer (the GGUF's, converted); the llama.cpp run
+also reports whether its own tokenizer gives the same ids. Threads: all cores unless --threads
+(torch and llama.cpp take the number; MLX's BLAS reads OPENBLAS_NUM_THREADS from the environment).
+"""
+
+from __future__ import annotations
+
+import runtime  # noqa: F401  (optimized BLAS for MLX before mlx.core)
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402
+from _perplexity import DEFAULT_N_CTX, LogitsFn, load_text, perplexity  # noqa: E402
+from llamacpp import bundled_gguf, gguf_adds_bos, run as run_llamacpp  # noqa: E402
+
+from lowering.api import build_model, lower  # noqa: E402
+from lowering.capture import capture_hf  # noqa: E402
+from lowering.driver import Driver  # noqa: E402
+from weights import bundled  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[ppl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def transformers_f32(model_dir: str, n_ctx: int) -> LogitsFn:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def logits(window: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([window])).logits[0].float().numpy()
+    return logits
+
+
+def lowered_logits(lowered_model) -> LogitsFn:
+    """Logits of every position of a window from a LoweredModel: one prefill step of a fresh sequence,
+    logits_indices covering all its tokens, the sequence's cache blocks released after."""
+    driver = Driver(lowered_model)
+
+    def logits(window: list[int]) -> np.ndarray:
+        driver.add(0, window)
+        batch = driver.prepare({0: len(window)})
+        batch.logits_indices = np.arange(len(window))
+        out = lowered_model.step(batch)
+        driver.release(0)
+        return np.array(out.astype(mx.float32))
+    return logits
+
+
+def ours_f32(model_dir: str, n_ctx: int) -> LogitsFn:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    lowered = build_model(lower(capture_hf(model)), num_blocks=n_ctx // 16 + 2, block_size=16)
+    return lowered_logits(lowered)
+
+
+# Quantized runs of ours, once the quantized-linear pass and the `quantized_linear` kernel entry are on
+# main: build the model exactly as ours_f32 does, but hand the lowering the weights from weights.load:
+#   ours-q4: weights.load(bundled_gguf())                                  (Q4_1 -> 4-bit, group 32, exact)
+#   ours-q8: weights.load(model_dir, quantize=weights.QuantizeSpec(bits=8, group_size=64))
+# and score with lowered_logits(...). On this text both should sit next to transformers-f32 (same
+# weights for q4, so only the arithmetic differs); the goal is ours-q4 within 1% of llamacpp.
+SYSTEMS = {"transformers-f32": transformers_f32, "ours-f32": ours_f32}
+ALL = [*SYSTEMS, "llamacpp"]
+
+
+def measure(system: str, model_dir: str, tokens: list[int], text: str, n_ctx: int, add_bos: bool, bos: int,
+            threads: int) -> dict:
+    start = time.perf_counter()
+    if system == "llamacpp":
+        options = ["--n-ctx", str(n_ctx), "--threads", str(threads)] + (["--add-bos"] if add_bos else [])
+        result = run_llamacpp("perplexity", bundled_gguf(), {"tokens": tokens, "text": text}, options)
+    else:
+        fn = SYSTEMS[system](model_dir, n_ctx)
+        result = perplexity(fn, tokens, n_ctx, add_bos=add_bos, bos=bos,
+                            progress=lambda i, p: log(f"  {system} window {i + 1}: PPL so far {p:.4f}")).as_dict()
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def table(results: dict, reference: str = "llamacpp") -> str:
+    ref = results.get(reference, {}).get("ppl")
+    lines = ["| system | PPL | +/- | vs llama.cpp | windows x scored | s |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        vs = f"{(r['ppl'] / ref - 1) * 100:+.2f}%" if ref else "n/a"
+        lines.append(f"| {name} | {r['ppl']:.4f} | {r['ppl_err']:.4f} | {vs} | {r['windows']} x "
+                     f"{r['scored'] // r['windows']} = {r['scored']} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--systems", default=",".join(ALL), help=f"comma-separated, from: {', '.join(ALL)}")
+    parser.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in ALL]
+    if unknown:
+        parser.error(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(ALL)}")
+    torch.set_num_threads(args.threads)
+
+    model_dir = str(bundled.prepare("smollm2"))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = load_text()
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    add_bos = gguf_adds_bos(bundled_gguf())
+    log(f"{len(tokens)} tokens, n_ctx {args.n_ctx}, add_bos {add_bos}, {args.threads} threads")
+
+    results = {}
+    for system in systems:
+        log(f"{system} ...")
+        results[system] = measure(system, model_dir, tokens, text, args.n_ctx, add_bos, tokenizer.bos_token_id,
+                                  args.threads)
+        log(f"{system}: PPL {results[system]['ppl']:.4f} +/- {results[system]['ppl_err']:.4f}")
+    print(table(results), file=sys.stderr)
+    report = {"machine": machine(), "text": "benchmarks/data/coriolanus.txt", "tokens": len(tokens),
+              "n_ctx": args.n_ctx, "add_bos": add_bos, "threads": args.threads, "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
