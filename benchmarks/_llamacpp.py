@@ -31,18 +31,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _perplexity import perplexity  # noqa: E402
 
 
-def load(gguf: str, n_ctx: int, threads: int, logits_all: bool) -> llama_cpp.Llama:
-    return llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                           n_threads_batch=threads, logits_all=logits_all, verbose=False)
+def load(args, n_ctx: int, logits_all: bool) -> llama_cpp.Llama:
+    """llama.cpp's defaults otherwise: f16 KV cache; flash attention on, as its tools' "auto" resolves
+    on a CPU (llama-cpp-python can only say on or off)."""
+    return llama_cpp.Llama(model_path=args.gguf, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512),
+                           n_threads=args.threads, n_threads_batch=args.threads, logits_all=logits_all,
+                           flash_attn=args.flash_attn, verbose=False)
 
 
-def settings(llm: llama_cpp.Llama, threads: int) -> dict:
-    return {"llama_cpp_python": llama_cpp.__version__, "threads": threads, "n_ctx": llm.n_ctx(),
-            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+def settings(llm: llama_cpp.Llama, args) -> dict:
+    return {"llama_cpp_python": llama_cpp.__version__, "threads": args.threads, "flash_attn": args.flash_attn,
+            "n_ctx": llm.n_ctx(), "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+
+
+def last_logits(llm: llama_cpp.Llama) -> np.ndarray:
+    """Logits of the last evaluated token (without logits_all, llama-cpp-python keeps none itself)."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
 def run_perplexity(args, data: dict) -> dict:
-    llm = load(args.gguf, args.n_ctx, args.threads, logits_all=True)
+    llm = load(args, args.n_ctx, logits_all=True)
     tokens = data["tokens"]
     own = llm.tokenize(data["text"].encode("utf-8"), add_bos=False, special=False) if "text" in data else None
 
@@ -55,8 +63,7 @@ def run_perplexity(args, data: dict) -> dict:
     result = perplexity(logits, tokens, args.n_ctx, add_bos=args.add_bos, bos=llm.token_bos(),
                         progress=lambda i, p: print(f"  window {i + 1}: PPL so far {p:.4f}", file=sys.stderr))
     out = result.as_dict()
-    out.update(settings(llm, args.threads), seconds=time.perf_counter() - start,
-               add_bos_in_gguf=llm._model.add_bos_token() if hasattr(llm, "_model") else None)
+    out.update(settings(llm, args), seconds=time.perf_counter() - start)
     if own is not None:
         out["own_tokenizer_agrees"] = own == tokens
         out["own_tokenizer_tokens"] = len(own)
@@ -65,13 +72,13 @@ def run_perplexity(args, data: dict) -> dict:
 
 def run_speed(args, data: dict) -> dict:
     prompt = data["tokens"]
-    llm = load(args.gguf, len(prompt) + args.gen + 8, args.threads, logits_all=False)
+    llm = load(args, len(prompt) + args.gen + 8, logits_all=False)
 
     def once() -> tuple[float, float, list[int]]:
         llm.reset()
         t = time.perf_counter()
         llm.eval(prompt)
-        row = llm.scores[llm.n_tokens - 1]
+        row = last_logits(llm)
         t_prefill = time.perf_counter() - t
         out = []
         t = time.perf_counter()
@@ -79,7 +86,7 @@ def run_speed(args, data: dict) -> dict:
             token = int(np.argmax(row))
             out.append(token)
             llm.eval([token])
-            row = llm.scores[llm.n_tokens - 1]
+            row = last_logits(llm)
         t_decode = time.perf_counter() - t
         return len(prompt) / t_prefill, args.gen / t_decode, out
 
@@ -89,7 +96,7 @@ def run_speed(args, data: dict) -> dict:
         p, d, tokens = once()
         prefill.append(p)
         decode.append(d)
-    out = settings(llm, args.threads)
+    out = settings(llm, args)
     out.update(prompt=len(prompt), gen=args.gen, repeats=args.repeats,
                prefill_tok_s={"median": statistics.median(prefill), "min": min(prefill), "max": max(prefill),
                               "values": prefill},
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--add-bos", action="store_true")
+    parser.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)

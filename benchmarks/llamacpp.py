@@ -18,9 +18,11 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import gguf
@@ -88,12 +90,27 @@ def run(command: str, gguf_path: Path, payload: dict, options: list[str], timeou
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, by this process's finished children), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (sum(fields) - fields[3] - fields[4]) / tick, children.ru_utime + children.ru_stime
+
+
 def speed(prompt: int, gen: int, repeats: int, threads: int) -> dict:
+    """llama.cpp's batch-1 speed, and how busy the rest of the machine was meanwhile: cores' worth of
+    CPU time that neither this process nor the benchmark used, over the benchmark's wall time."""
     tokenizer = AutoTokenizer.from_pretrained(bundled.prepare("smollm2"))
     path = bundled_gguf()
-    result = run("speed", path, {"tokens": prompt_tokens(tokenizer, prompt)},
-                 ["--gen", str(gen), "--repeats", str(repeats), "--threads", str(threads)])
+    tokens = prompt_tokens(tokenizer, prompt)
+    (busy0, child0), self0, t0 = cpu_seconds(), time.process_time(), time.perf_counter()
+    result = run("speed", path, {"tokens": tokens}, ["--gen", str(gen), "--repeats", str(repeats),
+                                                       "--threads", str(threads)])
+    (busy1, child1), self1, wall = cpu_seconds(), time.process_time(), time.perf_counter() - t0
     result["gguf"] = path.name
+    result["other_cores_busy"] = round((busy1 - busy0 - (child1 - child0) - (self1 - self0)) / wall, 2)
     return result
 
 
@@ -112,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"llama.cpp {result['llama_cpp_python']} on {result['gguf']}, {args.threads} threads, batch 1:\n"
           f"  prefill {args.prompt} tokens: {p['median']:.1f} tok/s ({p['min']:.1f}-{p['max']:.1f})\n"
           f"  decode {args.gen} tokens:   {d['median']:.1f} tok/s ({d['min']:.1f}-{d['max']:.1f})  "
-          f"median of {args.repeats}", file=sys.stderr)
+          f"median of {args.repeats}; other work meanwhile: {result['other_cores_busy']} cores busy",
+          file=sys.stderr)
     print(json.dumps(result))
     return 0
 
