@@ -1,14 +1,14 @@
 """llama.cpp as the reference on the bundled GGUF (SmolLM2-135M-Instruct Q4_1): batch-1 speed here,
 perplexity through benchmarks/perplexity.py. Both run llama-cpp-python in a virtual environment of its
-own, made on the first run (it builds llama.cpp from source with CMake: about 15 minutes on 2 cores),
-never by the project's setup:
+own, made on the first run (it builds llama.cpp from source with CMake: about 15 minutes on a quiet
+2-core machine), never by the project's setup:
 
     .venv/bin/python benchmarks/llamacpp.py                      # prefill 512 + decode 128, batch 1
     .venv/bin/python benchmarks/llamacpp.py --gen 128 --repeats 5 --threads 2
 
 The environment lives in `$VLLM_METAL_CACHE/llama-cpp-venv` (default `~/.cache/vllm-metal/`);
 `LLAMACPP_PYTHON=/path/to/python` uses an interpreter that already has llama_cpp instead.
-The prompt is the one benchmarks/_compiler.py gives ours (its text, SmolLM2's tokenizer), so the
+The prompt is the one benchmarks/cpu_compiler.py gives ours (its text, SmolLM2's tokenizer), so the
 numbers line up with its prefill and decode tok/s; threads default to all cores, as ours uses.
 """
 
@@ -28,19 +28,14 @@ from pathlib import Path
 import gguf
 from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, machine, wait_for_quiet  # noqa: E402
-from _compiler import prompt_tokens  # noqa: E402
-
-from runtime.config import cache_root  # noqa: E402
-from weights import bundled  # noqa: E402
+from common import ROOT, cpu_machine, log
+from cpu_compiler import prompt_tokens
+from run import wait_for_quiet
+from runtime.config import cache_root
+from weights import bundled
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-CHILD = ROOT / "benchmarks" / "_llamacpp.py"
-
-
-def log(msg: str) -> None:
-    print(f"[llama.cpp] {msg}", file=sys.stderr, flush=True)
+CHILD = ROOT / "benchmarks" / "llamacpp_child.py"
 
 
 def bundled_gguf() -> Path:
@@ -68,7 +63,8 @@ def python() -> str:
     exe = venv / "bin" / "python"
     if exe.exists() and not subprocess.run([str(exe), "-c", "import llama_cpp"], capture_output=True).returncode:
         return str(exe)
-    log(f"installing {LLAMA_CPP_PYTHON} into {venv} (builds llama.cpp from source: about 15 min on 2 cores)")
+    log("llama.cpp", f"installing {LLAMA_CPP_PYTHON} into {venv} (builds llama.cpp from source: about "
+                     "15 min on a quiet 2-core machine)")
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
     subprocess.run([str(exe), "-m", "pip", "install", "--no-cache-dir", LLAMA_CPP_PYTHON], check=True, env=env)
@@ -76,7 +72,7 @@ def python() -> str:
 
 
 def run(command: str, gguf_path: Path, payload: dict, options: list[str], timeout: float = 3600) -> dict:
-    """Run benchmarks/_llamacpp.py `command` in the llama.cpp environment; its last stdout line is JSON."""
+    """Run benchmarks/llamacpp_child.py `command` in the llama.cpp environment; its last stdout line is JSON."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(payload, f)
     try:
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load = None if args.no_wait else wait_for_quiet("llama.cpp speed")
     result = speed(args.prompt, args.gen, args.repeats, args.threads)
-    result.update(machine=machine(), load=load, load_end=os.getloadavg())
+    result.update(machine=cpu_machine(), load=load, load_end=os.getloadavg())
     p, d = result["prefill_tok_s"], result["decode_tok_s"]
     print(f"llama.cpp {result['llama_cpp_python']} on {result['gguf']}, {args.threads} threads, batch 1:\n"
           f"  prefill {args.prompt} tokens: {p['median']:.1f} tok/s ({p['min']:.1f}-{p['max']:.1f})\n"

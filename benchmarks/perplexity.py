@@ -3,12 +3,17 @@
     .venv/bin/python benchmarks/perplexity.py                         # every system, n_ctx 512
     .venv/bin/python benchmarks/perplexity.py --systems llamacpp,transformers-f32 --n-ctx 256
 
-Systems (each gets the same token ids, windows and scoring: benchmarks/_perplexity.py):
+Systems (each gets the same token ids, windows and scoring: benchmarks/perplexity_procedure.py):
   transformers-f32  transformers, float32, on the bundled checkpoint (`weights.bundled.prepare`). That
                     checkpoint is the bundled Q4_1 GGUF dequantized, so this is the GGUF's own weights
                     in float32 arithmetic.
-  ours-f32          the same checkpoint captured by lowering.capture.capture_hf, lowered and built
-                    (lowering.api), every window one prefill step with logits at all positions.
+  ours-f32          the plugin's path without the engine (vLLM's torch model built under this platform,
+                    captured, lowered, built; `ours`) on the same checkpoint, every window one prefill
+                    step with logits at all positions.
+  ours-q8           the same, the checkpoint's linear and embedding weights quantized at load to 8 bits,
+                    group 64 (`VLLM_METAL_QUANTIZE=q8`).
+  ours-q4           the same on the bundled GGUF itself (`smollm2-q4`): its Q4_1 tensors as 4-bit, group
+                    32, and its Q8_0 embedding (the tied head too) as 8-bit, group 32, both exact.
   llamacpp          llama.cpp (llama-cpp-python, `logits_all=True`) on the bundled GGUF itself; it
                     runs in its own environment, made on first use (benchmarks/llamacpp.py).
 The text is tokenized once with the checkpoint's tokenizer (the GGUF's, converted); the llama.cpp run
@@ -31,19 +36,18 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine  # noqa: E402
-from _perplexity import DEFAULT_N_CTX, LogitsFn, load_text, perplexity  # noqa: E402
-from llamacpp import bundled_gguf, gguf_adds_bos, run as run_llamacpp  # noqa: E402
-
-from lowering.api import build_model, lower  # noqa: E402
-from lowering.capture import capture_hf  # noqa: E402
-from lowering.driver import Driver  # noqa: E402
-from weights import bundled  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(f"[ppl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+from common import cpu_machine, log
+from llamacpp import bundled_gguf, gguf_adds_bos, run as run_llamacpp
+from lowering.api import lower_cached
+from lowering.capture import capture_vllm
+from lowering.compile import load_step
+from lowering.driver import Driver
+from lowering.vllm_build import build_vllm_model
+from perplexity_procedure import DEFAULT_N_CTX, LogitsFn, load_text, perplexity
+from runtime.config import QuantizeSpec
+from runtime.model import CacheLayout, LoweredModel
+from vllm_metal_plugin.checkpoints import checkpoint_sources
+from weights import bundled
 
 
 def transformers_f32(model_dir: str, n_ctx: int) -> LogitsFn:
@@ -70,19 +74,31 @@ def lowered_logits(lowered_model) -> LogitsFn:
     return logits
 
 
-def ours_f32(model_dir: str, n_ctx: int) -> LogitsFn:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    lowered = build_model(lower(capture_hf(model)), num_blocks=n_ctx // 16 + 2, block_size=16)
-    return lowered_logits(lowered)
+def ours(model_dir: str, n_ctx: int, quantize: QuantizeSpec | None = None) -> LogitsFn:
+    """The plugin's serving path without the engine: vLLM's torch model built under this platform, a quantized
+    checkpoint's weights loaded into MLX by its parameter paths (or the model's own weights quantized at load
+    with `quantize`), captured, lowered (lower_cached), built."""
+    model, config = build_vllm_model(model_dir, dtype="float32", max_model_len=n_ctx)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    sources, fmt = checkpoint_sources(model, model_dir)
+    identity = {"harness": "perplexity", "front": "vllm", "model": model_dir, "dtype": "float32",
+                "hf_config": config.model_config.hf_config.to_json_string(use_diff=False),
+                "weights": fmt or "full precision", "quantize": str(quantize)}
+    source, weights, layers, _ = lower_cached(identity, lambda: capture_vllm(model, config), state,
+                                              sources=sources, quantize=quantize)
+    if (sources or quantize) and "k.quantized_linear(" not in source:
+        raise RuntimeError(f"{model_dir}: the lowered step has no quantized linear; the run would not be quantized")
+    layout = CacheLayout(len(layers), layers[0].num_kv_heads, layers[0].head_dim, 16, mx.float32)
+    return lowered_logits(LoweredModel(load_step(source), weights, layout, num_blocks=n_ctx // 16 + 2))
 
 
-# Quantized runs of ours, once the quantized-linear pass and the `quantized_linear` kernel entry are on
-# main: build the model exactly as ours_f32 does, but hand the lowering the weights from weights.load:
-#   ours-q4: weights.load(bundled_gguf())                                  (Q4_1 -> 4-bit, group 32, exact)
-#   ours-q8: weights.load(model_dir, quantize=weights.QuantizeSpec(bits=8, group_size=64))
-# and score with lowered_logits(...). On this text both should sit next to transformers-f32 (same
-# weights for q4, so only the arithmetic differs); the goal is ours-q4 within 1% of llamacpp.
-SYSTEMS = {"transformers-f32": transformers_f32, "ours-f32": ours_f32}
+SYSTEMS = {
+    "transformers-f32": transformers_f32,
+    "ours-f32": lambda model_dir, n_ctx: ours(model_dir, n_ctx),
+    "ours-q8": lambda model_dir, n_ctx: ours(model_dir, n_ctx, QuantizeSpec(8, 64)),
+    "ours-q4": lambda model_dir, n_ctx: ours(bundled.resolve("smollm2-q4"), n_ctx),
+}
 ALL = [*SYSTEMS, "llamacpp"]
 
 
@@ -95,7 +111,7 @@ def measure(system: str, model_dir: str, tokens: list[int], text: str, n_ctx: in
     else:
         fn = SYSTEMS[system](model_dir, n_ctx)
         result = perplexity(fn, tokens, n_ctx, add_bos=add_bos, bos=bos,
-                            progress=lambda i, p: log(f"  {system} window {i + 1}: PPL so far {p:.4f}")).as_dict()
+                            progress=lambda i, p: log("ppl", f"{system} window {i + 1}: PPL so far {p:.4f}")).as_dict()
     result["wall_s"] = time.perf_counter() - start
     return result
 
@@ -128,16 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     text = load_text()
     tokens = tokenizer.encode(text, add_special_tokens=False)
     add_bos = gguf_adds_bos(bundled_gguf())
-    log(f"{len(tokens)} tokens, n_ctx {args.n_ctx}, add_bos {add_bos}, {args.threads} threads")
+    log("ppl", f"{len(tokens)} tokens, n_ctx {args.n_ctx}, add_bos {add_bos}, {args.threads} threads")
 
     results = {}
     for system in systems:
-        log(f"{system} ...")
+        log("ppl", f"{system} ...")
         results[system] = measure(system, model_dir, tokens, text, args.n_ctx, add_bos, tokenizer.bos_token_id,
                                   args.threads)
-        log(f"{system}: PPL {results[system]['ppl']:.4f} +/- {results[system]['ppl_err']:.4f}")
+        log("ppl", f"{system}: PPL {results[system]['ppl']:.4f} +/- {results[system]['ppl_err']:.4f}")
     print(table(results), file=sys.stderr)
-    report = {"machine": machine(), "text": "benchmarks/data/coriolanus.txt", "tokens": len(tokens),
+    report = {"machine": cpu_machine(), "text": "benchmarks/data/coriolanus.txt", "tokens": len(tokens),
               "n_ctx": args.n_ctx, "add_bos": add_bos, "threads": args.threads, "results": results}
     if args.json:
         with open(args.json, "w") as f:

@@ -1,4 +1,4 @@
-"""The perplexity procedure of benchmarks/_perplexity.py (llama-perplexity's) against torch's cross
+"""The perplexity procedure of benchmarks/perplexity_procedure.py (llama-perplexity's) against torch's cross
 entropy on the scored halves, its windows, and the bundled text's checks."""
 
 import importlib.util
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("bench_perplexity", ROOT / "benchmarks" / "_perplexity.py")
+_spec = importlib.util.spec_from_file_location("perplexity_procedure", ROOT / "benchmarks" / "perplexity_procedure.py")
 ppl = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
 _spec.loader.exec_module(ppl)
 

@@ -1,13 +1,13 @@
 """llama.cpp (through llama-cpp-python) on a GGUF file: perplexity and batch-1 speed, one JSON line out.
 
 Runs in llama-cpp-python's own virtual environment (benchmarks/llamacpp.py makes it on demand), never
-in the project's: it imports only numpy, llama_cpp and benchmarks/_perplexity.py. The token ids come
-from the caller in a JSON file, so every system sees the same ids.
+in the project's: it imports only numpy, llama_cpp and benchmarks/perplexity_procedure.py. The token
+ids come from the caller in a JSON file, so every system sees the same ids.
 
-    $PY benchmarks/_llamacpp.py perplexity --gguf F --tokens T.json --n-ctx 512 --threads 2
-    $PY benchmarks/_llamacpp.py speed --gguf F --tokens T.json --gen 128 --repeats 5 --threads 2
+    $PY benchmarks/llamacpp_child.py perplexity --gguf F --tokens T.json --n-ctx 512 --threads 2
+    $PY benchmarks/llamacpp_child.py speed --gguf F --tokens T.json --gen 128 --repeats 5 --threads 2
 
-perplexity: benchmarks/_perplexity.py's procedure; each window is `reset()` + `eval(window)` with
+perplexity: benchmarks/perplexity_procedure.py's procedure; each window is `reset()` + `eval(window)` with
 `logits_all=True` (one llama_decode of the whole window from an empty KV cache, as llama-perplexity
 does), and the logits of every position go to the shared scoring code.
 speed: prefill = one `eval` of the prompt from an empty cache; decode = `gen` greedy steps after it,
@@ -27,8 +27,7 @@ import time
 import llama_cpp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _perplexity import perplexity  # noqa: E402
+from perplexity_procedure import perplexity
 
 
 def load(args, n_ctx: int, logits_all: bool) -> llama_cpp.Llama:
