@@ -44,6 +44,7 @@ from lowering.compile import load_step
 from lowering.driver import Driver
 from lowering.vllm_build import build_vllm_model
 from perplexity_procedure import DEFAULT_N_CTX, LogitsFn, load_text, perplexity
+from runtime import kernels
 from runtime.config import QuantizeSpec
 from runtime.model import CacheLayout, LoweredModel
 from vllm_metal_plugin.checkpoints import checkpoint_sources
@@ -153,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                                   args.threads)
         log("ppl", f"{system}: PPL {results[system]['ppl']:.4f} +/- {results[system]['ppl_err']:.4f}")
     print(table(results), file=sys.stderr)
-    report = {"machine": cpu_machine(), "text": "benchmarks/data/coriolanus.txt", "tokens": len(tokens),
+    kernel_table = kernels.current()
+    report = {"machine": cpu_machine(), "kernels": kernel_table.name,
+              "kernels_off": sorted(kernel_table.config.kernels_off),
+              "text": "benchmarks/data/coriolanus.txt", "tokens": len(tokens),
               "n_ctx": args.n_ctx, "add_bos": add_bos, "threads": args.threads, "results": results}
     if args.json:
         with open(args.json, "w") as f:
