@@ -43,14 +43,21 @@ def test_gpu_refused_without_gpu_backend():
     assert RuntimeConfig.from_env({}).device == "cpu"  # unset: the CPU, no error
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_benchmark_check_on_cpu(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,quantize", [("float32", None), ("bfloat16", None), ("float32", "q4:64"),
+                                            ("bfloat16", "q8:32")])
+def test_benchmark_check_on_cpu(dtype, quantize, monkeypatch):
+    """The GPU suite's check on the CPU: a 4,090-token sequence and a short one to position 4,096, every linear
+    and embedding quantized where asked (transformers then holds the dequantized weights)."""
+    from runtime.config import parse_quantize_spec
+
     bench = _gpu_check(monkeypatch)
     vllm_before = "vllm" in sys.modules
-    out = bench.check("tiny", dtype, "cpu", artefacts=None)  # captured here
+    out = bench.check("tiny", dtype, "cpu", artefacts=None, quantize=parse_quantize_spec(quantize))  # captured here
     assert out["ok"], out
     assert out["lowering"].startswith("captured here")
-    assert out["rows_compared"] == 8 and out["max_abs_logit"] > 0
+    assert out["rows_compared"] == 16 and out["max_abs_logit"] > 0 and out["last_position"] == 4096
+    # q, k, v, o, gate, up, down in each of the 2 layers, and the embedding the LM head is tied to
+    assert out["quantized_weights"] == (0 if quantize is None else 7 * 2 + 1)
     assert out["rel_err"] <= (1e-5 if dtype == "float32" else 2e-2)
     if not vllm_before:
         assert not out["vllm_imported"]  # the HF front end never imports vLLM
