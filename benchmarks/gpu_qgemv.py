@@ -2,8 +2,8 @@
 our kernel (runtime/kernels/cuda_quantized.py), MLX's `mx.quantized_matmul` on the same 4-bit weights (group
 64, bf16 scales, as mx.quantize makes them) and MLX's bf16 GEMV (`x @ w.T`) on the full-precision weights, for
 the 8B shape's decode matrices at M rows of activations; the bandwidth each reaches (bytes of the codes,
-scales, biases, activations and output over the time); and, at M = 1 and M = 8, our kernel at each (warps,
-rows) block shape against the one `tune_for` picks.
+scales, biases, activations and output over the time); and, at M = 1, our kernel at each (warps, rows) block
+shape against the one `tune_for` picks.
 
 Every call reads another copy of the weights (copies enough to exceed the L2 cache several times), so the
 times are of weights streamed from device memory. Each side is checked against MLX's own result first.
@@ -25,7 +25,7 @@ SHAPES = {"q_proj, o_proj": (4096, 4096), "k_proj, v_proj": (1024, 4096), "gate_
           "down_proj": (4096, 14336), "lm_head": (128256, 4096)}
 BITS, GROUP = 4, 64
 STREAM_BYTES = 400 << 20  # weight copies per shape: L2 is 50-60 MB
-TUNES = [(4, 4), (4, 2), (4, 1), (2, 4), (2, 2), (1, 4), (1, 1)]
+TUNES = [(4, 4), (4, 2), (4, 1), (2, 4), (1, 4)]
 
 
 def _copies(n: int, k: int) -> list[dict]:
@@ -82,7 +82,7 @@ def main(args) -> int:
                     log("qgemv", f"{label} {n}x{k} M={m} {side}: {us:.1f} us, {gb_s:.0f} GB/s")
                 except Exception as exc:  # noqa: BLE001  one side's failure must not lose the others
                     res.error(f"{label} M={m} {side}", exc)
-            if m in (1, 8):
+            if m == 1:
                 default = cuda_quantized.tune_for(m, n, k, BITS)
                 for tune in TUNES:
                     try:

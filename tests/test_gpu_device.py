@@ -480,9 +480,11 @@ def _check_quantized(got, truth, magnitude, dtype_name, what):
 
 
 QUANTIZED_CASES = (
-    # every bits x group x dtype once, M = 1, K = 4096, odd N
-    [(1, 1001, 4096, bits, group, dt, dt) for bits in (4, 8) for group in (32, 64, 128)
-     for dt in ("bfloat16", "float16", "float32")]
+    # every bits x group once at M = 1, K = 4096, odd N, each dtype with both bit widths
+    [(1, 1001, 4096, 4, 64, "bfloat16", "bfloat16"), (1, 1001, 4096, 4, 32, "bfloat16", "bfloat16"),
+     (1, 1001, 4096, 4, 64, "float16", "float16"), (1, 1001, 4096, 4, 128, "float32", "float32"),
+     (1, 1001, 4096, 8, 32, "float16", "float16"), (1, 1001, 4096, 8, 64, "float32", "float32"),
+     (1, 1001, 4096, 8, 128, "bfloat16", "bfloat16")]
     # M = 2..8 at K = 14336 (the 8B shape's down projection)
     + [(m, 333, 14336, 4, 64, "bfloat16", "bfloat16") for m in range(2, 9)]
     + [(5, 257, 14336, 8, 128, "bfloat16", "bfloat16"), (8, 129, 14336, 4, 32, "float32", "float32")]
@@ -505,7 +507,7 @@ def test_quantized_gemv_matches_reference(m, n, k, bits, group, dtype_name, scal
     got = cuda_quantized.quantized_matmul(x, wq, scales, biases, bits=bits, group_size=group)
     assert got.shape == (m, n) and got.dtype == dtype
     ours = _check_quantized(got, truth, magnitude, dtype_name, "ours")
-    if (bits, group, m) in ((4, 64, 1), (4, 64, 8), (8, 64, 1)) and dtype_name == scale_dtype:
+    if (bits, group, m, dtype_name, scale_dtype) in ((4, 64, 1, "bfloat16", "bfloat16"), (4, 64, 8, "bfloat16", "bfloat16")):
         generic = GENERIC.quantized_linear(x, wq, scales, biases, bits=bits, group_size=group)
         theirs = _check_quantized(generic, truth, magnitude, dtype_name, "mx.quantized_matmul")
         diff = mx.abs(got.astype(mx.float32) - generic.astype(mx.float32)).max().item()
