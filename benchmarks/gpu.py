@@ -88,6 +88,8 @@ def parser() -> argparse.ArgumentParser:
     q["report"].add_argument("file", help="a results file, e.g. " + RESULTS_H100)
     q["report"].add_argument("--sides", default="", help="the `ab` columns to show, comma-separated (default: all)")
     q["report"].add_argument("--write", action="store_true", help="also write them into docs/benchmarks.md's GPU section")
+    q["report"].add_argument("--section", default="gpu", help="the marked section of docs/benchmarks.md to write: "
+                             "gpu (the H100's, default) or gpu-h200 (<!-- NAME:begin --> ... <!-- NAME:end -->)")
     return p
 
 

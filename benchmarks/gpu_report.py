@@ -170,5 +170,5 @@ def main(args) -> int:
     text = report(args.file, [s for s in args.sides.split(",") if s] or None)
     print(text)
     if args.write:
-        write_doc_section("gpu", text)
+        write_doc_section(args.section, text)
     return 0
