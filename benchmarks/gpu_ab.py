@@ -18,7 +18,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from common import ResultsFile, log
-from gpu_systems import Artefact, MlxLm, Ours, mlx_setup
+from gpu_systems import Artefact, MlxLm, Ours, mlx_setup, part_name
+from runtime.config import parse_quantize_spec
 from gpu_variants import parse, variant_step
 from gpu_workloads import BLOCK, PROMPT, SEGMENT, WARMUP, load_config, prompts_for
 
@@ -65,8 +66,9 @@ def logits_agree(ours: Ours, ref: MlxLm, vocab: int) -> dict:
 
 def run_model(name: str, args, config) -> None:
     cfg = load_config(name)
+    quantize = parse_quantize_spec(args.quantize, "--quantize")
     folders = [Path(f) for f in args.artefacts.split(",")]
-    artefacts = [Artefact(f, name) for f in folders]
+    artefacts = [Artefact(f, name, quantize=quantize) for f in folders]
     batches = [int(b) for b in args.batches.split(",") if b]
     prefills = [int(n) for n in args.prefills.split(",") if n]
     weights = artefacts[0].random_weights(mx.bfloat16, seed=1)
@@ -77,11 +79,11 @@ def run_model(name: str, args, config) -> None:
         sides[folder.name] = Ours(a.source, a.layers, weights, mx.bfloat16, blocks, name=folder.name)
     for v in parse(args.variants):
         sides[v] = Ours(first.source, first.layers, weights, mx.bfloat16, blocks, variant_step(first.source, v, config), v)
-    res = ResultsFile(args.out, "ab", name, rounds=args.rounds, sides=list(sides) + (["mlx_lm"] if args.mlx_lm else []),
+    res = ResultsFile(args.out, "ab", part_name(name, quantize), rounds=args.rounds, quantized=str(quantize or ""), sides=list(sides) + (["mlx_lm"] if args.mlx_lm else []),
                       decode_bytes_b1=first.decode_bytes(cfg.get("tie_word_embeddings", False),
                                                                 PROMPT + WARMUP + 2 * SEGMENT + 2))
     if args.mlx_lm:
-        sides["mlx_lm"] = MlxLm(cfg, weights)
+        sides["mlx_lm"] = MlxLm(cfg, weights, first.quantized)
         try:
             res.part["ours_vs_mlx_lm"] = logits_agree(sides["ours"], sides["mlx_lm"], cfg["vocab_size"])
             log("ab", f"{name}: ours vs mlx-lm logits, same weights: {res.part['ours_vs_mlx_lm']}")

@@ -1,9 +1,12 @@
 """Correctness of the lowered model on MLX's device against transformers on the CPU, same weights.
 
-Two sequences (40 and 17 tokens) prefilled together, then 3 decode steps each (teacher-forced): every
-step's last-token logits, 8 rows, 6 of them through the decode kernels on a CUDA GPU. Tolerance relative to
-the largest logit: 1e-4 in float32 (MLX_ENABLE_TF32=0, which `import runtime` sets), 2e-2 in bfloat16.
-The step is captured here, or read from an artefact folder (`gpu.py lower`) where the model is there.
+Two sequences (4,090 and 17 tokens) prefilled together, then 7 decode steps each (teacher-forced), so the
+long one reaches position 4,096: every step's last-token logits, 16 rows, 14 of them through the decode
+kernels on a CUDA GPU. Tolerance relative to the largest logit: 1e-4 in float32 (MLX_ENABLE_TF32=0, which
+`import runtime` sets), 2e-2 in bfloat16. The step is captured here, or read from an artefact folder
+(`gpu.py lower`) where the model is there. With a quantization (`--quantize q4:64`), the step reads the
+linear and embedding weights in MLX's affine format, quantized on MLX's device by mx.quantize from the
+model's own, and transformers holds the dequantized weights.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import torch
 from safetensors.torch import load_file
 
 from common import ResultsFile, log
-from gpu_lower import lower_program
-from gpu_systems import Artefact, Ours, mlx_setup, with_derived
-from gpu_workloads import load_config, torch_model
+from gpu_lower import folder_name, lower_program
+from gpu_systems import Artefact, Ours, mlx_setup, quantized_parts, with_derived
+from gpu_workloads import BLOCK, load_config, torch_model
+from runtime.config import QuantizeSpec, parse_quantize_spec
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+LENGTHS, STEPS = {1: 4090, 2: 17}, 7  # the long sequence's last query at position 4,096
 
 
 def _from_artefact(artefact: Artefact, model) -> tuple[dict, str]:
@@ -37,28 +42,50 @@ def _from_artefact(artefact: Artefact, model) -> tuple[dict, str]:
     return with_derived(weights, artefact.meta, torch.cat), f"artefact {artefact.folder} (torch {artefact.meta.get('torch')})"
 
 
-def check(name: str, dtype_name: str, device: str, artefacts: Path | None = None) -> dict:
+def _quantize_into(model, weights: dict, quantized: dict) -> dict:
+    """The quantized weights' MLX arrays (codes, scales, biases: mx.quantize of the model's own weight on MLX's
+    device), and the model's weights replaced by their dequantized values (the reference's)."""
+    state = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    with torch.no_grad():
+        for path, (bits, group) in quantized.items():
+            param = state[path]
+            wq, scales, biases = mx.quantize(mx.array(param.detach().contiguous()), group_size=group, bits=bits)
+            out.update(quantized_parts(path, wq, scales, biases))
+            dequantized = mx.dequantize(wq, scales, biases, group_size=group, bits=bits).astype(mx.float32)
+            param.copy_(torch.from_numpy(np.array(dequantized)).to(param.dtype))  # tied weights: set once, both see it
+            weights.pop(path, None)
+    return out
+
+
+def check(name: str, dtype_name: str, device: str, artefacts: Path | None = None,
+          quantize: QuantizeSpec | None = None) -> dict:
     mlx_setup(device)
     cfg = load_config(name)
     model = torch_model(cfg, getattr(torch, dtype_name), "cpu", init="seed", seed=0)
     t = time.perf_counter()
-    if artefacts is not None and (Path(artefacts) / f"{name}-{dtype_name}" / "meta.json").is_file():
-        artefact = Artefact(artefacts, name, dtype_name)
+    if artefacts is not None and (Path(artefacts) / folder_name(name, dtype_name, quantize) / "meta.json").is_file():
+        artefact = Artefact(artefacts, name, dtype_name, quantize)
         weights, how = _from_artefact(artefact, model)
-        source, layers = artefact.source, artefact.layers
+        source, layers, quantized = artefact.source, artefact.layers, artefact.quantized
     else:
-        source, program, _ = lower_program(model, name)
-        weights = {program.weight_paths[k]: v for k, v in program.weights.items()}
+        source, program, _ = lower_program(model, name, quantize)
+        quantized = {p: [q.bits, q.group_size] for p, q in program.quantized.items()
+                     if p in program.weight_paths.values()}
+        weights = {program.weight_paths[k]: v for k, v in program.weights.items()}  # placeholders where quantized
         layers = [asdict(x) for x in program.attention]
         how = f"captured here (torch {torch.__version__})"
     lower_s = time.perf_counter() - t
     mx_dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}[dtype_name]
+    qweights = _quantize_into(model, weights, quantized)
     mweights = {p: mx.array(v.detach().to(torch.int32) if v.dtype == torch.int64 else v.detach().contiguous())
-                for p, v in weights.items()}
-    ours = Ours(source, layers, mweights, mx_dtype, num_blocks=32)
+                for p, v in weights.items() if p not in qweights}
+    mweights.update(qweights)
+    lens, steps = LENGTHS, STEPS
+    blocks = sum(-(-(n + steps + 1) // BLOCK) for n in lens.values()) + 8
+    ours = Ours(source, layers, mweights, mx_dtype, num_blocks=blocks)
 
     rng = np.random.default_rng(0)
-    lens, steps = {1: 40, 2: 17}, 3
     seqs = {s: rng.integers(0, cfg["vocab_size"], size=n + steps).tolist() for s, n in lens.items()}
     for s, toks in seqs.items():
         ours.driver.add(s, toks)
@@ -78,16 +105,18 @@ def check(name: str, dtype_name: str, device: str, artefacts: Path | None = None
             scale = max(scale, float(np.abs(want).max()))
     err = max(errs)
     tol = TOLERANCE[dtype_name]
-    return {"model": name, "dtype": dtype_name, "device": str(mx.default_device()), "lowering": how,
+    return {"model": name, "dtype": dtype_name, "quantized": str(quantize or ""), "device": str(mx.default_device()),
+            "lowering": how, "last_position": max(lens.values()) + steps - 1, "quantized_weights": len(quantized),
             "lower_s": lower_s, "max_abs_err": err, "max_abs_logit": scale, "rel_err": err / scale,
             "tolerance_rel": tol, "ok": bool(err / scale <= tol), "rows_compared": 2 * (steps + 1),
             "tf32": os.environ.get("MLX_ENABLE_TF32", "default(1)"), "vllm_imported": "vllm" in sys.modules}
 
 
 def main(args) -> int:
-    out = check(args.model, args.dtype, args.device, Path(args.artefacts))
+    quantize = parse_quantize_spec(args.quantize, "--quantize")
+    out = check(args.model, args.dtype, args.device, Path(args.artefacts), quantize)
     log("check", json.dumps(out))
-    res = ResultsFile(args.out, "checks", f"{args.model} {args.dtype}")
+    res = ResultsFile(args.out, "checks", f"{args.model} {args.dtype}" + (f" {quantize}" if quantize else ""))
     res.add(**out)
     print(json.dumps(out))
     return 0 if out["ok"] else 1

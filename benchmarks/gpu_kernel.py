@@ -1,4 +1,5 @@
-"""The paged decode attention alone on the GPU, 8B attention shape (32 heads, 8 KV heads, D 128, bf16, block
+"""A kernel alone on the GPU (`gpu.py kernel`): with --kernel quantized, the quantized GEMV (gpu_qgemv.py);
+by default the paged decode attention, 8B attention shape (32 heads, 8 KV heads, D 128, bf16, block
 16): GPU time per call through CUPTI of the kernel table's `attend_decode` at each (warps, keys in flight)
 of the CUDA kernel (RuntimeConfig.paged_kernel_tune, env MLX_PAGED_KERNEL_TUNE), of the generic path (the
 kernel off: a gather of the blocks and a masked SDPA) and of MLX's decode SDPA on a contiguous, unmasked
@@ -13,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
+import gpu_qgemv
 from common import ResultsFile, log
 from gpu_profile import cuda_kernels
 from gpu_systems import mlx_setup
@@ -43,6 +45,8 @@ def inputs(batch: int, context: int, seed: int) -> dict:
 def main(args) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("gpu.py kernel times CUDA kernels through CUPTI (torch's profiler): torch sees no CUDA device")
+    if args.kernel == "quantized":
+        return gpu_qgemv.main(args)
     config = mlx_setup("gpu")
     res = ResultsFile(args.out, "kernel", "paged decode attention", context=args.context)
     tunes = [tuple(int(x) for x in c.split("x")) for c in args.tunes.split(",")]

@@ -14,10 +14,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from common import ResultsFile, log
 from gpu_ab import decode_split, medians, step_split
-from gpu_systems import Artefact, MlxLm, Ours, mlx_setup
+from gpu_systems import Artefact, MlxLm, Ours, mlx_setup, part_name
 from gpu_variants import VARIANTS, variant_step
 from gpu_workloads import BLOCK, PROMPT, WARMUP, load_config, prompts_for
 from lowering.compile import load_step
+from runtime.config import parse_quantize_spec
 
 
 def cuda_kernels(fn, steps: int) -> dict | None:
@@ -53,7 +54,7 @@ def prefill_split(system, prompt) -> dict:
 
 def system_for(label: str, artefact: Artefact, weights: dict, blocks: int, cfg: dict, config):
     if label == "mlx_lm":
-        return MlxLm(cfg, weights)
+        return MlxLm(cfg, weights, artefact.quantized)
     steps = {"ours": lambda: None, "ours_nojit": lambda: load_step(artefact.source, jit=False),
              **{v: (lambda v=v: variant_step(artefact.source, v, config)) for v in VARIANTS}}
     if label in steps:
@@ -63,12 +64,14 @@ def system_for(label: str, artefact: Artefact, weights: dict, blocks: int, cfg: 
 
 def main(args) -> int:
     config = mlx_setup(args.device)
+    quantize = parse_quantize_spec(args.quantize, "--quantize")
     for name in args.models.split(","):
         cfg = load_config(name)
-        artefact = Artefact(args.artefacts, name)
+        artefact = Artefact(args.artefacts, name, quantize=quantize)
         weights = artefact.random_weights(mx.bfloat16, seed=1)
         blocks = max(args.batch * (256 // BLOCK), args.prefill // BLOCK) + 64
-        what = f"{name} prefill {args.prefill}" if args.prefill else f"{name} decode batch {args.batch}"
+        model = part_name(name, quantize)
+        what = f"{model} prefill {args.prefill}" if args.prefill else f"{model} decode batch {args.batch}"
         res = ResultsFile(args.out, "profile", what, model=name, batch=1 if args.prefill else args.batch,
                           prefill=args.prefill)
         for label in args.systems.split(","):

@@ -16,6 +16,15 @@ from common import write_doc_section
 NAMES = {"llama8b": "Llama-3-8B shape", "smollm2": "SmolLM2-135M shape"}
 
 
+def title(part: str) -> str:
+    """A results part's model in words: "llama8b q4g64" -> "Llama-3-8B shape, 4-bit weights (groups of 64)"."""
+    model, _, quant = part.partition(" ")
+    if not quant:
+        return NAMES.get(model, model)
+    bits, _, group = quant.removeprefix("q").partition("g")
+    return f"{NAMES.get(model, model)}, {bits}-bit weights (groups of {group})"
+
+
 def _by_round(rows: list[dict], side: str, kind: str, size: int, metric: str) -> dict[int, float]:
     key = "batch" if kind == "decode" else "tokens"
     return {r["round"]: r[metric] for r in rows if r["side"] == side and r["kind"] == kind and r[key] == size}
@@ -59,7 +68,7 @@ def ceiling_line(data: dict, model: str = "llama8b") -> str | None:
             tok = {m: 1e3 / statistics.median(v.values()) for m, v in ms.items()}
             cells.append(f"{side} async {tok['async']:.0f} tok/s = **{100 * tok['async'] / ceiling:.0f}%**, "
                          f"sync {tok['sync']:.0f} = {100 * tok['sync'] / ceiling:.0f}%")
-    return (f"{NAMES.get(model, model)}, batch 1: a step reads {step_bytes / 1e9:.2f} GB; at the measured copy bandwidth "
+    return (f"{title(model)}, batch 1: a step reads {step_bytes / 1e9:.2f} GB; at the measured copy bandwidth "
             f"of {gb_s:.0f} GB/s the ceiling is **{ceiling:.0f} tok/s**. " + "; ".join(cells) + ".")
 
 
@@ -112,20 +121,48 @@ def kernel_table(data: dict) -> str | None:
     return "\n".join(lines)
 
 
+def quantized_kernel_table(data: dict) -> str | None:
+    """GPU us a call and GB/s of ours, MLX's 4-bit and MLX's bf16 GEMV per 8B matrix and M; our best block shape."""
+    part = data.get("kernel", {}).get("quantized gemv")
+    if not part or not part["rows"]:
+        return None
+    at = {(r["shape"], r["m"], r["side"]): r for r in part["rows"]}
+    cases = list(dict.fromkeys((r["shape"], r["n"], r["k"], r["m"]) for r in part["rows"]))
+    lines = [f"{part['bits']}-bit weights in groups of {part['group_size']}, bf16 activations and scales; GPU us a call "
+             "(GB/s moved: codes, scales, biases, activations, output); the best of our block shapes (warps x rows) "
+             "where swept.", "",
+             "| matrix | N x K | M | ours | MLX 4-bit | MLX bf16 | ours vs MLX 4-bit | our best shape |",
+             "|---|---|---|---|---|---|---|---|"]
+    for shape, n, k, m in cases:
+        def cell(side):
+            r = at.get((shape, m, side))
+            return f"{r['gpu_us']:.1f} ({r['GB_s']:,.0f})" if r else "n/a"
+        ours, theirs = at.get((shape, m, "ours")), at.get((shape, m, "mlx_q4"))
+        ratio = f"{theirs['gpu_us'] / ours['gpu_us']:.2f}x" if ours and theirs else "n/a"
+        tunes = [r for (s_, m_, side), r in at.items() if s_ == shape and m_ == m and side.startswith("tune")]
+        best = min(tunes, key=lambda r: r["gpu_us"]) if tunes else None
+        best_cell = f"{best['side'].removeprefix('tune ')}: {best['gpu_us']:.1f}" if best else ""
+        lines.append(f"| {shape} | {n} x {k} | {m} | {cell('ours')} | {cell('mlx_q4')} | {cell('mlx_bf16')} | {ratio} | "
+                     f"{best_cell} |")
+    return "\n".join(lines)
+
+
 def report(path: str, sides: list[str] | None = None) -> str:
     if not Path(path).is_file():
         raise SystemExit(f"no results file {path}: a measuring command (check, ab, profile, ...) writes it with --out")
     data = json.loads(Path(path).read_text())
     out = []
     for model, part in data.get("ab", {}).items():
-        out += [f"### {NAMES.get(model, model)}: ms a step", "",
+        out += [f"### {title(model)}: ms a step", "",
                 f"Each side's median over {part['rounds']} paired rounds; in brackets the median per-round ratio of its "
                 "time to the first column's (> 1: the first column is faster).", "", ab_table(part, sides), ""]
-    for title, text in (("Bandwidth ceiling", ceiling_line(data)), ("Profiles", profile_table(data)),
+    ceilings = "\n\n".join(filter(None, (ceiling_line(data, m) for m in data.get("ab", {}) if m.startswith("llama8b"))))
+    for heading, text in (("Bandwidth ceiling", ceilings), ("Profiles", profile_table(data)),
                         ("Correctness", checks_table(data)), ("torch", torch_table(data)),
-                        ("Decode attention alone, GPU us a call", kernel_table(data))):
+                        ("Decode attention alone, GPU us a call", kernel_table(data)),
+                        ("Quantized GEMV alone", quantized_kernel_table(data))):
         if text:
-            out += [f"### {title}", "", text, ""]
+            out += [f"### {heading}", "", text, ""]
     return "\n".join(out)
 
 
@@ -133,5 +170,5 @@ def main(args) -> int:
     text = report(args.file, [s for s in args.sides.split(",") if s] or None)
     print(text)
     if args.write:
-        write_doc_section("gpu", text)
+        write_doc_section(args.section, text)
     return 0

@@ -15,9 +15,11 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
+from gpu_lower import folder_name
 from gpu_workloads import BLOCK
 from lowering.compile import load_step
 from lowering.driver import Driver
@@ -33,16 +35,19 @@ def mlx_setup(device: str) -> RuntimeConfig:
 
 
 class Artefact:
-    """A lowered step as `gpu.py lower` wrote it: <base>/<model>-<dtype>/{step.py, meta.json, constants.safetensors}."""
+    """A lowered step as `gpu.py lower` wrote it: <base>/<model>-<dtype>[-q<bits>g<group>]/{step.py, meta.json,
+    constants.safetensors}."""
 
-    def __init__(self, base: Path, model: str, dtype: str = "bfloat16"):
-        self.folder = Path(base) / f"{model}-{dtype}"
+    def __init__(self, base: Path, model: str, dtype: str = "bfloat16", quantize=None):
+        self.folder = Path(base) / folder_name(model, dtype, quantize)
         if not (self.folder / "meta.json").is_file():
+            more = f" --models {model}:{dtype} --quantize q{quantize.bits}:{quantize.group_size}" if quantize else ""
             raise SystemExit(f"no lowered artefact in {self.folder}: run `python benchmarks/gpu.py lower "
-                             f"--out {base}` (on a machine with torch >= 2.13) and carry the folder along")
+                             f"--out {base}{more}` (on a machine with torch >= 2.13) and carry the folder along")
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self.source = (self.folder / "step.py").read_text()
         self.layers = self.meta["layers"]
+        self.quantized = self.meta.get("quantized", {})  # weight path -> [bits, group_size]
 
     def constants(self) -> dict:
         loaded = mx.load(str(self.folder / "constants.safetensors")) if self.meta["constants"] else {}
@@ -51,7 +56,9 @@ class Artefact:
     def random_weights(self, dtype, seed: int) -> dict:
         """Every parameter made on MLX's default device (mx.random: N(0, 0.02) matrices, unit norms), never
         through host memory; tied paths share one array; the merged projections concatenated from the very
-        arrays mlx-lm reads; the constants the step reads."""
+        arrays mlx-lm reads; the constants the step reads. A weight the artefact reads quantized is quantized
+        there with mx.quantize, as mlx-lm's own quantization does, and kept only so: codes at its path,
+        "<module>.scales" and "<module>.biases" beside it (the names mlx-lm's quantized layers load)."""
         weights = {}
         for i, (path, spec) in enumerate(sorted(self.meta["params"].items())):
             if path in self.meta["aliases"]:
@@ -61,10 +68,17 @@ class Artefact:
                 w = mx.ones(shape, dtype=dtype)
             else:
                 w = (mx.random.normal(shape, key=mx.random.key(seed * 100_003 + i)) * 0.02).astype(dtype)
-            mx.eval(w)  # one weight at a time: temporaries stay small
-            weights[path] = w
+            if path in self.quantized:
+                bits, group = self.quantized[path]
+                weights.update(quantized_parts(path, *mx.quantize(w, group_size=group, bits=bits)))
+                mx.eval([weights[p] for p in quantized_parts(path)])
+            else:
+                mx.eval(w)  # one weight at a time: temporaries stay small
+                weights[path] = w
         for path, canon in self.meta["aliases"].items():
-            weights[path] = weights[canon]
+            for mine, theirs in zip(quantized_parts(path), quantized_parts(canon)):
+                if theirs in weights:
+                    weights[mine] = weights[theirs]
         weights = with_derived(weights, self.meta, mx.concatenate)
         weights.update(self.constants())
         mx.eval(list(weights.values()))
@@ -72,7 +86,9 @@ class Artefact:
 
     def decode_bytes(self, tied: bool, context: int, batch: int = 1) -> dict:
         """Bytes a decode step must read: every weight matrix once (the embedding only as the LM head when
-        tied; untied, the lookup reads B rows: not counted) and the K/V of every layer at `context` tokens."""
+        tied; untied, the lookup reads B rows: not counted) and the K/V of every layer at `context` tokens. A
+        quantized weight counts its codes, scales and biases (scales and biases in the weight's dtype, as
+        mx.quantize makes them)."""
         size = {"bfloat16": 2, "float16": 2, "float32": 4}
         total = embed = 0
         for path, spec in self.meta["params"].items():
@@ -81,6 +97,9 @@ class Artefact:
             n = size[spec["dtype"]]
             for d in spec["shape"]:
                 n *= d
+            if path in self.quantized:
+                bits, group = self.quantized[path]
+                n = n // size[spec["dtype"]] * bits // 8 + 2 * (n // group)
             total += n
             if path.endswith("embed_tokens.weight"):
                 embed = n
@@ -88,6 +107,19 @@ class Artefact:
         dtype = next(iter(self.meta["params"].values()))["dtype"]
         kv = batch * context * sum(2 * x["num_kv_heads"] * x["head_dim"] for x in self.layers) * size[dtype]
         return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
+def part_name(model: str, quantize=None) -> str:
+    """The results file's name for a model's part: "llama8b", or "llama8b q4g64" for a quantized lowering."""
+    return model + (f" q{quantize.bits}g{quantize.group_size}" if quantize else "")
+
+
+def quantized_parts(path: str, *arrays):
+    """The paths of a quantized weight's codes, scales and biases (lowering.quantize.part_paths); with the
+    arrays, a dict of them."""
+    base = path.removesuffix(".weight")
+    paths = (path, f"{base}.scales", f"{base}.biases")
+    return dict(zip(paths, arrays)) if arrays else paths
 
 
 def with_derived(weights: dict, meta: dict, cat) -> dict:
@@ -170,11 +202,13 @@ class Ours(Decoder):
 
 
 class MlxLm(Decoder):
-    """mlx-lm's Llama (mlx_lm.models.llama) on the same weights as ours."""
+    """mlx-lm's Llama (mlx_lm.models.llama) on the same weights as ours. `quantized` (weight path -> [bits,
+    group_size]): those layers made quantized first, as mlx-lm loads a quantized checkpoint (`nn.quantize` on
+    the freshly built model, whose lazy initial weights are never computed), then given ours."""
 
     name = "mlx_lm"
 
-    def __init__(self, cfg: dict, weights: dict):
+    def __init__(self, cfg: dict, weights: dict, quantized: dict | None = None):
         args = dict(cfg)
         rope = args.pop("rope_parameters", None) or {}
         args["rope_theta"] = rope.get("rope_theta", args.get("rope_theta", 10000.0))
@@ -182,10 +216,20 @@ class MlxLm(Decoder):
             args["rope_scaling"] = dict(rope)  # mlx-lm 0.32.2 reads only the flat keys of transformers' config
         self.args = llama.ModelArgs.from_dict(args)
         self.model = llama.Model(self.args)
+        if quantized:
+            formats = {tuple(f) for f in quantized.values()}
+            if len(formats) != 1:
+                raise SystemExit(f"mlx-lm quantizes a model with one format; this artefact has {sorted(formats)}")
+            bits, group = formats.pop()
+            paths = set(quantized) | ({"model.embed_tokens.weight"} if "lm_head.weight" in quantized
+                                      and self.args.tie_word_embeddings else set())
+            nn.quantize(self.model, group_size=group, bits=bits,
+                        class_predicate=lambda p, m: f"{p}.weight" in paths and hasattr(m, "to_quantized"))
         names = dict(_flatten(self.model.parameters()))
         own = {k: v for k, v in weights.items() if k in names}
-        if "model.embed_tokens.weight" not in own:  # tied: torch.export named the one tensor lm_head.weight
-            own["model.embed_tokens.weight"] = weights["lm_head.weight"]
+        for part in ("weight", "scales", "biases"):  # tied: torch.export named the one tensor lm_head.weight
+            if f"model.embed_tokens.{part}" in names and f"model.embed_tokens.{part}" not in own:
+                own[f"model.embed_tokens.{part}"] = weights[f"lm_head.{part}"]
         self.model.load_weights(list(own.items()), strict=True)
         mx.eval(self.model.parameters())
 

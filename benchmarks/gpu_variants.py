@@ -29,6 +29,8 @@ VARIANTS = {
     "ours_fused_always": frozenset({"decode_block_limit"}),
     # MLX's silu(gate) * up for one token instead of the row kernel
     "ours_silu_off": frozenset({"silu_row"}),
+    # MLX's quantized matmul for every quantized linear, decode included
+    "ours_qgemv_off": frozenset({"quantized_gemv"}),
 }
 
 

@@ -16,13 +16,12 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from passes.fused.quantized import Quantized
+from passes.fused.quantized import Quantized, quantizable
 from passes.program import Program
 from weights import QuantizedWeight
 from weights.quantize import QuantizeSpec, quantize_weight
 from weights.quantized import concat_rows
 
-aten = torch.ops.aten
 _MX_DTYPES = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
 
 
@@ -57,22 +56,6 @@ def attach(program: Program, quantized: dict[str, QuantizedWeight]) -> dict[str,
     for path, q in quantized.items():
         arrays.update(parts(path, q))
     return arrays
-
-
-def quantizable(program: Program, group_size: int) -> list[str]:
-    """Paths of the full-precision weights only linears and embeddings read, whose input size is a multiple
-    of the group (what on-the-fly quantization takes; norms, biases and convolutions stay as they are)."""
-    found = []
-    for node in program.graph.nodes:
-        if node.op != "placeholder" or node.name not in program.weights or not node.users:
-            continue
-        value = program.weights[node.name]
-        if not value.is_floating_point() or value.dim() != 2 or value.shape[1] % group_size:
-            continue
-        if all((u.target == aten.linear.default and u.args[1] is node and node not in (u.args[0], *u.args[2:]))
-               or (u.target == aten.embedding.default and u.args[0] is node) for u in node.users):
-            found.append(program.weight_paths[node.name])
-    return found
 
 
 def quantize_program(program: Program, spec: QuantizeSpec, weights: dict[str, mx.array] | None = None

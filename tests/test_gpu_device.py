@@ -21,7 +21,7 @@ from runtime import kernels
 from runtime.batch import StepInput, attention_arrays, to_mlx
 from runtime.config import ConfigError, RuntimeConfig
 from runtime.device import gpu_available
-from runtime.kernels import cuda_attention, cuda_norm, cuda_rope, cuda_silu, paged
+from runtime.kernels import cuda_attention, cuda_norm, cuda_quantized, cuda_rope, cuda_silu, paged
 from runtime.model import CacheLayout, device_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,14 +43,21 @@ def test_gpu_refused_without_gpu_backend():
     assert RuntimeConfig.from_env({}).device == "cpu"  # unset: the CPU, no error
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_benchmark_check_on_cpu(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype,quantize", [("float32", None), ("bfloat16", None), ("float32", "q4:64"),
+                                            ("bfloat16", "q8:32")])
+def test_benchmark_check_on_cpu(dtype, quantize, monkeypatch):
+    """The GPU suite's check on the CPU: a 4,090-token sequence and a short one to position 4,096, every linear
+    and embedding quantized where asked (transformers then holds the dequantized weights)."""
+    from runtime.config import parse_quantize_spec
+
     bench = _gpu_check(monkeypatch)
     vllm_before = "vllm" in sys.modules
-    out = bench.check("tiny", dtype, "cpu", artefacts=None)  # captured here
+    out = bench.check("tiny", dtype, "cpu", artefacts=None, quantize=parse_quantize_spec(quantize))  # captured here
     assert out["ok"], out
     assert out["lowering"].startswith("captured here")
-    assert out["rows_compared"] == 8 and out["max_abs_logit"] > 0
+    assert out["rows_compared"] == 16 and out["max_abs_logit"] > 0 and out["last_position"] == 4096
+    # q, k, v, o, gate, up, down in each of the 2 layers, and the embedding the LM head is tied to
+    assert out["quantized_weights"] == (0 if quantize is None else 7 * 2 + 1)
     assert out["rel_err"] <= (1e-5 if dtype == "float32" else 2e-2)
     if not vllm_before:
         assert not out["vllm_imported"]  # the HF front end never imports vLLM
@@ -73,7 +80,7 @@ def test_cpu_table_takes_no_cuda_kernel():
     """The CPU's table runs the generic entries where the CUDA table has kernels of its own."""
     table = kernels.select(RuntimeConfig(device="cpu"))
     assert isinstance(table, kernels.Cpu) and not isinstance(table, kernels.Cuda)
-    for entry in ("add_rms_norm", "silu_mul", "rope_paged_attention", "new_kv", "attend_decode"):
+    for entry in ("add_rms_norm", "silu_mul", "rope_paged_attention", "new_kv", "attend_decode", "quantized_linear"):
         assert getattr(type(table), entry) is getattr(kernels.Generic, entry), entry
         assert getattr(kernels.Cuda, entry) is not getattr(kernels.Generic, entry), entry
 
@@ -444,3 +451,110 @@ def test_silu_mul_row_kernel_matches_mlx(dtype_name, f):
     bound = ulp * mx.abs(truth) + 1e-6
     assert mx.all(err <= 2 * bound).item(), f"max abs error {err.max().item()} (MLX's own: {mlx_err.max().item()})"
     assert mx.all(err <= mlx_err + bound).item(), f"max abs error {err.max().item()} (MLX's own: {mlx_err.max().item()})"
+
+
+# ----------------------------------------------------------------------------- the quantized GEMV
+def _quantized_case(m, n, k, bits, group, x_dtype, scale_dtype, seed):
+    """Activations [m, k] and a weight [n, k] of N(0, 0.02) quantized by MLX (scales and biases in
+    `scale_dtype`), and the float64 truth from the dequantized weight; also sum(|x| |w|) per output, the scale
+    of the f32 accumulation error."""
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((m, k), np.float32)).astype(x_dtype)
+    w = mx.array(rng.standard_normal((n, k), np.float32) * 0.02).astype(scale_dtype)
+    wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    w64 = np.array(mx.dequantize(wq, scales, biases, group_size=group, bits=bits).astype(mx.float32), np.float64)
+    x64 = np.array(x.astype(mx.float32), np.float64)
+    return x, wq, scales, biases, x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
+
+
+def _check_quantized(got, truth, magnitude, dtype_name, what):
+    """Within the output's rounding (one ulp) plus 1e-6 of sum(|x| |w|) (f32 accumulation), with no NaN."""
+    ulp = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10, "float32": 2.0 ** -22}[dtype_name]
+    got = np.array(got.astype(mx.float32), np.float64)
+    err = np.abs(got - truth)
+    bound = ulp * np.abs(truth) + 1e-6 * magnitude
+    assert np.isfinite(got).all() and (err <= bound).all(), (
+        f"{what}: max abs error {err.max():.3g} (max |out| {np.abs(truth).max():.3g}, worst error / bound "
+        f"{(err / bound).max():.3g})")
+    return err.max()
+
+
+QUANTIZED_CASES = (
+    # every bits x group once at M = 1, K = 4096, odd N, each dtype with both bit widths
+    [(1, 1001, 4096, 4, 64, "bfloat16", "bfloat16"), (1, 1001, 4096, 4, 32, "bfloat16", "bfloat16"),
+     (1, 1001, 4096, 4, 64, "float16", "float16"), (1, 1001, 4096, 4, 128, "float32", "float32"),
+     (1, 1001, 4096, 8, 32, "float16", "float16"), (1, 1001, 4096, 8, 64, "float32", "float32"),
+     (1, 1001, 4096, 8, 128, "bfloat16", "bfloat16")]
+    # M = 2..8 at K = 14336 (the 8B shape's down projection)
+    + [(m, 333, 14336, 4, 64, "bfloat16", "bfloat16") for m in range(2, 9)]
+    + [(5, 257, 14336, 8, 128, "bfloat16", "bfloat16"), (8, 129, 14336, 4, 32, "float32", "float32")]
+    # K = 576 (SmolLM2's hidden size): 18 vectors of 16 bytes a row, fewer than a warp's lanes
+    + [(1, 577, 576, 4, 64, "bfloat16", "bfloat16"), (3, 49, 576, 8, 32, "float32", "float32"),
+       (8, 1153, 576, 4, 32, "float16", "float16"), (4, 3, 576, 4, 128, "bfloat16", "bfloat16")]
+    # float32 scales with bfloat16 activations (MLX then computes in float32), and one row of output
+    + [(2, 4097, 4096, 4, 64, "bfloat16", "float32"), (1, 1, 4096, 8, 64, "float32", "float32")])
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("m,n,k,bits,group,dtype_name,scale_dtype", QUANTIZED_CASES)
+def test_quantized_gemv_matches_reference(m, n, k, bits, group, dtype_name, scale_dtype):
+    """runtime/kernels/cuda_quantized.py vs the float64 product with the dequantized weight, every poisoned
+    output written; where MLX's own kernel is fast to build, the generic entry (mx.quantized_matmul) too."""
+    dtype = getattr(mx, dtype_name)
+    x, wq, scales, biases, truth, magnitude = _quantized_case(m, n, k, bits, group, dtype, getattr(mx, scale_dtype),
+                                                              seed=m * 100003 + n * 7 + k + bits + group)
+    assert cuda_quantized.fits(x, wq, scales, biases, bits, group)
+    got = cuda_quantized.quantized_matmul(x, wq, scales, biases, bits=bits, group_size=group)
+    assert got.shape == (m, n) and got.dtype == dtype
+    ours = _check_quantized(got, truth, magnitude, dtype_name, "ours")
+    if (bits, group, m, dtype_name, scale_dtype) in ((4, 64, 1, "bfloat16", "bfloat16"), (4, 64, 8, "bfloat16", "bfloat16")):
+        generic = GENERIC.quantized_linear(x, wq, scales, biases, bits=bits, group_size=group)
+        theirs = _check_quantized(generic, truth, magnitude, dtype_name, "mx.quantized_matmul")
+        diff = mx.abs(got.astype(mx.float32) - generic.astype(mx.float32)).max().item()
+        assert diff <= ours + theirs + 1e-6, (diff, ours, theirs)
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+@pytest.mark.parametrize("tune", [(1, 1), (2, 2), (4, 4), (4, 1), (1, 4)])
+def test_quantized_gemv_tunes(tune):
+    """Every (warps, rows) block shape gives the reference, rows past N and K split over warps included."""
+    x, wq, scales, biases, truth, magnitude = _quantized_case(3, 1031, 14336, 4, 64, mx.bfloat16, mx.bfloat16, seed=5)
+    got = cuda_quantized.quantized_matmul(x, wq, scales, biases, bits=4, group_size=64, tune=tune)
+    _check_quantized(got, truth, magnitude, "bfloat16", f"tune {tune}")
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs MLX's CUDA backend as the default device")
+def test_cuda_table_quantized_linear():
+    """The CUDA table's entry, compiled as the step runs it: up to MAX_M rows (any leading shape, with a bias)
+    through the kernel, more rows or the switch off through MLX's quantized matmul."""
+    table, off = _cuda_table(), _cuda_table("quantized_gemv")
+    x, wq, scales, biases, truth, magnitude = _quantized_case(8, 300, 4096, 4, 64, mx.bfloat16, mx.bfloat16, seed=9)
+    bias = mx.array(np.random.default_rng(1).standard_normal(300, np.float32)).astype(mx.bfloat16)
+    for t in (table, off):
+        fn = mx.compile(lambda a, t=t: t.quantized_linear(a, wq, scales, biases, bias, bits=4, group_size=64))
+        got = fn(x[:3].reshape(1, 3, 4096))
+        assert got.shape == (1, 3, 300) and got.dtype == mx.bfloat16
+        bias64 = np.array(bias.astype(mx.float32), np.float64)
+        _check_quantized(got.reshape(3, 300) - bias, truth[:3] + bias64 - bias64, magnitude[:3] + np.abs(bias64),
+                         "bfloat16", t.config.kernels_off or "table")
+    direct = cuda_quantized.quantized_matmul(x[:3], wq, scales, biases, bits=4, group_size=64)
+    assert mx.array_equal(mx.compile(lambda a: table.quantized_linear(a, wq, scales, biases, bits=4, group_size=64))(
+        x[:3]), direct).item()
+    many = mx.concatenate([x, x[:1]])  # 9 rows: MLX's kernel
+    assert not cuda_quantized.fits(many, wq, scales, biases, 4, 64)
+    assert mx.array_equal(table.quantized_linear(many, wq, scales, biases, bits=4, group_size=64),
+                          GENERIC.quantized_linear(many, wq, scales, biases, bits=4, group_size=64)).item()
+
+
+def test_quantized_gemv_fits():
+    """What the kernel takes: 4 or 8 bits, groups 32/64/128, 1..MAX_M float rows of the weight's K."""
+    w = mx.zeros((64, 256), mx.float32)
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    x = mx.zeros((2, 256), mx.bfloat16)
+    assert cuda_quantized.fits(x, wq, scales, biases, 4, 64)
+    assert not cuda_quantized.fits(x, wq, scales, biases, 4, 32)  # K / group disagrees with the scales
+    assert not cuda_quantized.fits(mx.zeros((9, 256), mx.bfloat16), wq, scales, biases, 4, 64)
+    assert not cuda_quantized.fits(mx.zeros((2, 128), mx.bfloat16), wq, scales, biases, 4, 64)
+    assert not cuda_quantized.fits(x.astype(mx.int32), wq, scales, biases, 4, 64)
+    wq3, s3, b3 = mx.quantize(w, group_size=64, bits=3)
+    assert not cuda_quantized.fits(x, wq3, s3, b3, 3, 64)

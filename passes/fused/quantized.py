@@ -90,6 +90,34 @@ def _users_convertible(weight: fx.Node) -> bool:
                for u in weight.users)
 
 
+def quantizable(program: Program, group_size: int) -> list[str]:
+    """Paths of the full-precision weights only linears and embeddings read, whose input size is a multiple
+    of the group (what on-the-fly quantization takes; norms, biases and convolutions stay as they are)."""
+    found = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in program.weights or not node.users:
+            continue
+        value = program.weights[node.name]
+        if not value.is_floating_point() or value.dim() != 2 or value.shape[1] % group_size:
+            continue
+        if _users_convertible(node):
+            found.append(program.weight_paths[node.name])
+    return found
+
+
+def placeholders(program: Program, bits: int, group_size: int) -> dict[str, Quantized]:
+    """Shape-correct uninitialised triples for every quantizable weight: what lowering needs of a quantized
+    model when the values come later (a benchmark quantizes random weights on its device)."""
+    out = {}
+    by_path = {program.weight_paths[n]: t for n, t in program.weights.items()}
+    for path in quantizable(program, group_size):
+        n, k = by_path[path].shape
+        groups = torch.empty((n, k // group_size), dtype=by_path[path].dtype)
+        out[path] = Quantized(torch.empty((n, k * bits // 32), dtype=torch.int32), groups, torch.empty_like(groups),
+                              bits, group_size)
+    return out
+
+
 def quantize(program: Program) -> int:
     """Rewrite the readers of every weight in `program.quantized`; returns how many nodes were rewritten."""
     graph, count = program.graph, 0

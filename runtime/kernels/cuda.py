@@ -6,14 +6,16 @@
 - paged attention: RoPE of q and k with the K/V cache rows laid out in one kernel (cuda_rope.py); at decode,
   this step's K/V written into the cache in place by that kernel, and the attention read through the block
   table in place (cuda_attention.py), or the whole decode layer - rotation, cache write and attention - in
-  one kernel while its grid is small enough (FUSED_MAX_BLOCKS).
+  one kernel while its grid is small enough (FUSED_MAX_BLOCKS);
+- `quantized_linear` of up to cuda_quantized.MAX_M rows (decode): a GEMV over the packed 4- or 8-bit codes at
+  memory bandwidth (cuda_quantized.py); more rows (prefill) take MLX's quantized matmul.
 Each can be turned off by name through `RuntimeConfig.kernels_off` (VLLM_METAL_KERNELS_OFF), for A/B runs;
 then the generic entry runs.
 """
 
 from __future__ import annotations
 
-from runtime.kernels import cuda_attention, cuda_norm, cuda_rope, cuda_silu, paged
+from runtime.kernels import cuda_attention, cuda_norm, cuda_quantized, cuda_rope, cuda_silu, paged
 from runtime.kernels.generic import Generic
 
 
@@ -27,6 +29,12 @@ class Cuda(Generic):
         if self._on("add_rms_norm") and cuda_norm.fits(x, residual, weight):
             return cuda_norm.add_rms_norm(x, residual, weight, eps)
         return super().add_rms_norm(x, residual, weight, eps=eps)
+
+    def quantized_linear(self, x, wq, scales, biases, bias=None, *, bits: int, group_size: int):
+        if self._on("quantized_gemv") and cuda_quantized.fits(x, wq, scales, biases, bits, group_size):
+            out = cuda_quantized.quantized_matmul(x, wq, scales, biases, bits=bits, group_size=group_size)
+            return out if bias is None else (out + bias).astype(x.dtype)
+        return super().quantized_linear(x, wq, scales, biases, bias, bits=bits, group_size=group_size)
 
     def silu_mul(self, gate, up):
         if self._on("silu_row") and cuda_silu.fits(gate, up):
