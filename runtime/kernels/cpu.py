@@ -23,6 +23,10 @@ from runtime.kernels.generic import Generic
 class Cpu(Generic):
     name = "cpu"
 
+    def __init__(self, config=None):
+        cpu_ext.require()  # the CPU table is our compiled kernels: without them, say how to build them
+        super().__init__(config)
+
     def _on(self, kernel: str) -> bool:
         return kernel not in self.config.kernels_off
 
