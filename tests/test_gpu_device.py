@@ -462,7 +462,9 @@ def _quantized_case(m, n, k, bits, group, x_dtype, scale_dtype, seed):
     x = mx.array(rng.standard_normal((m, k), np.float32)).astype(x_dtype)
     w = mx.array(rng.standard_normal((n, k), np.float32) * 0.02).astype(scale_dtype)
     wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
-    w64 = np.array(mx.dequantize(wq, scales, biases, group_size=group, bits=bits).astype(mx.float32), np.float64)
+    # scales and biases widened first: dequantizing in their own dtype would round every weight to it
+    w64 = np.array(mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group,
+                                 bits=bits), np.float64)
     x64 = np.array(x.astype(mx.float32), np.float64)
     return x, wq, scales, biases, x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
 
