@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--verbose" not in argv:  # before vLLM's logger is configured (at its import)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    args = {}
     try:
         args = vars(build_parser().parse_args(argv))
         prompt, max_tokens, temperature = args.pop("prompt"), args.pop("max_tokens"), args.pop("temperature")
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         answer = out[0].outputs[0].text.strip()
         del llm  # shut the engine down before printing, so the answer is the last thing on screen
     except Exception as exc:
-        message = one_line_error(exc)
+        message = one_line_error(exc, args.get("model"))
         if message is None:
             raise
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_metal_plugin.startup import check_environment, one_line_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    args = None
     try:
         from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
         from vllm.logger import configure_logging_from_args
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         command.validate(args)
         args.dispatch_function(args)
     except Exception as exc:
-        message = one_line_error(exc)
+        message = one_line_error(exc, getattr(args, "model", None))
         if message is None:
             raise
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
