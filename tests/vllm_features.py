@@ -32,7 +32,9 @@ SPEC_CHAT = ["Repeat this list exactly: apple, banana, cherry, date, elderberry,
              "List the days of the week.", "Explain photosynthesis in one sentence."]
 SPEC_RAW = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
             "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"]
-CAT_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+# Bounded, so that even a random model's answer closes within max_tokens.
+CAT_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["name", "age"], "additionalProperties": False}
 CODE_REGEX = r"[A-Z]{3}-[0-9]{4}"
 CHOICES = ["yes", "no", "maybe"]
@@ -47,6 +49,40 @@ EMBED_TEXTS = ["The capital of France is Paris.", "Cats are small domesticated m
 # --------------------------------------------------------------------------------------------------
 # Test side
 # --------------------------------------------------------------------------------------------------
+def tiny_chat_llama(path: Path, tokenizer_dir: str) -> Path:
+    """A tiny random Llama (2 layers, hidden 64, head_dim 32: vLLM's CPU attention needs >= 32) with the
+    tokenizer and chat template of `tokenizer_dir` (SmolLM2's), so chat, stop strings and grammars work
+    as on the real model at a fraction of its cost. Its output head is scaled up so next-token
+    distributions are peaked: greedy choices are clear, not near-ties of a near-uniform distribution."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    if (path / "model.safetensors").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    real = AutoConfig.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=real.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                      rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=real.bos_token_id,
+                      eos_token_id=real.eos_token_id, pad_token_id=getattr(real, "pad_token_id", None))
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:  # norms at 1 +- noise
+            p.data = 1 + 0.1 * torch.randn_like(p)
+    model.lm_head.weight.data *= 25
+    cfg.save_pretrained(path)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copy(Path(tokenizer_dir) / name, path / name)
+    return path
+
+
 def run_platform(name: str, engines: list[dict], model: str, workdir: Path, env: dict, timeout: float) -> dict:
     """One platform's engines in one subprocess; returns {engine name: results} (plus "_log")."""
     workdir.mkdir(parents=True, exist_ok=True)
