@@ -84,7 +84,8 @@ def tiny_chat_llama(path: Path, tokenizer_dir: str) -> Path:
 
 
 def run_platform(name: str, engines: list[dict], model: str, workdir: Path, env: dict, timeout: float) -> dict:
-    """One platform's engines in one subprocess; returns {engine name: results} (plus "_log")."""
+    """One platform's engines in one subprocess; returns {engine name: results} (plus "_log"). An engine
+    runs `model` unless it names its own ("model")."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = (workdir / f"{name}.{ext}" for ext in ("spec.json", "out.json", "log"))
     spec_path.write_text(json.dumps({"model": model, "engines": engines}))
@@ -220,14 +221,15 @@ def main(spec_path: str, out_path: str) -> int:
     from vllm_metal_plugin.startup import one_line_error
 
     spec = json.loads(Path(spec_path).read_text())
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     results = {}
     for engine in spec["engines"]:
         entry, llm, start = {}, None, time.perf_counter()
         saved = {k: os.environ.get(k) for k in engine.get("env", {})}
         os.environ.update(engine.get("env", {}))
+        model = engine.get("model", spec["model"])
         try:
-            llm = LLM(model=spec["model"], **engine["llm"])
+            tokenizer = AutoTokenizer.from_pretrained(model)
+            llm = LLM(model=model, **engine["llm"])
             entry["start_s"] = time.perf_counter() - start
             for name in engine["tasks"]:
                 t = time.perf_counter()
@@ -244,7 +246,7 @@ def main(spec_path: str, out_path: str) -> int:
             if llm is not None:
                 llm.llm_engine.engine_core.shutdown()
                 del llm
-            cleanup_dist_env_and_memory()
+                cleanup_dist_env_and_memory()
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
