@@ -25,15 +25,16 @@ def cases(workdir: Path, model: str) -> list[dict]:
     empty_cache.mkdir(exist_ok=True)
     serve, generate = "vllm_metal_plugin.serve", "vllm_metal_plugin.generate"
     return [
-        # First: runtime.paged_kernel reads it at import, and nothing has imported that module yet.
         {"name": "tune", "command": serve, "argv": [], "env": {"MLX_PAGED_KERNEL_TUNE": "3,4"},
          "expect": "MLX_PAGED_KERNEL_TUNE='3,4' is invalid"},
         {"name": "block_size", "command": serve, "argv": ["--max-model-len=512"],
          "env": {"VLLM_METAL_BLOCK_SIZE": "12"}, "expect": "VLLM_METAL_BLOCK_SIZE='12' is invalid"},
         {"name": "use_mlx", "command": generate, "argv": [], "env": {"VLLM_METAL_USE_MLX": "maybe"},
          "expect": "VLLM_METAL_USE_MLX='maybe' is invalid"},
-        {"name": "paged_kernel", "command": serve, "argv": [], "env": {"VLLM_MLX_PAGED_KERNEL": "2"},
-         "expect": "VLLM_MLX_PAGED_KERNEL='2' is invalid"},
+        {"name": "kernels_off", "command": serve, "argv": [], "env": {"VLLM_METAL_KERNELS_OFF": "no_such_kernel"},
+         "expect": "VLLM_METAL_KERNELS_OFF='no_such_kernel' is invalid"},
+        {"name": "quantize", "command": generate, "argv": [], "env": {"VLLM_METAL_QUANTIZE": "q5"},
+         "expect": "VLLM_METAL_QUANTIZE='q5' is invalid"},
         {"name": "cache_is_file", "command": serve, "argv": [], "env": {"VLLM_METAL_CACHE": str(a_file)},
          "expect": f"VLLM_METAL_CACHE={a_file} is not a directory; point VLLM_METAL_CACHE at a writable directory"},
         {"name": "cache_under_file", "command": generate, "argv": [], "env": {"VLLM_METAL_CACHE": str(a_file / "c")},
