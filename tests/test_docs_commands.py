@@ -1,15 +1,16 @@
 """The commands the docs show, run for real: the docs show nothing that fails.
 
-Commands are taken from the fenced ```bash blocks of the documents below and from `$ ` lines of their
-other fenced blocks (transcripts). Placeholders become real things: `path/to/config.json` the tiny
-Llama config of tests/test_cli.py, `path/to/model` the bundled SmolLM2 checkpoint, `.venv/bin/` the
-venv of the tests, port 8000 a free port. A `vllm-metal-serve` command is started, asked through the
-OpenAI client (the models list, a chat answer, structured output) and stopped. Every other command runs
-to completion and must exit 0. The few commands that cannot run inside the suite (the installer, the
-test suite itself) are listed in NOT_RUN with the reason; any other command of the docs runs.
-
-This is also where `vllm-metal-serve` and `vllm-metal-generate` run end to end: with and without a
-model, and in vLLM's `--flag=value` form (docs/cli.md shows both).
+Commands are taken from the fenced ```bash blocks of the documents below (a heredoc stays with its
+command) and from `$ ` lines of their other fenced blocks (transcripts). Placeholders become real things:
+`path/to/config.json` the tiny Llama config of tests/test_cli.py, `/tmp/tiny` a directory of the test's
+own, `path/to/model` the bundled SmolLM2 checkpoint, `.venv/bin/` the venv of the tests, port 8000 a free
+port. A `vllm-metal-serve` command is started, asked through the OpenAI client (the models list, a chat
+answer, structured output) and stopped; every other command runs to completion and must exit 0. Commands
+that make files the next ones read (`mkdir`, `cat > file <<EOF`) run first, in order. The commands that cannot run inside the
+suite (the installer, the test suite itself) are listed in NOT_RUN with the reason; every other command
+of the docs runs. Those that load SmolLM2 a second time (`lower-model` on it, a server or generation
+with `--model`) are slow tests; the default suite runs the rest, among them the bundled model's server
+and generation with vLLM's `--flag=value` forms.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from vllm_helpers import PYTHON, REPO, clean_env, free_port, kill_group
 DOCS = ["README.md", "docs/cli.md", "docs/plugin.md", "docs/configuration.md", "docs/writing-a-pass.md"]
 NOT_RUN = {
     "./setup.sh": "the installer (minutes; CI runs it before the suite)",
-    ".venv/bin/python -m pytest": "the test suite itself",
+    ".venv/bin/python -m pytest": "tests of this suite (the suite runs them)",
 }
 CITY_QUESTION = "What is the capital of France?"
 
@@ -38,8 +39,12 @@ def doc_commands() -> list[tuple[str, str]]:
     """(document, command) for every command the docs show, in order, without duplicates."""
     found = []
     for doc in DOCS:
-        lang, block = None, None
+        lang, block, heredoc = None, None, None
         for line in (REPO / doc).read_text().splitlines():
+            if heredoc is not None:  # inside a heredoc: the line belongs to the command above
+                found[-1] = (doc, found[-1][1] + "\n" + line)
+                heredoc = None if line.strip() == heredoc else heredoc
+                continue
             fence = re.match(r"^```(\S*)", line)
             if fence:
                 lang, block = (fence.group(1), []) if block is None else (None, None)
@@ -51,9 +56,14 @@ def doc_commands() -> list[tuple[str, str]]:
                 found += [(doc, part.strip()) for part in text.split("&&")]
             elif lang != "bash" and text.startswith("$ "):
                 found.append((doc, text[2:].strip()))
+            else:
+                continue
+            marker = re.search(r"<<-?\s*'?(\w+)'?", text)
+            heredoc = marker.group(1) if marker else None
     seen, unique = set(), []
     for doc, command in found:  # the same command twice (README and docs/cli.md) runs once
-        key = tuple(shlex.split(command.replace(".venv/bin/", ""), comments=True))
+        key = re.sub(r"\s+#[^'\"\n]*$", "", command.replace(".venv/bin/", "")).split()
+        key = tuple(key)
         if key not in seen:
             seen.add(key)
             unique.append((doc, command))
@@ -62,6 +72,19 @@ def doc_commands() -> list[tuple[str, str]]:
 
 def _not_run(command: str) -> str | None:
     return next((why for prefix, why in NOT_RUN.items() if command.startswith(prefix)), None)
+
+
+def _setup(command: str) -> bool:
+    return command.startswith(("mkdir ", "cat >"))
+
+
+def _slow(command: str) -> bool:
+    """Loads SmolLM2 once more: lower-model on it, or a server / generation with another model argument."""
+    words = command.split()
+    program = Path(words[0]).name if words else ""
+    if program == "lower-model":
+        return not any("config.json" in w for w in words[1:])
+    return program in ("vllm-metal-serve", "vllm-metal-generate") and "--model" in command and "--help" not in command
 
 
 COMMANDS = doc_commands()
@@ -74,15 +97,16 @@ def places(tmp_path_factory, smollm2_path):
     root = tmp_path_factory.mktemp("docs_commands")
     (root / "tiny").mkdir()
     (root / "tiny" / "config.json").write_text(json.dumps(TINY))
-    return {"root": root, "config": root / "tiny" / "config.json", "model": Path(smollm2_path)}
+    return {"root": root, "config": root / "tiny" / "config.json", "tmp_tiny": root / "doc-tiny",
+            "model": Path(smollm2_path)}
 
 
 def concrete(command: str, places: dict, port: int) -> str:
     bin_dir = str(Path(PYTHON).parent) + "/"
-    command = command.replace("path/to/config.json", str(places["config"]))
+    command = command.replace("path/to/config.json", str(places["config"])).replace("/tmp/tiny", str(places["tmp_tiny"]))
     command = command.replace("path/to/model", str(places["model"])).replace(".venv/bin/", bin_dir)
     command = re.sub(r"--port[= ]8000\b", f"--port={port}", command)
-    first = shlex.split(command)[0]
+    first = command.split()[0]
     if not first.startswith("/") and (Path(PYTHON).parent / first).exists():
         command = bin_dir + command  # the venv's console scripts, as an activated venv would find them
     return command
@@ -92,7 +116,7 @@ def run_command(command: str, places: dict) -> dict:
     port = free_port()
     line = concrete(command, places, port)
     workdir = places["root"] / f"run-{abs(hash(command))}"
-    workdir.mkdir()
+    workdir.mkdir(exist_ok=True)
     env = clean_env()
     start = time.monotonic()
     if re.search(r"\bvllm-metal-serve\b", line) and "--help" not in line:
@@ -144,11 +168,16 @@ def _serve(line: str, port: int, workdir: Path, env: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(places):
-    """Every runnable command, two at a time (a server start or an engine start is mostly one core)."""
-    runnable = [c for _, c in COMMANDS if not _not_run(c)]
+def results(places, request):
+    """The commands of the selected tests: setup commands first, then two at a time (a server or an engine
+    start is mostly one core). Returns command -> result, filled as they finish."""
+    selected = [item.callspec.params["command"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")]
+    runnable = [c for c in selected if not _not_run(c)]
+    done = {c: run_command(c, places) for c in runnable if _setup(c)}
+    rest = [c for c in runnable if not _setup(c)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        done = dict(zip(runnable, pool.map(lambda c: run_command(c, places), runnable)))
+        done.update(zip(rest, pool.map(lambda c: run_command(c, places), rest)))
     print("\n[docs commands] seconds: " + json.dumps({c[:60]: round(r["seconds"], 1) for c, r in done.items()}))
     return done
 
@@ -162,7 +191,12 @@ def test_the_docs_show_commands():
     assert any("vllm-metal-generate" in c and "--model" not in c for _, c in COMMANDS)
 
 
-@pytest.mark.parametrize("doc, command", COMMANDS, ids=[f"{d}: {c[:50]}" for d, c in COMMANDS])
+def _param(doc: str, command: str):
+    return pytest.param(doc, command, marks=[pytest.mark.slow] if _slow(command) else [],
+                        id=f"{doc}: {command[:50]}")
+
+
+@pytest.mark.parametrize("doc, command", [_param(d, c) for d, c in COMMANDS])
 def test_doc_command_works(doc, command, results):
     why = _not_run(command)
     if why:

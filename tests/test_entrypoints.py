@@ -167,3 +167,18 @@ def test_no_assert_statements_in_product_code():
             tree = ast.parse(path.read_text(), str(path))
             found += [f"{path.relative_to(REPO)}:{node.lineno}" for node in ast.walk(tree) if isinstance(node, ast.Assert)]
     assert not found, "assert statements in product code (gone under python -O): " + ", ".join(found)
+
+
+def test_generate_with_a_model_argument(tmp_path, smollm2_path):
+    """`vllm-metal-generate --model=DIR` in vLLM's --flag=value forms, end to end on a tiny chat model
+    (the bundled model's run is the README's command, in tests/test_docs_commands.py). In-process engine
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0, vLLM's own switch): seconds instead of a second process start."""
+    from vllm_features import tiny_chat_llama
+
+    model = tiny_chat_llama(tmp_path / "tiny_chat_llama", str(smollm2_path))
+    proc = subprocess.run(command("vllm-metal-generate") + [f"--model={model}", "--dtype=float32", "--max-model-len=256",
+                                                            "--max-tokens=6", "--seed=3", "Name a colour."],
+                          cwd=str(REPO), env=clean_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.stdout.endswith("\n") and "Traceback" not in proc.stderr, (proc.stdout[-2000:], proc.stderr[-3000:])

@@ -5,7 +5,8 @@ through `VLLM_METAL_USE_MLX=0` the same vectors as the CPU platform).
 
 Real engines on a tiny random Llama with SmolLM2's tokenizer and chat template (tests/vllm_features.py):
 one subprocess per platform, each building its engines in-process one after the other. The plugin's
-and the CPU platform's results are compared token by token.
+and the CPU platform's results are compared token by token. The slow tests add the guidance and outlines
+backends and n-gram speculation on SmolLM2 itself.
 """
 
 from __future__ import annotations
@@ -28,15 +29,21 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
 POOLING = {"runner": "pooling", "convert": "embed"}
 PLUGIN_ENGINES = [
     {"name": "plugin", "llm": BASE, "tasks": ["features", "structured", "greedy"]},
-    {"name": "guidance", "llm": {**BASE, "structured_outputs_config": {**COMPACT, "backend": "guidance"}},
-     "tasks": ["structured"]},
-    {"name": "outlines", "model": "smollm2", "llm": {**BASE, "structured_outputs_config": {"backend": "outlines"}},
-     "tasks": ["structured"]},
     {"name": "pooling_mlx", "llm": {**BASE, **POOLING}, "tasks": ["embed"]},
     {"name": "pooling_torch", "llm": {**BASE, **POOLING}, "env": {"VLLM_METAL_USE_MLX": "0"}, "tasks": ["embed"]},
     # Last: after an engine with speculative decoding, vLLM cannot build another in the same process
     # (its Triton-kernel override registry fails on the second rebind).
     {"name": "ngram", "llm": {**BASE, "speculative_config": NGRAM}, "tasks": ["greedy", "structured"]},
+]
+# The slow part: the other structured-output backends, and n-gram speculation on the real SmolLM2.
+SMOLLM2 = {**BASE, "structured_outputs_config": {"backend": "xgrammar"}}
+SLOW_ENGINES = [
+    {"name": "guidance", "llm": {**BASE, "structured_outputs_config": {**COMPACT, "backend": "guidance"}},
+     "tasks": ["structured"]},
+    {"name": "outlines", "model": "smollm2", "llm": {**SMOLLM2, "structured_outputs_config": {"backend": "outlines"}},
+     "tasks": ["structured"]},
+    {"name": "smollm2", "model": "smollm2", "llm": SMOLLM2, "tasks": ["greedy"]},
+    {"name": "smollm2_ngram", "model": "smollm2", "llm": {**SMOLLM2, "speculative_config": NGRAM}, "tasks": ["greedy"]},
 ]
 CPU_ENGINES = [
     {"name": "cpu", "llm": {**BASE, "enforce_eager": True}, "tasks": ["features", "structured"]},
@@ -45,9 +52,8 @@ CPU_ENGINES = [
 LOGPROB_TOL = 1e-4  # f32, chosen and runner-up tokens of every prompt position
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, smollm2_path):
-    workdir = tmp_path_factory.mktemp("vllm_features")
+def _run(workdir, smollm2_path, platforms: dict) -> dict:
+    """{platform: engines} -> {platform: results}, the platforms' subprocesses side by side."""
     model = str(tiny_chat_llama(workdir / "tiny_chat_llama", str(smollm2_path)))
     results = {}
 
@@ -55,7 +61,7 @@ def runs(tmp_path_factory, smollm2_path):
         engines = [{**e, "model": str(smollm2_path)} if e.get("model") == "smollm2" else e for e in engines]
         results[platform] = run_platform(platform, engines, model, workdir, platform_env(platform), timeout=900)
 
-    threads = [threading.Thread(target=run, args=a) for a in (("plugin", PLUGIN_ENGINES), ("cpu", CPU_ENGINES))]
+    threads = [threading.Thread(target=run, args=a) for a in platforms.items()]
     for t in threads:
         t.start()
     for t in threads:
@@ -63,6 +69,16 @@ def runs(tmp_path_factory, smollm2_path):
     print("\n[vllm features] seconds per engine: " + json.dumps(
         {p: {n: round(e["total_s"], 1) for n, e in r.items() if n != "_log"} for p, r in results.items()}))
     return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, smollm2_path):
+    return _run(tmp_path_factory.mktemp("vllm_features"), smollm2_path, {"plugin": PLUGIN_ENGINES, "cpu": CPU_ENGINES})
+
+
+@pytest.fixture(scope="module")
+def slow_runs(tmp_path_factory, smollm2_path):
+    return _run(tmp_path_factory.mktemp("vllm_features_slow"), smollm2_path, {"plugin": SLOW_ENGINES})
 
 
 def engine(runs, platform: str, name: str) -> dict:
@@ -79,18 +95,37 @@ def task(runs, platform: str, name: str, what: str) -> dict:
     return result
 
 
-def test_structured_output_is_valid_with_every_backend(runs):
+def check_structured(out: dict, name: str) -> None:
     from vllm_features import CAT_SCHEMA
 
-    for name in ("plugin", "guidance", "outlines", "ngram"):
-        out = task(runs, "plugin", name, "structured")
-        doc = json.loads(out["json"]["text"])  # raises on invalid JSON
-        assert set(doc) == set(CAT_SCHEMA["required"]) and isinstance(doc["name"], str), (name, doc)
-        assert isinstance(doc["age"], int) and 0 <= doc["age"] <= 99 and len(doc["name"]) <= 12, (name, doc)
-        assert re.fullmatch(CODE_REGEX, out["regex"]["text"]), (name, out["regex"])
-        assert out["choice"]["text"] in CHOICES, (name, out["choice"])
+    doc = json.loads(out["json"]["text"])  # raises on invalid JSON
+    assert set(doc) == set(CAT_SCHEMA["required"]) and isinstance(doc["name"], str), (name, doc)
+    assert isinstance(doc["age"], int) and 0 <= doc["age"] <= 99 and len(doc["name"]) <= 12, (name, doc)
+    assert re.fullmatch(CODE_REGEX, out["regex"]["text"]), (name, out["regex"])
+    assert out["choice"]["text"] in CHOICES, (name, out["choice"])
+
+
+def test_structured_output_is_valid_and_as_on_cpu_platform(runs):
+    for name in ("plugin", "ngram"):  # xgrammar; with n-gram speculation too
+        check_structured(task(runs, "plugin", name, "structured"), name)
     # Same backend, greedy: the same text as vLLM's CPU platform.
     assert task(runs, "plugin", "plugin", "structured") == task(runs, "cpu", "cpu", "structured")
+
+
+@pytest.mark.slow
+def test_structured_output_is_valid_with_guidance_and_outlines(slow_runs):
+    for name in ("guidance", "outlines"):
+        check_structured(task(slow_runs, "plugin", name, "structured"), name)
+
+
+@pytest.mark.slow
+def test_ngram_speculative_decoding_keeps_smollm2_greedy_output(slow_runs):
+    plain, spec = task(slow_runs, "plugin", "smollm2", "greedy"), task(slow_runs, "plugin", "smollm2_ngram", "greedy")
+    assert spec["alone"] == plain["alone"] and spec["together"] == plain["together"]
+    counters = spec["spec"]
+    print(f"\n[vllm features] n-gram speculation (SmolLM2): {counters.get('vllm:spec_decode_num_accepted_tokens')} of "
+          f"{counters.get('vllm:spec_decode_num_draft_tokens')} draft tokens accepted")
+    assert counters.get("vllm:spec_decode_num_accepted_tokens", 0) > 0, counters
 
 
 def test_prompt_logprobs_match_cpu_platform(runs):
