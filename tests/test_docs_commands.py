@@ -8,9 +8,9 @@ port. A `vllm-metal-serve` command is started, asked through the OpenAI client (
 answer, structured output) and stopped; every other command runs to completion and must exit 0. Commands
 that make files the next ones read (`mkdir`, `cat > file <<EOF`) run first, in order. The commands that cannot run inside the
 suite (the installer, the test suite itself) are listed in NOT_RUN with the reason; every other command
-of the docs runs. Those that load SmolLM2 a second time (`lower-model` on it, a server or generation
-with `--model`) are slow tests; the default suite runs the rest, among them the bundled model's server
-and generation with vLLM's `--flag=value` forms.
+of the docs runs. Those that load SmolLM2 (`lower-model` on it, every server or generation) are slow tests:
+the default suite already starts the bundled model's server once (tests/test_server.py) and runs
+`vllm-metal-generate --model=...` on a tiny model (tests/test_entrypoints.py); it runs the rest here.
 """
 
 from __future__ import annotations
@@ -79,12 +79,12 @@ def _setup(command: str) -> bool:
 
 
 def _slow(command: str) -> bool:
-    """Loads SmolLM2 once more: lower-model on it, or a server / generation with another model argument."""
+    """Loads SmolLM2: lower-model on it, or a server / generation (the bundled model or `path/to/model`)."""
     words = command.split()
     program = Path(words[0]).name if words else ""
     if program == "lower-model":
         return not any("config.json" in w for w in words[1:])
-    return program in ("vllm-metal-serve", "vllm-metal-generate") and "--model" in command and "--help" not in command
+    return program in ("vllm-metal-serve", "vllm-metal-generate") and "--help" not in command
 
 
 COMMANDS = doc_commands()
