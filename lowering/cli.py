@@ -247,6 +247,9 @@ def _manager(add: list[str], skip: list[str]):
             raise CliError(f"--add-pass {spec}: cannot load it ({exc})") from exc
         if not hasattr(obj, "run") or not hasattr(obj, "name"):
             raise CliError(f"--add-pass {spec}: not a pass (needs .name and .run(program))")
+        if obj.name in [p.name for p in passes]:
+            raise CliError(f"--add-pass {spec}: a pass named {obj.name!r} is already in the pipeline; add "
+                           f"--skip-pass {obj.name} to run this one in its place")
         at = next((i for i, p in enumerate(passes) if p.name == "final_cleanup"), len(passes))
         passes.insert(at, obj)
     try:

@@ -73,7 +73,8 @@ class _Squeezer:
         def drop(v):
             if not isinstance(v, torch.Tensor):
                 return v
-            assert v.dim() > 0 and isinstance(v.shape[0], int) and v.shape[0] == 1, f"{node}: {v.shape}"
+            if not (v.dim() > 0 and isinstance(v.shape[0], int) and v.shape[0] == 1):
+                raise ValueError(f"squeeze_batch: {node} has no leading axis of size 1 to drop: {v.shape}")
             return v[0]
 
         val = node.meta["val"]

@@ -8,12 +8,16 @@ settings our worker needs (our worker class, our attention backend, block size, 
 
 from __future__ import annotations
 
+import os
+
+import torch
 from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 from vllm.platforms.interface import PlatformEnum
 
 from runtime.config import RuntimeConfig
 from runtime.device import device_memory_bytes
+from vllm_metal_plugin.startup import StartupError, check_environment
 
 log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
 
@@ -24,6 +28,27 @@ class MetalPlatform(CpuPlatform):
     device_type = "cpu"  # CpuPlatform.check_and_update_config asserts this
     dispatch_key = "CPU"
     dist_backend = "gloo"
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        # The first entry is what dtype="auto" turns a float32 checkpoint into. MLX's CPU backend is fast
+        # in float32 only (OpenBLAS; it has no fast bfloat16/float16 matmul), so there float32 stays.
+        if RuntimeConfig.from_env().device == "cpu":
+            return [torch.float32, torch.bfloat16, torch.float16]
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def validate_environ(cls, hard_fail: bool) -> None:
+        """vLLM's check for unknown `VLLM_*` variables, knowing ours, after validating ours: called
+        before vLLM builds its config, so a bad value is refused as one plain error."""
+        from vllm import envs
+
+        check_environment()
+        for name in os.environ:
+            if name.startswith("VLLM_") and name not in envs.environment_variables and not _ours(name):
+                if hard_fail:
+                    raise ValueError(f"Unknown vLLM environment variable detected: {name}")
+                log.warning("Unknown vLLM environment variable detected: %s", name)
 
     @classmethod
     def get_device_name(cls, device_id: int = 0) -> str:
@@ -84,6 +109,13 @@ class MetalPlatform(CpuPlatform):
                 "vllm-metal runs one process on one device: tensor_parallel_size and pipeline_parallel_size "
                 f"must be 1 (got {parallel.tensor_parallel_size} and {parallel.pipeline_parallel_size})"
             )
+        model = vllm_config.model_config
+        if config.use_mlx and model is not None and model.runner_type == "pooling":
+            raise StartupError(
+                "vllm-metal: the MLX step computes next-token logits, not the hidden states a pooling model "
+                "(--runner pooling, embeddings) reads; set VLLM_METAL_USE_MLX=0 to pool with vLLM's torch "
+                "model through this plugin"
+            )
         if parallel.worker_cls == "auto":
             parallel.worker_cls = "vllm_metal_plugin.worker.MetalWorker"
         from vllm_metal_plugin.checkpoints import serve_quantized  # see pre_register_and_update
@@ -108,10 +140,12 @@ class MetalPlatform(CpuPlatform):
                  config.device, cache.block_size if cache else config.block_size, config.use_mlx)
 
 
+def _ours(name: str) -> bool:
+    return name.startswith(("VLLM_METAL_", "VLLM_MLX_"))
+
+
 def _quiet_accelerator() -> None:
     """CPU torch has no accelerator; vLLM's shutdown path calls torch.accelerator.empty_* anyway."""
-    import torch
-
     acc = getattr(torch, "accelerator", None)
     for name in ("empty_cache", "empty_host_cache"):
         if acc is not None and hasattr(acc, name):

@@ -6,7 +6,7 @@ import os
 from contextlib import nullcontext
 
 import torch
-from vllm.platforms import current_platform
+from vllm.platforms import CpuArchEnum, current_platform
 from vllm.utils.torch_utils import set_random_seed
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import init_worker_distributed_environment
@@ -27,6 +27,7 @@ class MetalWorker(CPUWorker):
         )
         set_random_seed(self.model_config.seed)
         self.model_runner = MetalModelRunner(self.vllm_config, self.device)
+        _sample_as_cpu_platform(self.model_runner)
 
     def _maybe_get_memory_pool_context(self, tag: str):
         return nullcontext()  # no CUDA memory pool: MLX owns the device memory
@@ -34,3 +35,15 @@ class MetalWorker(CPUWorker):
     def determine_available_memory(self) -> int:
         """Bytes for the KV cache, from VLLM_METAL_MEMORY_FRACTION (runtime/memory.py)."""
         return self.model_runner.kv_cache_budget()
+
+
+def _sample_as_cpu_platform(runner) -> None:
+    """Sample the way vLLM's CPU platform does. vLLM's top-k/top-p sampler picks its implementation by
+    platform, and `_enum = OOT` gets the generic torch one, whose random stream differs from the CPU
+    platform's fused Gumbel-max kernel: the same seed gave other tokens than under `VLLM_PLUGINS=none`.
+    Our logits are CPU tensors, so vLLM's CPU sampler applies as it is."""
+    sampler = getattr(getattr(runner, "sampler", None), "topk_topp_sampler", None)
+    arch = current_platform.get_cpu_architecture()
+    if (sampler is not None and hasattr(sampler, "forward_cpu") and hasattr(torch.ops._C, "fused_gumbel_argmax")
+            and arch not in (CpuArchEnum.RISCV, CpuArchEnum.POWERPC)):  # vLLM's CPU platform's own exceptions
+        sampler.forward = sampler.forward_cpu
