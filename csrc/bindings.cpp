@@ -12,7 +12,7 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 NB_MODULE(_cpu_ext, m) {
-  m.doc() = "CPU kernels for MLX as lazy ops: quantized and bf16/f16/f32 matmul.";
+  m.doc() = "CPU kernels for MLX as lazy ops: quantized and bf16/f16/f32 matmul, paged decode attention.";
 
   m.def(
       "quantized_matmul",
@@ -45,6 +45,21 @@ NB_MODULE(_cpu_ext, m) {
       nb::kw_only(),
       "stream"_a = nb::none(),
       "The float32 matrix [N, K] of MLX affine-quantized weights.");
+  m.def(
+      "paged_decode_attention",
+      &cpu_ext::paged_decode_attention,
+      "q"_a,
+      "cache"_a,
+      "blocks"_a,
+      "pos"_a,
+      "scale"_a,
+      "window"_a,
+      "cap"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "Decode attention of q [T, H, D] over the paged cache [2, KVH, blocks, block_size, D] read in "
+      "place through the block table blocks [T, n]; keys 0..pos[t] (the last window of them when "
+      "window > 0), scores soft-capped when cap > 0. Returns [T, H * D] in q's dtype.");
   m.def("isa", &cpu_ext::isa, "The kernel set in use: avx512, avx2 or generic.");
   m.def("supported_isas", &cpu_ext::supported_isas, "The kernel sets this CPU can run, best first.");
   m.def("set_isa", &cpu_ext::set_isa, "name"_a, "Use the named kernel set.");

@@ -54,12 +54,44 @@ inline size_t scratch_floats(const Problem& p) {
   return gemv > gemm ? gemv : gemm;
 }
 
+// Decode attention over a paged K/V cache, read in place through the block table: one query
+// token per sequence, GQA (query head h reads KV head h / (H / KVH)), online softmax in float32.
+// A task is one (sequence, KV head, key partition); with one partition it writes the final rows,
+// with several the partial softmax state that ops.cpp merges.
+struct Attention {
+  int T, H, KVH, D; // sequences (one query each), query heads, KV heads, head dim
+  const float* q; // [T][H][D] float32, already multiplied by the softmax scale
+  const void* cache; // [2][KVH][blocks][block_size][D] in cache_type: K, then V
+  int cache_type; // ScaleType: S_F32, S_BF16 or S_F16
+  int blocks, block_size;
+  const int32_t* table; // [T][n] cache block of each key block of a sequence
+  int n;
+  const int32_t* pos; // [T] the query's position p: keys 0..p are its context; < 0: invalid
+  int window; // > 0: only keys j > p - window
+  float cap; // > 0: scores soft-capped as tanh(s / cap) * cap
+  int parts; // key partitions per (sequence, KV head)
+  int part_keys; // keys per partition, a multiple of block_size
+  float* out; // parts == 1: [T][H][D] float32, the result
+  float* acc; // parts > 1: [T * KVH * parts][G][D] unnormalised sums of p * v
+  float* ml; // parts > 1: [T * KVH * parts][G][2] running max and sum of exp
+};
+
+// Keys converted to float32 at a time (a chunk never crosses a cache block).
+constexpr int kAttnChunk = 64;
+
+inline size_t attention_scratch_floats(const Attention& a) {
+  int G = a.H / a.KVH;
+  return size_t(2) * kAttnChunk * (a.D + 16) + size_t(G) * (kAttnChunk + 16) + size_t(G) * (a.D + 4) + 64;
+}
+
 struct KernelSet {
   const char* name;
   // out[:, n0:n1] for the columns [n0, n1); independent ranges may run concurrently.
   void (*matmul)(const Problem& p, int n0, int n1, float* scratch);
   // dst[n, :] = the dequantized rows [n0, n1) of w, float32, dst row stride ld.
   void (*dequantize)(const Problem& p, int n0, int n1, float* dst, size_t ld);
+  // Task `task` of a decode attention: (sequence, KV head, partition) in that order, partition fastest.
+  void (*attention)(const Attention& a, int task, float* scratch);
 };
 
 extern const KernelSet kernels_generic;

@@ -57,6 +57,19 @@ struct V {
   static R add(R a, R b) {
     return _mm256_add_ps(a, b);
   }
+  static R sub(R a, R b) {
+    return _mm256_sub_ps(a, b);
+  }
+  static R max(R a, R b) {
+    return _mm256_max_ps(a, b);
+  }
+  static R min(R a, R b) {
+    return _mm256_min_ps(a, b);
+  }
+  static R pow2n(R t) {
+    __m256i e = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_set1_epi32(0x3f800000)));
+  }
   // W words, one a lane; nibble J of each in place (times 16^J, J < 7), or shifted down (J = 7).
   using I = __m256i;
   static I words(const uint32_t* p) {
@@ -83,10 +96,11 @@ struct V {
 };
 
 #include "kernels_impl.h"
+#include "attention_impl.h"
 
 } // namespace
 
-const KernelSet kernels_avx2 = {"avx2", &matmul, &dequantize};
+const KernelSet kernels_avx2 = {"avx2", &matmul, &dequantize, &attention};
 
 } // namespace cpu_ext
 #endif

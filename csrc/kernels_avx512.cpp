@@ -64,6 +64,19 @@ struct V {
   static R add(R a, R b) {
     return _mm512_add_ps(a, b);
   }
+  static R sub(R a, R b) {
+    return _mm512_sub_ps(a, b);
+  }
+  static R max(R a, R b) {
+    return _mm512_max_ps(a, b);
+  }
+  static R min(R a, R b) {
+    return _mm512_min_ps(a, b);
+  }
+  static R pow2n(R t) {
+    __m512i e = _mm512_slli_epi32(_mm512_castps_si512(t), 23);
+    return _mm512_castsi512_ps(_mm512_add_epi32(e, _mm512_set1_epi32(0x3f800000)));
+  }
   // W words, one a lane; nibble J of each in place (times 16^J, J < 7), or shifted down (J = 7).
   using I = __m512i;
   static I words(const uint32_t* p) {
@@ -94,10 +107,11 @@ struct V {
 };
 
 #include "kernels_impl.h"
+#include "attention_impl.h"
 
 } // namespace
 
-const KernelSet kernels_avx512 = {"avx512", &matmul, &dequantize};
+const KernelSet kernels_avx512 = {"avx512", &matmul, &dequantize, &attention};
 
 } // namespace cpu_ext
 #endif

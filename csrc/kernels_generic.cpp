@@ -45,6 +45,20 @@ struct V {
   static R add(R a, R b) {
     return a + b;
   }
+  static R sub(R a, R b) {
+    return a - b;
+  }
+  static R max(R a, R b) {
+    return a > b ? a : b;
+  }
+  static R min(R a, R b) {
+    return a < b ? a : b;
+  }
+  static R pow2n(R t) {
+    I u;
+    __builtin_memcpy(&u, &t, sizeof(u));
+    return from_bits((u << 23) + 0x3f800000u);
+  }
   static float hsum(R a) {
     return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
   }
@@ -95,6 +109,7 @@ struct V {
 };
 
 #include "kernels_impl.h"
+#include "attention_impl.h"
 
 V::R V::f16(const uint16_t* p) {
   R r;
@@ -106,6 +121,6 @@ V::R V::f16(const uint16_t* p) {
 
 } // namespace
 
-const KernelSet kernels_generic = {"generic", &matmul, &dequantize};
+const KernelSet kernels_generic = {"generic", &matmul, &dequantize, &attention};
 
 } // namespace cpu_ext

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -392,6 +393,156 @@ void dispatch(mx::Stream stream, const std::vector<mx::array>& inputs, mx::array
   throw std::runtime_error(std::string("[cpu_ext] ") + name + " runs on the CPU stream only");
 }
 
+
+// ---------------------------------------------------------------- running a decode attention
+
+struct AttentionJob {
+  const KernelSet* ks;
+  Attention a;
+};
+
+void attention_task(void* ctx, int i) {
+  auto& j = *static_cast<AttentionJob*>(ctx);
+  thread_local std::vector<float> scratch;
+  size_t need = attention_scratch_floats(j.a);
+  if (scratch.size() < need) {
+    scratch.resize(need);
+  }
+  j.ks->attention(j.a, i, scratch.data());
+}
+
+// Keys a partition holds at least: below this, splitting a sequence costs more than it evens out.
+constexpr int kMinPartKeys = 256;
+
+// The partial results of a sequence's key partitions, merged into out [T][H][D]:
+// out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p, M the largest m_p.
+void merge_parts(const Attention& a) {
+  const int G = a.H / a.KVH, D = a.D;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int u = 0; u < a.T * a.KVH; ++u) {
+    for (int g = 0; g < G; ++g) {
+      float M = -inf;
+      for (int p = 0; p < a.parts; ++p) {
+        M = std::max(M, a.ml[(size_t(u) * a.parts + p) * G * 2 + 2 * g]);
+      }
+      float* out = a.out + (size_t(u) * G + g) * D; // u = t * KVH + kvh: rows of heads kvh * G + g
+      std::fill(out, out + D, 0.0f);
+      float l = 0.0f;
+      for (int p = 0; p < a.parts; ++p) {
+        size_t task = size_t(u) * a.parts + p;
+        float m = a.ml[task * G * 2 + 2 * g];
+        if (m == -inf) {
+          continue; // an empty partition (or one whose scores are all -inf): weight 0
+        }
+        float w = std::exp(m - M);
+        l += w * a.ml[task * G * 2 + 2 * g + 1];
+        const float* acc = a.acc + (task * G + g) * D;
+        for (int d = 0; d < D; ++d) {
+          out[d] += w * acc[d];
+        }
+      }
+      const float inv = 1.0f / l; // no key at all: 0 / 0, NaN
+      for (int d = 0; d < D; ++d) {
+        out[d] *= inv;
+      }
+    }
+  }
+}
+
+void run_attention(
+    const KernelSet* ks,
+    const View& q,
+    const View& cache,
+    const View& table,
+    const View& pos,
+    float scale,
+    int window,
+    float cap,
+    char* out,
+    mx::Dtype out_dtype) {
+  const int T = q.shape[0], H = q.shape[1], D = q.shape[2];
+  const int KVH = cache.shape[1], NB = cache.shape[2], BS = cache.shape[3];
+  const int n = table.shape[1];
+  // q as float32 rows [T][H][D], times the scale (any strides).
+  std::vector<float> qf(size_t(T) * H * D);
+  size_t qitem = mx::size_of(q.dtype);
+  for (int r = 0; r < T * H; ++r) {
+    const char* row = q.data + offset_of(r, q.shape, q.strides, 2) * qitem;
+    for (int d = 0; d < D; ++d) {
+      qf[size_t(r) * D + d] = load_f32(row + d * q.strides[2] * qitem, q.dtype) * scale;
+    }
+  }
+  std::vector<char> hold_c, hold_t, hold_p;
+  const void* cdata = packed(cache, hold_c);
+  const int32_t* tdata = static_cast<const int32_t*>(packed(table, hold_t));
+  const int32_t* pdata = static_cast<const int32_t*>(packed(pos, hold_p));
+  // Positions the table covers, blocks inside the cache; else the sequence is marked invalid.
+  std::vector<int32_t> p(T);
+  int max_ctx = 0;
+  for (int t = 0; t < T; ++t) {
+    int pt = pdata[t];
+    bool ok = pt >= 0 && pt < int64_t(n) * BS;
+    if (ok) {
+      int lo = window > 0 && pt - window + 1 > 0 ? pt - window + 1 : 0;
+      for (int b = lo / BS; ok && b <= pt / BS; ++b) {
+        int32_t id = tdata[size_t(t) * n + b];
+        ok = id >= 0 && id < NB;
+      }
+    }
+    p[t] = ok ? pt : -1;
+    max_ctx = std::max(max_ctx, ok ? pt + 1 : 0);
+  }
+  AttentionJob job;
+  job.ks = ks;
+  Attention& a = job.a;
+  a.T = T;
+  a.H = H;
+  a.KVH = KVH;
+  a.D = D;
+  a.q = qf.data();
+  a.cache = cdata;
+  a.cache_type = scale_type_of(cache.dtype);
+  a.blocks = NB;
+  a.block_size = BS;
+  a.table = tdata;
+  a.n = n;
+  a.pos = p.data();
+  a.window = window;
+  a.cap = cap;
+  // Partitions of the keys only where (sequence, KV head) pairs are too few to keep every thread busy.
+  const int units = T * KVH, threads = num_threads();
+  int parts = 1;
+  if (units < 2 * threads && max_ctx > kMinPartKeys) {
+    parts = std::min((4 * threads + units - 1) / units, (max_ctx + kMinPartKeys - 1) / kMinPartKeys);
+  }
+  int part_keys = std::max((max_ctx + parts - 1) / parts, 1);
+  part_keys = (part_keys + BS - 1) / BS * BS;
+  a.parts = parts > 1 ? (max_ctx + part_keys - 1) / part_keys : 1;
+  a.part_keys = a.parts > 1 ? part_keys : std::max(max_ctx, 1);
+  std::vector<float> out_f32, acc, ml;
+  if (out_dtype == mx::float32) {
+    a.out = reinterpret_cast<float*>(out);
+  } else {
+    out_f32.resize(size_t(T) * H * D);
+    a.out = out_f32.data();
+  }
+  if (a.parts > 1) {
+    acc.resize(size_t(units) * a.parts * H / KVH * D);
+    ml.resize(size_t(units) * a.parts * H / KVH * 2);
+    a.acc = acc.data();
+    a.ml = ml.data();
+  }
+  parallel_for(units * a.parts, &attention_task, &job);
+  if (a.parts > 1) {
+    merge_parts(a);
+  }
+  if (out_dtype != mx::float32) {
+    size_t item = mx::size_of(out_dtype);
+    for (size_t i = 0; i < out_f32.size(); ++i) {
+      store_from_f32(out + i * item, out_dtype, out_f32[i]);
+    }
+  }
+}
 } // namespace
 
 // ---------------------------------------------------------------- ops
@@ -458,6 +609,58 @@ mx::array dequantize(
       mx::float32,
       std::make_shared<Dequantize>(cpu_stream(op, s), group_size, bits),
       {w, scales, biases});
+}
+
+mx::array paged_decode_attention(
+    const mx::array& q,
+    const mx::array& cache,
+    const mx::array& blocks,
+    const mx::array& pos,
+    float scale,
+    int window,
+    float cap,
+    mx::StreamOrDevice s) {
+  const std::string op = "paged_decode_attention";
+  if (q.ndim() != 3 || !is_float(q.dtype())) {
+    bad(op,
+        "q must be a float32, bfloat16 or float16 array [T, H, D], got " + dtype_str(q.dtype()) +
+            " of shape " + shape_str(q.shape()));
+  }
+  const int T = q.shape(0), H = q.shape(1), D = q.shape(2);
+  if (cache.ndim() != 5 || cache.shape(0) != 2 || cache.shape(4) != D || !is_float(cache.dtype())) {
+    bad(op,
+        "cache must be a float32, bfloat16 or float16 array [2, KVH, blocks, block_size, D] with "
+        "D = " + std::to_string(D) + " (q's last dimension), got " + dtype_str(cache.dtype()) +
+            " of shape " + shape_str(cache.shape()));
+  }
+  const int KVH = cache.shape(1);
+  if (KVH < 1 || H % KVH != 0 || D < 1 || cache.shape(3) < 1) {
+    bad(op,
+        "q's " + std::to_string(H) + " heads must be a multiple of the cache's " +
+            std::to_string(KVH) + " KV heads, with D and block_size at least 1 (q " +
+            shape_str(q.shape()) + ", cache " + shape_str(cache.shape()) + ")");
+  }
+  if (blocks.ndim() != 2 || blocks.dtype() != mx::int32 || blocks.shape(0) != T ||
+      blocks.shape(1) < 1) {
+    bad(op,
+        "blocks must be an int32 block table [T, n] with T = " + std::to_string(T) +
+            " rows and n >= 1, got " + dtype_str(blocks.dtype()) + " of shape " +
+            shape_str(blocks.shape()));
+  }
+  if (pos.dtype() != mx::int32 || pos.size() != size_t(T) || (pos.ndim() == 2 && pos.shape(0) != T) ||
+      pos.ndim() > 2) {
+    bad(op,
+        "pos must hold one int32 position per sequence ([T] or [T, 1], T = " + std::to_string(T) +
+            "), got " + dtype_str(pos.dtype()) + " of shape " + shape_str(pos.shape()));
+  }
+  if (!(cap >= 0.0f) || !std::isfinite(scale)) {
+    bad(op, "scale must be finite and cap >= 0 (0: no soft-capping)");
+  }
+  return mx::array(
+      {T, H * D},
+      q.dtype(),
+      std::make_shared<PagedDecodeAttention>(cpu_stream(op, s), scale, window, cap),
+      {q, cache, blocks, pos});
 }
 
 std::string isa() {
@@ -599,6 +802,41 @@ bool Dequantize::is_equivalent(const mx::Primitive& other) const {
 
 std::vector<mx::Shape> Dequantize::output_shapes(const std::vector<mx::array>& inputs) {
   return {{inputs[0].shape(0), inputs[0].shape(1) * 32 / bits_}};
+}
+
+void PagedDecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  if (!allocate(out)) {
+    return;
+  }
+  dispatch(
+      stream(),
+      inputs,
+      out,
+      [ks = g_kernels.load(),
+       q = view_of(inputs[0]),
+       cache = view_of(inputs[1]),
+       table = view_of(inputs[2]),
+       pos = view_of(inputs[3]),
+       scale = scale_,
+       window = window_,
+       cap = cap_,
+       dst = out.data<char>(),
+       dtype = out.dtype()]() {
+        run_attention(ks, q, cache, table, pos, scale, window, cap, dst, dtype);
+      });
+}
+
+void PagedDecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  no_gpu(name());
+}
+
+bool PagedDecodeAttention::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const PagedDecodeAttention&>(other);
+  return scale_ == o.scale_ && window_ == o.window_ && cap_ == o.cap_;
+}
+
+std::vector<mx::Shape> PagedDecodeAttention::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{inputs[0].shape(0), inputs[0].shape(1) * inputs[0].shape(2)}};
 }
 
 } // namespace cpu_ext

@@ -36,6 +36,23 @@ mx::array dequantize(
     int bits,
     mx::StreamOrDevice s = {});
 
+// Decode attention over a paged cache, read in place: q [T, H, D] (one query token per sequence),
+// cache [2, KVH, blocks, block_size, D] (K, then V), blocks [T, n] int32 (each sequence's cache
+// block of key block i), pos (T int32: the query's position p; keys 0..p are its context, or the
+// last `window` of them when window > 0). Scores q.k * scale, soft-capped to cap * tanh(s / cap)
+// when cap > 0; float32 softmax and accumulation. Returns [T, H * D] in q's dtype. A sequence whose
+// context its table does not cover (p < 0, p >= n * block_size, or a block id outside the cache)
+// gets NaN.
+mx::array paged_decode_attention(
+    const mx::array& q,
+    const mx::array& cache,
+    const mx::array& blocks,
+    const mx::array& pos,
+    float scale,
+    int window,
+    float cap,
+    mx::StreamOrDevice s = {});
+
 // Which kernels run: "avx512", "avx2" or "generic"; the best this CPU supports unless set.
 std::string isa();
 std::vector<std::string> supported_isas();
@@ -87,6 +104,24 @@ class Dequantize : public mx::UnaryPrimitive {
  private:
   int group_size_;
   int bits_;
+};
+
+class PagedDecodeAttention : public mx::UnaryPrimitive {
+ public:
+  PagedDecodeAttention(mx::Stream stream, float scale, int window, float cap)
+      : mx::UnaryPrimitive(stream), scale_(scale), window_(window), cap_(cap) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "CpuExtPagedDecodeAttention";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  float scale_;
+  int window_;
+  float cap_;
 };
 
 } // namespace cpu_ext
