@@ -103,6 +103,7 @@ KERNEL_SWITCHES = {
     "quantized_gemv": "CUDA: quantized linear of up to 8 rows as a GEMV of our own over the packed codes",
     "cpu_matmul": "CPU: float32/bfloat16/float16 linears up to GEMM_MAX_M rows through runtime._cpu_ext",
     "cpu_quantized": "CPU: quantized linears through runtime._cpu_ext (else MLX's quantized matmul)",
+    "cpu_attention": "CPU: decode attention reading the paged cache in place through runtime._cpu_ext",
 }
 _WARPS, _KEYS = (1, 2, 4, 8, 16, 32), (1, 2, 4, 8)
 

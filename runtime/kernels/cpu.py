@@ -5,6 +5,9 @@ Matrix products go through our compiled kernels (runtime/kernels/cpu_ext.py, C++
 MLX's CPU backend multiplies quantized and 16-bit weights many times slower than float32 and float32
 through a BLAS made for large matrices; above that many rows MLX's float32 matmul (OpenBLAS) is faster.
 
+Decode attention reads the paged K/V cache in place through the block table (cpu_ext.paged_decode_attention),
+where the generic path gathers every sequence's K/V into a copy and masks it.
+
 MLX's CPU `exp` (and the sigmoid, SiLU and softmax built on it) is slow, and its `mx.fast.rope` with a position
 per token slower than elementwise ops that fuse: runtime/kernels/fastmath.py builds them from arithmetic
 mx.compile fuses, and the attention from BLAS matmuls and that softmax. `mx.gather_mm` takes float32 only
@@ -44,6 +47,12 @@ class Cpu(Generic):
         out = cpu_ext.quantized_matmul(x, wq, scales, biases, group_size=group_size, bits=bits)
         out = out if bias is None else out + bias
         return out if out.dtype == x.dtype else out.astype(x.dtype)
+
+    def attend_decode(self, q, cache, group, *, scale, window, cap):
+        if not self._on("cpu_attention") or cache.dtype not in cpu_ext.FLOAT_DTYPES or q.dtype not in cpu_ext.FLOAT_DTYPES:
+            return super().attend_decode(q, cache, group, scale=scale, window=window, cap=cap)
+        return cpu_ext.paged_decode_attention(q, cache, group["blocks"], group["q_pos"], scale=scale, window=window,
+                                              cap=cap)
 
     def exp(self, x):
         return fastmath.exp(x)

@@ -1,4 +1,4 @@
-"""CPU kernels for MLX: quantized (affine 4/8-bit) and float32/bfloat16/float16 matmul.
+"""CPU kernels for MLX: quantized (affine 4/8-bit) and float32/bfloat16/float16 matmul, paged decode attention.
 
 The kernels are C++ (csrc/), compiled by pip at install time into `runtime._cpu_ext`, a module of
 MLX custom primitives: every function here returns a lazy MLX array that composes with the rest
@@ -10,6 +10,8 @@ of the graph and with `mx.compile`; the work runs on MLX's CPU stream when the g
   of `TILE_ROWS` and multiply with MLX's matmul (the BLAS), which is faster there.
 - `linear(x, w)`: `x @ w.T` for float32, bfloat16 or float16 weights, float32 accumulation.
 - `dequantize(w, scales, biases, group_size, bits)`: the float32 weights.
+- `paged_decode_attention(q, cache, blocks, pos, scale, window, cap)`: one query token per sequence
+  against its keys in the paged K/V cache, read in place through the block table (no gather copy).
 
 Kernels are vectorised for AVX-512 or AVX2 (chosen at run time from the CPU; `isa()`), with a
 portable fallback, and threaded over output columns on one pool of `num_threads()` threads, the
@@ -124,6 +126,26 @@ def dequantize(w: mx.array, scales: mx.array, biases: mx.array, group_size: int 
     """The float32 matrix `[N, K]` that `w`, `scales` and `biases` encode (`scales * q + biases`)."""
     _check_quantized("dequantize", w, scales, biases, group_size, bits)
     return _ext.dequantize(w, scales, biases, group_size, bits)
+
+
+def paged_decode_attention(q: mx.array, cache: mx.array, blocks: mx.array, pos: mx.array, *, scale: float,
+                           window: int = -1, cap: float = 0.0) -> mx.array:
+    """Decode attention of q [T, H, D] (one query token per sequence) over the layer's paged cache
+    [2, KVH, blocks, block_size, D] (K, then V), read in place through the block table `blocks` [T, n]
+    (int32: the cache block holding keys i * block_size ... of sequence t at [t, i]).
+
+    Sequence t attends to keys 0..pos[t] (`pos`: int32 [T] or [T, 1]), only the last `window` of them when
+    window > 0; query head h reads KV head h // (H / KVH) (GQA). Scores are q.k * scale, soft-capped to
+    cap * tanh(s / cap) when cap > 0; softmax and sums in float32. Returns [T, H * D] in q's dtype. A
+    sequence whose keys the table does not cover (a position < 0 or past n * block_size, a block id outside
+    the cache) gets NaN rather than a read out of bounds.
+    """
+    op = "paged_decode_attention"
+    for name, a in (("q", q), ("cache", cache), ("blocks", blocks), ("pos", pos)):
+        _check_array(op, name, a)
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"cpu_ext.{op}: window must be an int (<= 0: no window), got {window!r}")
+    return _ext.paged_decode_attention(q, cache, blocks, pos, float(scale), window, float(cap))
 
 
 def num_threads() -> int:
