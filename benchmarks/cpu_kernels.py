@@ -190,6 +190,52 @@ def attention_rows(batches, contexts, repeats: int) -> list[dict]:
     return rows
 
 
+def prefill_rows(chunks, context: int, repeats: int) -> list[dict]:
+    """A chunk of Lq new tokens of one sequence over `context` earlier ones (chunked prefill): the kernel table's
+    `attend_group` with `cpu_prefill` on (the kernel, a query at a time) and off (gather + mask + attention)."""
+    import numpy as np
+
+    on = kernels.select(RuntimeConfig(device="cpu"))
+    off = kernels.select(RuntimeConfig(device="cpu", kernels_off=frozenset({"cpu_prefill"})))
+    print(f"\nchunked prefill, one sequence, {context} tokens of context before the chunk, float32 cache: "
+          "attend_group with cpu_prefill on vs off, mx.compile, ms per layer")
+    print(f"{'Lq':>5} {'on ms':>8} {'off ms':>8} {'off/on':>7} {'max diff':>9}")
+    rows = []
+    for lq in chunks:
+        total = context + lq
+        q, shape, group = attention_inputs(1, total, mx.float32)
+        q = mx.random.normal((lq, ATTN_HEADS, ATTN_DIM))
+        group = dict(group, q_index=mx.arange(lq, dtype=mx.int32)[None],
+                     q_pos=mx.arange(context, total, dtype=mx.int32)[None])
+        cache = mx.random.normal(shape)
+        mx.eval(q, cache)
+
+        def make(table):
+            def attend(q, cache, q_index, q_pos, blocks, key_pos, block_rows):
+                g = {"q_index": q_index, "q_pos": q_pos, "blocks": blocks, "key_pos": key_pos, "block_rows": block_rows}
+                return table.attend_group(q, None, None, cache, g, scale=ATTN_DIM ** -0.5, window=-1, cap=0.0,
+                                          in_order=True)
+            return mx.compile(attend)
+
+        args = (q, cache, group["q_index"], group["q_pos"], group["blocks"], group["key_pos"], group["block_rows"])
+        fns = {"on": make(on), "off": make(off)}
+        outs = {name: fn(*args) for name, fn in fns.items()}
+        diff = mx.abs(outs["on"] - outs["off"]).max().item()
+        times = {name: [] for name in fns}
+        for _ in range(max(3, repeats // 2)):
+            for name, fn in fns.items():
+                t = time.perf_counter()
+                mx.eval(fn(*args))
+                times[name].append(time.perf_counter() - t)
+        on_s, off_s = _stats(times["on"]), _stats(times["off"])
+        row = {"lq": lq, "context": context, "on_s": on_s, "off_s": off_s, "off_over_on": off_s["median"] / on_s["median"],
+               "max_diff": diff}
+        rows.append(row)
+        print(f"{lq:>5} {on_s['median'] * 1e3:8.3f} {off_s['median'] * 1e3:8.3f} {row['off_over_on']:6.2f}x {diff:9.2g}",
+              flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------- a SmolLM2 decode step
 
 
@@ -256,6 +302,8 @@ def main() -> int:
     ap.add_argument("--variants", default="q4,q8,bf16,f32")
     ap.add_argument("--attention-batches", default="1,8,32")
     ap.add_argument("--attention-contexts", default="128,1024,4096")
+    ap.add_argument("--prefill-chunks", default="16,128,512")
+    ap.add_argument("--prefill-context", type=int, default=1024)
     ap.add_argument("--decode-dtypes", default="float32,bfloat16")
     ap.add_argument("--decode-batches", default="1,8")
     ap.add_argument("--decode-context", type=int, default=512)
@@ -277,6 +325,8 @@ def main() -> int:
     if "attention" in cases:
         result["attention"] = attention_rows([int(v) for v in args.attention_batches.split(",")],
                                              [int(v) for v in args.attention_contexts.split(",")], args.repeats)
+        result["prefill"] = prefill_rows([int(v) for v in args.prefill_chunks.split(",")], args.prefill_context,
+                                         args.repeats)
     if "decode" in cases:
         result["decode"] = decode_rows(args.decode_dtypes.split(","), [int(v) for v in args.decode_batches.split(",")],
                                        args.decode_context, max(5, args.repeats // 2))

@@ -133,6 +133,34 @@ inline void accumulate(float* acc, int D, const float* alpha, const float* p, in
   }
 }
 
+// The next min(heads, 4) query heads: scores, then accumulation.
+inline void heads_scores(int heads, const float* q, int D, const float* k, int len, float* s, int ld) {
+  switch (heads) {
+    case 1:
+      return scores<1>(q, D, k, len, s, ld);
+    case 2:
+      return scores<2>(q, D, k, len, s, ld);
+    case 3:
+      return scores<3>(q, D, k, len, s, ld);
+    default:
+      return scores<4>(q, D, k, len, s, ld);
+  }
+}
+
+inline void heads_accumulate(int heads, float* acc, int D, const float* alpha, const float* p, int ld,
+                             const float* v, int len) {
+  switch (heads) {
+    case 1:
+      return accumulate<1>(acc, D, alpha, p, ld, v, len);
+    case 2:
+      return accumulate<2>(acc, D, alpha, p, ld, v, len);
+    case 3:
+      return accumulate<3>(acc, D, alpha, p, ld, v, len);
+    default:
+      return accumulate<4>(acc, D, alpha, p, ld, v, len);
+  }
+}
+
 inline float soft_cap(float s, float cap) {
   return __builtin_tanhf(s / cap) * cap;
 }
@@ -174,14 +202,10 @@ void attention_ct(const Attention& a, int task, float* scratch) {
     const char* krow = cache + ((size_t(kvh) * a.blocks + block) * BS + j0 % BS) * D * item;
     const float* k = rows_f32<CT>(krow, len, D, kc);
     const float* v = rows_f32<CT>(krow + plane, len, D, vc);
-    int g = 0;
-    for (; g + 4 <= G; g += 4) {
-      scores<4>(q + g * D, D, k, len, s + g * ld, ld);
+    for (int g = 0; g < G; g += 4) {
+      heads_scores(G - g, q + g * D, D, k, len, s + g * ld, ld);
     }
-    for (; g < G; ++g) {
-      scores<1>(q + g * D, D, k, len, s + g * ld, ld);
-    }
-    for (g = 0; g < G; ++g) {
+    for (int g = 0; g < G; ++g) {
       float* sg = s + g * ld;
       if (a.cap > 0.0f) {
         for (int j = 0; j < len; ++j) {
@@ -215,11 +239,8 @@ void attention_ct(const Attention& a, int task, float* scratch) {
       l[g] = l[g] * alpha[g] + (V::hsum(sum) + tail);
       m[g] = mx;
     }
-    for (g = 0; g + 4 <= G; g += 4) {
-      accumulate<4>(acc + g * D, D, alpha + g, s + g * ld, ld, v, len);
-    }
-    for (; g < G; ++g) {
-      accumulate<1>(acc + g * D, D, alpha + g, s + g * ld, ld, v, len);
+    for (int g = 0; g < G; g += 4) {
+      heads_accumulate(G - g, acc + g * D, D, alpha + g, s + g * ld, ld, v, len);
     }
     j0 += len;
   }

@@ -4,7 +4,7 @@ NumPy reference, and the CPU kernel table's decode through it against the generi
 Every cache and query dtype, GQA ratios, odd head dims, block sizes (one key to longer than a chunk),
 contexts from 1 key to past 4096, sliding windows, soft-capping, every thread count (the key partitions
 included), every kernel set this CPU runs, NaN, tables that do not cover the context, mx.compile, and
-SmolLM2 lowered and decoded with the kernel on and off.
+SmolLM2 lowered and decoded with the kernel on and off; chunks over earlier context through the same kernel.
 """
 
 from __future__ import annotations
@@ -365,8 +365,8 @@ def smollm2_lowered(smollm2_path):
 
 
 def test_smollm2_decode_with_and_without_the_kernel(smollm2_lowered):
-    """SmolLM2 lowered, prefilled with a 100-token prompt and decoded 6 greedy steps (two sequences), with the
-    kernel table's decode attention on and off: the logits agree within float32 tolerance at every step."""
+    """SmolLM2 lowered, prefilled with 100- and 37-token prompts and decoded 6 greedy steps, with the kernel
+    table's paged attention (`cpu_attention`) on and off: the float32 logits agree at every step."""
     from lowering.api import mlx_weights
     from lowering.compile import load_step
     from lowering.driver import Driver
@@ -387,8 +387,60 @@ def test_smollm2_decode_with_and_without_the_kernel(smollm2_lowered):
         for seq in prompts:
             a, b = (np.array(r[seq].astype(mx.float32)) for r in rows)
             err = np.abs(a - b).max()
-            assert err <= 1e-3 * max(1.0, np.abs(b).max()), f"step {step} sequence {seq}: max logit difference {err:.3g}"
+            assert err <= 1e-4 * max(1.0, np.abs(b).max()), f"step {step} sequence {seq}: max logit difference {err:.3g}"
             token = int(np.argmax(b))
             for drv in drivers:
                 drv.seqs[seq].tokens.append(token)
         rows = [drv.step({seq: 1 for seq in prompts}) for drv in drivers]
+
+
+@pytest.mark.parametrize("window", [-1, 40])
+def test_table_chunks_over_context_vs_generic(window):
+    """A step mixing a decode, a chunk of 70 tokens over 100 earlier ones and a fresh prompt (runtime/batch.py
+    groups them), through `paged_attention` under mx.compile: `cpu_prefill` on (each chunk query through the
+    kernel) against off (gather + mask + attention), and the chunk's rows against the float64 reference."""
+    from runtime.batch import StepInput, attention_arrays, to_mlx
+    from runtime.model import CacheLayout, device_batch
+
+    kvh, g, d, bs, num_blocks = 2, 3, 32, 16, 40
+    rng = np.random.default_rng(8)
+    earlier = {0: 50, 1: 100, 2: 0}  # tokens already in the cache
+    new = {0: 1, 1: 70, 2: 23}
+    tables = {0: [3, 7, 9, 30], 1: [1, 2, 11, 12, 13, 20, 21, 22, 23, 24, 25], 2: [5, 6]}
+    pos = np.concatenate([np.arange(earlier[s], earlier[s] + new[s]) for s in new])
+    slots = np.concatenate([np.array(tables[s])[np.arange(earlier[s], earlier[s] + new[s]) // bs] * bs
+                            + np.arange(earlier[s], earlier[s] + new[s]) % bs for s in new])
+    width = max(len(t) for t in tables.values())
+    step = StepInput(input_ids=np.zeros(len(pos), np.int64), positions=pos,
+                     query_start_loc=np.concatenate([[0], np.cumsum([new[s] for s in new])]),
+                     seq_lens=np.array([earlier[s] + new[s] for s in new]),
+                     block_table=np.array([t + [0] * (width - len(t)) for t in tables.values()]),
+                     slot_mapping=slots, logits_indices=np.cumsum([new[s] for s in new]) - 1)
+    layout = CacheLayout(1, kvh, d, bs, mx.float32)
+    batch = to_mlx(device_batch(attention_arrays(step, bs), layout, num_blocks))
+    assert any("blocks" in gr and gr["q_index"].shape[1] > 1 for gr in batch["groups"])
+    t = len(pos)
+    q = mx.array(rng.standard_normal((t, kvh * g * d), np.float32))
+    k = mx.array(rng.standard_normal((t, kvh * d), np.float32))
+    v = mx.array(rng.standard_normal((t, kvh * d), np.float32))
+    cache = mx.array(rng.standard_normal(layout.cache_shape(num_blocks), np.float32))
+
+    def make_layer(table):
+        def layer(q, k, v, cache):
+            return table.paged_attention(q, k, v, cache, batch, num_heads=kvh * g, num_kv_heads=kvh, head_dim=d,
+                                         scale=d**-0.5, sliding_window=window, logit_cap=0.0)
+        return layer
+
+    on = kernels.select(RuntimeConfig(device="cpu"))
+    off = kernels.select(RuntimeConfig(device="cpu", kernels_off=frozenset({"cpu_prefill"})))
+    ours = mx.compile(make_layer(on))(q, k, v, cache)
+    composed = mx.compile(make_layer(off))(q, k, v, cache)
+    mx.eval(ours, composed)
+    assert mx.array_equal(ours[1], composed[1]).item()
+    err = mx.abs(ours[0] - composed[0]).max().item()
+    assert err <= 1e-5, f"kernel vs generic: max error {err:.3g}"
+    chunk = slice(new[0], new[0] + new[1])  # sequence 1's tokens
+    blocks = mx.array(np.tile(np.array(tables[1], np.int32), (new[1], 1)))
+    want, mag = reference(q[chunk].reshape(-1, kvh * g, d), ours[1], blocks, mx.array(pos[chunk].astype(np.int32)),
+                          d**-0.5, window)
+    check(ours[0][chunk], want, mag, "chunk over context")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from runtime.kernels import cpu_ext, fastmath
+from runtime.kernels import cpu_ext, fastmath, paged
 from runtime.kernels.generic import Generic
 
 
@@ -48,11 +48,25 @@ class Cpu(Generic):
         out = out if bias is None else out + bias
         return out if out.dtype == x.dtype else out.astype(x.dtype)
 
+    def _paged_attention(self, q, cache) -> bool:
+        return self._on("cpu_attention") and cache.dtype in cpu_ext.FLOAT_DTYPES and q.dtype in cpu_ext.FLOAT_DTYPES
+
     def attend_decode(self, q, cache, group, *, scale, window, cap):
-        if not self._on("cpu_attention") or cache.dtype not in cpu_ext.FLOAT_DTYPES or q.dtype not in cpu_ext.FLOAT_DTYPES:
+        if not self._paged_attention(q, cache):
             return super().attend_decode(q, cache, group, scale=scale, window=window, cap=cap)
         return cpu_ext.paged_decode_attention(q, cache, group["blocks"], group["q_pos"], scale=scale, window=window,
                                               cap=cap)
+
+    def attend_group(self, q, k, v, cache, group, *, scale, window, cap, in_order=False):
+        """Chunks over earlier context (a group with `blocks`): every query token attends as its own decode
+        query, at its position, through its sequence's block table (this step's K/V are in the cache already)."""
+        if "blocks" not in group or not self._on("cpu_prefill") or not self._paged_attention(q, cache):
+            return super().attend_group(q, k, v, cache, group, scale=scale, window=window, cap=cap, in_order=in_order)
+        s, lq = group["q_index"].shape
+        queries = paged.lay_out(q, group, in_order).reshape(s * lq, *q.shape[1:])
+        out = cpu_ext.paged_decode_attention(queries, cache, mx.repeat(group["blocks"], lq, axis=0),
+                                             group["q_pos"].reshape(-1), scale=scale, window=window, cap=cap)
+        return out.reshape(s, lq, *q.shape[1:])
 
     def exp(self, x):
         return fastmath.exp(x)

@@ -6,7 +6,7 @@ The entries are the fused ops that passes create (passes/fused: `rms_norm`, `add
 `silu_mul`, `gelu_mul`, `paged_attention`, `rope_paged_attention`, `moe_experts`), with tensor arguments
 positional and the rest by keyword, in the op's schema order; and the math the op lowerings call
 (`exp`, `sigmoid`, `silu`, `softmax`, `linear`, `gather_mm`). Below them, the pieces of paged attention a
-backend may replace (`attention`, `new_kv`, `attend_decode`).
+backend may replace (`attention`, `new_kv`, `attend_decode`, `attend_group`).
 """
 
 from __future__ import annotations
@@ -138,3 +138,7 @@ class Generic:
 
     def attend_decode(self, q, cache, group, *, scale, window, cap):
         return paged.attend_decode(self, q, cache, group, scale=scale, window=window, cap=cap)
+
+    def attend_group(self, q, k, v, cache, group, *, scale, window, cap, in_order=False):
+        """A group of prompts or chunks (not a pure decode step): [S, Lq, H, D]."""
+        return paged.attend_group(self, q, k, v, cache, group, scale=scale, window=window, cap=cap, in_order=in_order)

@@ -1,6 +1,7 @@
 """Paged attention composed from MLX ops: write this step's K/V through the slot mapping, gather each
 sequence's K/V through its block table, attend. The generic kernel table runs it as it is; a backend
-replaces the pieces it has kernels for (`table.attention`, `table.new_kv`, `table.attend_decode`).
+replaces the pieces it has kernels for (`table.attention`, `table.new_kv`, `table.attend_decode`,
+`table.attend_group`).
 
 A layer's cache is one array, K then V, head-major: [2, KVH, blocks, block_size, D]. One scatter
 writes this step's K and V; gathering a group's block table gives [2, KVH, S, Lk, D] in one copy,
@@ -43,7 +44,8 @@ def paged_attention(table, q, k, v, cache, batch, *, num_heads, num_kv_heads, he
     # reshapes replace the four gathers per layer (a batch-1 prefill, or equal prompts; static: shapes only)
     in_order = len(groups) == 1 and groups[0]["q_index"].size == t
     outs = [
-        _attend(table, q, k, v, cache, group, scale, window, cap, in_order).reshape(-1, num_heads * head_dim)
+        table.attend_group(q, k, v, cache, group, scale=scale, window=window, cap=cap, in_order=in_order)
+        .reshape(-1, num_heads * head_dim)
         for group in groups
     ]
     if in_order:
@@ -80,17 +82,27 @@ def write(cache, rows, batch):
     return flat.reshape(cache.shape)
 
 
+def lay_out(q, group, in_order: bool):
+    """The group's rows of q [T, ...] as [S, Lq, ...]: a reshape when the layout is the token order."""
+    index = group["q_index"]
+    return q.reshape(*index.shape, *q.shape[1:]) if in_order else q[index]
+
+
+def attend_group(table, q, k, v, cache, group, *, scale, window, cap, in_order=False):
+    """One group of a step that is not a pure decode: [S, Lq, H, D]."""
+    return _attend(table, q, k, v, cache, group, scale, window, cap, in_order)
+
+
 def _attend(table, q, k, v, cache, group, scale, window, cap, in_order=False):
     """One group of sequences: queries [S, H, Lq, D] against their keys [S, KVH, Lk, D]: gathered from
     the cache, or, for prompts with no earlier context (no `blocks`, runtime/batch.py), this step's own
     K/V laid out like the queries, under a causal mask (MLX's fused causal SDPA on a GPU; padded rows
     sit after every real query, so causality hides them). `in_order`: the layout is the token order."""
     index = group["q_index"]
-    lay_out = (lambda x: x.reshape(*index.shape, *x.shape[1:])) if in_order else (lambda x: x[index])
-    queries = lay_out(q).transpose(0, 2, 1, 3)
+    queries = lay_out(q, group, in_order).transpose(0, 2, 1, 3)
     if "blocks" not in group:
-        keys = lay_out(k).transpose(0, 2, 1, 3).astype(queries.dtype)
-        values = lay_out(v).transpose(0, 2, 1, 3).astype(queries.dtype)
+        keys = lay_out(k, group, in_order).transpose(0, 2, 1, 3).astype(queries.dtype)
+        values = lay_out(v, group, in_order).transpose(0, 2, 1, 3).astype(queries.dtype)
         pos = mx.arange(index.shape[1], dtype=mx.int32)
         mask = "causal" if window <= 0 and cap <= 0 else _mask(pos[None], index.shape[1], window, pos)
     else:
