@@ -98,12 +98,36 @@ inline void scores(const float* q, int D, const float* k, int len, float* s, int
   }
 }
 
-// acc_r = acc_r * alpha_r + sum_j p[r * ld + j] v_j for R heads, sharing each V load.
+// acc_r = acc_r * alpha_r + sum_j p[r * ld + j] v_j for R heads, sharing each V load; two vectors
+// of the head dim at a time, so 2R sums are in flight along j.
 template <int R>
 inline void accumulate(float* acc, int D, const float* alpha, const float* p, int ld, const float* v,
                        int len) {
   const int Dv = D - D % V::W;
-  for (int d = 0; d < Dv; d += V::W) {
+  int d = 0;
+  for (; d + 2 * V::W <= Dv; d += 2 * V::W) {
+    typename V::R a0[R], a1[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      a0[r] = V::mul(V::load(acc + r * D + d), V::set1(alpha[r]));
+      a1[r] = V::mul(V::load(acc + r * D + d + V::W), V::set1(alpha[r]));
+    }
+    for (int j = 0; j < len; ++j) {
+      typename V::R v0 = V::load(v + size_t(j) * D + d), v1 = V::load(v + size_t(j) * D + d + V::W);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        typename V::R pj = V::set1(p[r * ld + j]);
+        a0[r] = V::fma(pj, v0, a0[r]);
+        a1[r] = V::fma(pj, v1, a1[r]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      V::store(acc + r * D + d, a0[r]);
+      V::store(acc + r * D + d + V::W, a1[r]);
+    }
+  }
+  for (; d < Dv; d += V::W) {
     typename V::R a[R];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
