@@ -6,7 +6,8 @@ MLX's CPU backend multiplies quantized and 16-bit weights many times slower than
 through a BLAS made for large matrices; above that many rows MLX's float32 matmul (OpenBLAS) is faster.
 
 Decode attention reads the paged K/V cache in place through the block table (cpu_ext.paged_decode_attention),
-where the generic path gathers every sequence's K/V into a copy and masks it.
+where the generic path gathers every sequence's K/V into a copy and masks it; chunks of prompt over earlier
+context go through the same kernel a query at a time.
 
 MLX's CPU `exp` (and the sigmoid, SiLU and softmax built on it) is slow, and its `mx.fast.rope` with a position
 per token slower than elementwise ops that fuse: runtime/kernels/fastmath.py builds them from arithmetic
