@@ -195,6 +195,9 @@ def prefill_rows(chunks, context: int, repeats: int) -> list[dict]:
     `attend_group` with `cpu_prefill` on (the kernel, a query at a time) and off (gather + mask + attention)."""
     import numpy as np
 
+    from runtime.kernels import cpu
+
+    cpu.PREFILL_MIN_QUERIES = 1  # the kernel at every chunk size: this measures where it starts to pay
     on = kernels.select(RuntimeConfig(device="cpu"))
     off = kernels.select(RuntimeConfig(device="cpu", kernels_off=frozenset({"cpu_prefill"})))
     print(f"\nchunked prefill, one sequence, {context} tokens of context before the chunk, float32 cache: "

@@ -1,7 +1,9 @@
-// Checks every kernel set this CPU runs against a float64 reference, without MLX or Python, and
-// times them: a way to test the AVX-512 kernels on a machine that has AVX-512 but no MLX.
+// Checks every kernel set this CPU runs (matmul and paged decode attention) against a float64
+// reference, without MLX or Python, and times the matmuls: a way to test the AVX-512 kernels on a
+// machine that has AVX-512 but no MLX.
 //   cmake -S csrc -B build/check -DCPU_EXT_KERNEL_CHECK=ON -DCMAKE_EXE_LINKER_FLAGS=-static
 //   cmake --build build/check && build/check/kernel_check      (exit status 1 on any mismatch)
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -196,6 +198,107 @@ double run_case(const KernelSet* ks, const Case& c, double* seconds) {
   return worst;
 }
 
+
+// Paged decode attention, one partition: T sequences of contexts 1.., blocks scattered over the
+// cache; returns the max of |got - want| / allowed.
+double attention_case(const KernelSet* ks, int KVH, int G, int D, int BS, int cache_type, int window,
+                      float cap) {
+  const int contexts[] = {1, 2, BS, BS + 1, 70, 300};
+  const int T = 6, H = KVH * G;
+  int n = 0, total = 0;
+  for (int c : contexts) {
+    n = std::max(n, (c + BS - 1) / BS);
+    total += (c + BS - 1) / BS;
+  }
+  const int NB = total + 2;
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  size_t elems = size_t(2) * KVH * NB * BS * D;
+  std::vector<float> cache(elems);
+  std::vector<uint16_t> half(elems);
+  for (size_t i = 0; i < elems; ++i) {
+    float f = normal(rng);
+    half[i] = cache_type == S_BF16 ? to_bf16(f) : to_f16(f);
+    cache[i] = cache_type == S_F32 ? f : cache_type == S_BF16 ? from_bf16(half[i]) : from_f16(half[i]);
+  }
+  std::vector<int32_t> perm(NB), table(size_t(T) * n, 0), pos(T);
+  for (int i = 0; i < NB; ++i) {
+    perm[i] = i;
+  }
+  std::shuffle(perm.begin(), perm.end(), rng);
+  for (int t = 0, at = 0; t < T; ++t) {
+    for (int b = 0; b < (contexts[t] + BS - 1) / BS; ++b) {
+      table[size_t(t) * n + b] = perm[at++];
+    }
+    pos[t] = contexts[t] - 1;
+  }
+  const float scale = 1.0f / std::sqrt(float(D));
+  std::vector<float> q(size_t(T) * H * D), out(size_t(T) * H * D);
+  for (auto& x : q) {
+    x = normal(rng) * scale * (cap > 0 ? 8.0f : 1.0f);
+  }
+  Attention a{};
+  a.T = T;
+  a.H = H;
+  a.KVH = KVH;
+  a.D = D;
+  a.q = q.data();
+  a.cache = cache_type == S_F32 ? static_cast<const void*>(cache.data()) : half.data();
+  a.cache_type = cache_type;
+  a.blocks = NB;
+  a.block_size = BS;
+  a.table = table.data();
+  a.n = n;
+  a.pos = pos.data();
+  a.window = window;
+  a.cap = cap;
+  a.parts = 1;
+  a.part_keys = 300;
+  a.out = out.data();
+  std::vector<float> scratch(attention_scratch_floats(a));
+  for (int task = 0; task < T * KVH; ++task) {
+    ks->attention(a, task, scratch.data());
+  }
+  double worst = 0.0;
+  const size_t plane = size_t(KVH) * NB * BS * D;
+  for (int t = 0; t < T; ++t) {
+    int lo = window > 0 ? std::max(0, pos[t] - window + 1) : 0;
+    for (int h = 0; h < H; ++h) {
+      int kvh = h / G;
+      std::vector<double> s;
+      double mx = -1e300;
+      for (int j = lo; j <= pos[t]; ++j) {
+        size_t row = ((size_t(kvh) * NB + table[size_t(t) * n + j / BS]) * BS + j % BS) * D;
+        double dot = 0.0;
+        for (int d = 0; d < D; ++d) {
+          dot += double(q[(size_t(t) * H + h) * D + d]) * cache[row + d];
+        }
+        if (cap > 0) {
+          dot = std::tanh(dot / cap) * cap;
+        }
+        s.push_back(dot);
+        mx = std::max(mx, dot);
+      }
+      double l = 0.0;
+      for (auto& x : s) {
+        x = std::exp(x - mx);
+        l += x;
+      }
+      for (int d = 0; d < D; ++d) {
+        double want = 0.0, mag = 0.0;
+        for (int j = lo; j <= pos[t]; ++j) {
+          size_t row = ((size_t(kvh) * NB + table[size_t(t) * n + j / BS]) * BS + j % BS) * D;
+          want += s[j - lo] / l * cache[plane + row + d];
+          mag += s[j - lo] / l * std::fabs(cache[plane + row + d]);
+        }
+        double got = out[(size_t(t) * H + h) * D + d];
+        double allowed = 1e-6 + 2e-6 * mag * (8 + 2 * std::sqrt(double(D)));
+        worst = std::max(worst, std::isnan(got) ? 1e9 : std::fabs(got - want) / allowed);
+      }
+    }
+  }
+  return worst;
+}
+
 } // namespace
 
 int main() {
@@ -231,6 +334,23 @@ int main() {
                 ++failures;
                 std::printf("FAIL %s format %d bits %d group %d scales %d M=%d N=%d K=%d: error %.3g x allowed\n",
                             ks->name, c.format, c.bits, c.group, c.scale_type, c.M, c.N, c.K, worst);
+              }
+            }
+          }
+        }
+      }
+    }
+    for (int ct : {S_F32, S_BF16, S_F16}) {
+      for (int D : {1, 17, 64, 128}) {
+        for (int G : {1, 3, 4, 7}) {
+          for (int BS : {1, 16, 100}) {
+            for (auto wc : {std::pair<int, float>{-1, 0.0f}, {33, 0.0f}, {-1, 20.0f}}) {
+              double worst = attention_case(ks, 2, G, D, BS, ct, wc.first, wc.second);
+              ++cases;
+              if (!(worst <= 1.0)) {
+                ++failures;
+                std::printf("FAIL %s attention cache %d D=%d G=%d block %d window %d cap %g: error %.3g x allowed\n",
+                            ks->name, ct, D, G, BS, wc.first, wc.second, worst);
               }
             }
           }

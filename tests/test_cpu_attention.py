@@ -395,12 +395,15 @@ def test_smollm2_decode_with_and_without_the_kernel(smollm2_lowered):
 
 
 @pytest.mark.parametrize("window", [-1, 40])
-def test_table_chunks_over_context_vs_generic(window):
+def test_table_chunks_over_context_vs_generic(window, monkeypatch):
     """A step mixing a decode, a chunk of 70 tokens over 100 earlier ones and a fresh prompt (runtime/batch.py
     groups them), through `paged_attention` under mx.compile: `cpu_prefill` on (each chunk query through the
     kernel) against off (gather + mask + attention), and the chunk's rows against the float64 reference."""
     from runtime.batch import StepInput, attention_arrays, to_mlx
+    from runtime.kernels import cpu
     from runtime.model import CacheLayout, device_batch
+
+    monkeypatch.setattr(cpu, "PREFILL_MIN_QUERIES", 1)  # this chunk's 70 rows through the kernel too
 
     kvh, g, d, bs, num_blocks = 2, 3, 32, 16, 40
     rng = np.random.default_rng(8)
@@ -439,6 +442,7 @@ def test_table_chunks_over_context_vs_generic(window):
     assert mx.array_equal(ours[1], composed[1]).item()
     err = mx.abs(ours[0] - composed[0]).max().item()
     assert err <= 1e-5, f"kernel vs generic: max error {err:.3g}"
+    assert not mx.array_equal(ours[0], composed[0]).item()  # the kernel ran (its rounding differs)
     chunk = slice(new[0], new[0] + new[1])  # sequence 1's tokens
     blocks = mx.array(np.tile(np.array(tables[1], np.int32), (new[1], 1)))
     want, mag = reference(q[chunk].reshape(-1, kvh * g, d), ours[1], blocks, mx.array(pos[chunk].astype(np.int32)),

@@ -24,6 +24,11 @@ from runtime.kernels import cpu_ext, fastmath, paged
 from runtime.kernels.generic import Generic
 
 
+# Query rows a chunk needs for the kernel to attend it: each query reads its sequence's keys again, where the
+# composed path gathers them once; measured a wash at 16-128 rows over 1024 keys, 2.6-3.8x faster at 512.
+PREFILL_MIN_QUERIES = 256
+
+
 class Cpu(Generic):
     name = "cpu"
 
@@ -61,9 +66,10 @@ class Cpu(Generic):
     def attend_group(self, q, k, v, cache, group, *, scale, window, cap, in_order=False):
         """Chunks over earlier context (a group with `blocks`): every query token attends as its own decode
         query, at its position, through its sequence's block table (this step's K/V are in the cache already)."""
-        if "blocks" not in group or not self._on("cpu_prefill") or not self._paged_attention(q, cache):
-            return super().attend_group(q, k, v, cache, group, scale=scale, window=window, cap=cap, in_order=in_order)
         s, lq = group["q_index"].shape
+        if ("blocks" not in group or lq < PREFILL_MIN_QUERIES or not self._on("cpu_prefill")
+                or not self._paged_attention(q, cache)):
+            return super().attend_group(q, k, v, cache, group, scale=scale, window=window, cap=cap, in_order=in_order)
         queries = paged.lay_out(q, group, in_order).reshape(s * lq, *q.shape[1:])
         out = cpu_ext.paged_decode_attention(queries, cache, mx.repeat(group["blocks"], lq, axis=0),
                                              group["q_pos"].reshape(-1), scale=scale, window=window, cap=cap)
