@@ -104,7 +104,7 @@ KERNEL_SWITCHES = {
     "cpu_matmul": "CPU: float32/bfloat16/float16 linears up to GEMM_MAX_M rows through runtime._cpu_ext",
     "cpu_quantized": "CPU: quantized linears through runtime._cpu_ext (else MLX's quantized matmul)",
     "cpu_attention": "CPU: decode attention reading the paged cache in place through runtime._cpu_ext",
-    "cpu_prefill": "CPU: chunks over earlier context through the same kernel, a query at a time (cpu_attention on)",
+    "cpu_prefill": "CPU: prompt chunks over earlier context through the same kernel, from PREFILL_MIN_QUERIES rows",
 }
 _WARPS, _KEYS = (1, 2, 4, 8, 16, 32), (1, 2, 4, 8)
 
