@@ -1,7 +1,9 @@
 """Compiler quality on MLX's CPU backend: the lowered SmolLM2 against mlx-lm's hand-written model, one dtype.
 
 Ours: vLLM's torch model -> capture_vllm -> passes -> compiled MLX, driven by lowering.driver at batch 1.
-mlx-lm: its model of the same checkpoint. Same MLX build, BLAS, dtype and harness: prefill = one forward
+mlx-lm: its model of the same checkpoint. `--dtype q4`: ours serves the bundled GGUF (`smollm2-q4`: Q4_1
+linears as 4-bit groups of 32, the Q8_0 embedding and tied head as 8-bit), float32 activations; mlx-lm
+quantizes the dequantized checkpoint with `nn.quantize` (4-bit, groups of 32, the embedding too). Same MLX build, BLAS, dtype and harness: prefill = one forward
 over the whole prompt (the last token's logits evaluated); decode = N greedy steps after it, each one
 forward + argmax + .item() (a host sync per token in both). Repeats alternate ours and mlx-lm so that
 machine drift hits both alike; a ratio is taken per repeat. Prints one JSON line.
@@ -19,18 +21,23 @@ import sys
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
 from common import summary
-from lowering.api import build_model, lower
+from lowering.api import build_model, lower, lower_cached
 from lowering.capture import capture_vllm
+from lowering.compile import load_step
 from lowering.driver import Driver
 from lowering.vllm_build import build_vllm_model
 from runtime import blas
-from weights.bundled import prepare
+from runtime.config import QuantizeSpec
+from runtime.model import CacheLayout, LoweredModel
+from vllm_metal_plugin.checkpoints import checkpoint_sources
+from weights.bundled import prepare, resolve
 
-DTYPES = {"f32": "float32", "bf16": "bfloat16"}
+DTYPES = {"f32": "float32", "bf16": "bfloat16", "q4": "float32"}  # q4: the bundled GGUF, float32 activations
 TEXT = ("The history of the city begins with a small settlement on the river, where traders met to "
         "exchange salt, grain and cloth. Over the centuries it grew into a busy port with markets, "
         "bridges, schools and a library that drew scholars from distant lands. ")
@@ -43,10 +50,35 @@ def prompt_tokens(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
+def lowered_checkpoint(model_dir: str, max_len: int, quantize: QuantizeSpec | None = None) -> LoweredModel:
+    """The plugin's serving path without the engine, float32: vLLM's torch model built under this platform, a
+    quantized checkpoint's weights loaded into MLX by their parameter paths (or the model's own weights
+    quantized at load with `quantize`), captured, lowered (lower_cached), built."""
+    model, config = build_vllm_model(model_dir, dtype="float32", max_model_len=max_len)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    sources, fmt = checkpoint_sources(model, model_dir)
+    identity = {"harness": "benchmarks", "front": "vllm", "model": model_dir, "dtype": "float32",
+                "hf_config": config.model_config.hf_config.to_json_string(use_diff=False),
+                "weights": fmt or "full precision", "quantize": str(quantize)}
+    source, weights, layers, _ = lower_cached(identity, lambda: capture_vllm(model, config), state,
+                                              sources=sources, quantize=quantize)
+    if (sources or quantize) and "k.quantized_linear(" not in source:
+        raise RuntimeError(f"{model_dir}: the lowered step has no quantized linear; the run would not be quantized")
+    layout = CacheLayout(len(layers), layers[0].num_kv_heads, layers[0].head_dim, 16, mx.float32)
+    return LoweredModel(load_step(source), weights, layout, num_blocks=(max_len + 15) // 16 + 2)
+
+
 class Ours:
     """The lowered model through lowering.driver (batch 1, greedy); `timings` of each lowering stage."""
 
     def __init__(self, path: str, dtype: str, max_len: int):
+        if dtype == "q4":
+            t = time.perf_counter()
+            self.model = lowered_checkpoint(str(resolve("smollm2-q4")), max_len)
+            self.timings = {"lowered_checkpoint_s": time.perf_counter() - t}
+            self.driver, self._seq = Driver(self.model), 0
+            return
         t = time.perf_counter()
         model, config = build_vllm_model(path, dtype=DTYPES[dtype], max_model_len=max_len)
         self.timings = {"build_vllm_model_s": time.perf_counter() - t}
@@ -82,6 +114,8 @@ class MlxLm:
         # mlx-lm 0.32.2 ignores transformers-5's nested rope_parameters: rope_theta 1e5 must be given
         self.model, self.tokenizer = load(path, model_config={"rope_theta": 1e5})
         self.model.set_dtype(mx.bfloat16 if dtype == "bf16" else mx.float32)
+        if dtype == "q4":
+            nn.quantize(self.model, group_size=32, bits=4)
         mx.eval(self.model.parameters())
 
     def prefill(self, prompt: list[int]):

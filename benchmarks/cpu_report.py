@@ -9,10 +9,11 @@ from common import fmt, summary
 
 E2E_MODES = {
     "mlx": ("plugin, MLX (lowered)", {"VLLM_METAL_USE_MLX": "1"}),
-    "torch": ("plugin, `VLLM_METAL_USE_MLX=0` (torch eager)", {"VLLM_METAL_USE_MLX": "0"}),
     "cpu": ("vLLM built-in CPU platform (eager)",
             {"VLLM_PLUGINS": "none", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}),
 }
+COMPILER_DTYPES = ("f32", "bf16", "q4")
+DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16"}
 HOST_PARTS = (("prepare", "lowering.driver: the StepInput of the sequence (numpy)"),
               ("step_args", "the step's arrays: attention and cache-row indices (numpy), one host-to-device array"),
               ("call", "calling the `mx.compile`d step (graph replay, host only)"),
@@ -20,13 +21,16 @@ HOST_PARTS = (("prepare", "lowering.driver: the StepInput of the sequence (numpy
 
 # what limits a goal while it is missed
 LIMITS = {
-    "ceiling": "the products read 538 MB through OpenBLAS's sgemv at 10-28 GB/s on these matrices; ~200 small MLX "
-               "ops a step run one at a time on one thread (only BLAS is threaded); bf16 has no fast GEMV in "
-               "MLX's CPU backend",
-    "e2e": "a batch-32 decode step: GEMMs at M = 32 through OpenBLAS against torch's oneDNN, K/V of 32 sequences "
-           "gathered from the paged cache where vLLM's kernel reads it in place, small MLX ops one at a time",
+    "ceiling": "attention over the paged cache (K/V gathered, then MLX's matmuls and softmax) and ~200 small MLX "
+               "ops a step run one at a time on one thread between the threaded matrix products",
+    "e2e": "batched decode steps: K/V of every sequence gathered from the paged cache where vLLM's kernel reads "
+           "it in place, and the small MLX ops run one at a time on one thread",
     "host": "replaying the compiled graph (~1,500 nodes) costs ~4 ms a step, paid in full by the synchronous "
             "loop that vLLM's sampler needs (logits on the host every step)",
+    "llamacpp": "llama.cpp quantizes the activations to 8 bits and multiplies integer codes (one instruction per "
+                "32 products), where ours converts every 4-bit code to float",
+    "bf16": "a bf16 weight costs a widening to f32 per product; at M = 1 the GEMV runs near the bandwidth of "
+            "half the bytes, but the step's other work is the same",
 }
 
 
@@ -49,24 +53,41 @@ def _quiet_line(loads: list[dict]) -> str:
                 + (f", waited {x['waited_s']:.0f} s" if x["waited_s"] > 5 else "") for x in loads))
 
 
+def _compilers(res: dict) -> list[dict]:
+    return [res[f"compiler_{d}"] for d in COMPILER_DTYPES if res.get(f"compiler_{d}")]
+
+
 def goals(res: dict, ceiling: float) -> list[str]:
-    c32, c16, e2e = res["compiler_f32"], res["compiler_bf16"], res.get("e2e") or {}
-    host = res["overheads"]["host"]
-    pct = 100 * c32["ours"]["decode"]["median"] / ceiling
-    plugin, builtin = _tok(e2e, "mlx", 32), _tok(e2e, "cpu", 32)
-    vs_builtin = plugin["median"] / builtin["median"] if plugin and builtin else None
+    c32, c16, q4 = (res.get(f"compiler_{d}") for d in COMPILER_DTYPES)
+    e2e, lcpp, host = res.get("e2e") or {}, res.get("llamacpp"), res["overheads"]["host"]
+    dec = lambda c: c["ours"]["decode"]["median"]  # noqa: E731
+    pct = 100 * dec(c32) / ceiling
     rows = [(f"decode >= 1.0x mlx-lm ({c['dtype']})", f"{fmt(c['ratio']['decode'], 2)}x", c["ratio"]["decode"]["median"] >= 1, "")
-            for c in (c32, c16)]
+            for c in _compilers(res)]
     rows += [(f"prefill >= 1.0x mlx-lm ({c['dtype']})", f"{fmt(c['ratio']['prefill'], 2)}x", c["ratio"]["prefill"]["median"] >= 1, "")
-             for c in (c32, c16)]
-    rows += [("decode at batch 1 >= 60% of the bandwidth ceiling (f32)",
-              f"{pct:.0f}% ({c32['ours']['decode']['median']:.1f} of {ceiling:.1f} tok/s)", pct >= 60, LIMITS["ceiling"]),
-             ("plugin >= 1.0x the built-in CPU platform at 32 requests",
-              f"{vs_builtin:.2f}x ({plugin['median']:.1f} vs {builtin['median']:.1f} tok/s)" if vs_builtin else "not run",
-              None if vs_builtin is None else vs_builtin >= 1, LIMITS["e2e"]),
-             ("host time < 5% of a batch-1 decode step",
-              f"{host['host_pct']:.1f}% ({1e3 * host['host_s']:.1f} of {1e3 * host['median_s']['total']:.0f} ms)",
-              host["host_pct"] < 5, LIMITS["host"])]
+             for c in _compilers(res)]
+    rows.append(("decode at batch 1 >= 60% of the bandwidth ceiling (f32)",
+                 f"{pct:.0f}% ({dec(c32):.1f} of {ceiling:.1f} tok/s)", pct >= 60, LIMITS["ceiling"]))
+    if c16:
+        rows.append(("bf16 decode faster than f32", f"{dec(c16):.1f} vs {dec(c32):.1f} tok/s", dec(c16) > dec(c32), LIMITS["bf16"]))
+    if q4 and lcpp:
+        ref = lcpp["decode_tok_s"]["median"]
+        rows.append(("4-bit decode at batch 1 >= llama.cpp on the same GGUF, same threads",
+                     f"{dec(q4) / ref:.2f}x ({dec(q4):.1f} vs {ref:.1f} tok/s)", dec(q4) >= ref, LIMITS["llamacpp"]))
+    builtin1 = max((t["median"] for dt in e2e if (t := _tok(e2e[dt], "cpu", 1))), default=None)
+    if q4 and builtin1:
+        rows.append(("4-bit decode at batch 1 >= 4x vLLM's built-in CPU platform at 1 request (its faster of f32, bf16)",
+                     f"{dec(q4) / builtin1:.2f}x ({dec(q4):.1f} vs {builtin1:.1f} tok/s)", dec(q4) >= 4 * builtin1, ""))
+    for dt in e2e:
+        for n in (8, 32):
+            plugin, builtin = _tok(e2e[dt], "mlx", n), _tok(e2e[dt], "cpu", n)
+            r = plugin["median"] / builtin["median"] if plugin and builtin else None
+            rows.append((f"plugin >= 1.0x the built-in CPU platform at {n} requests ({dt})",
+                         f"{r:.2f}x ({plugin['median']:.1f} vs {builtin['median']:.1f} tok/s)" if r else "not run",
+                         None if r is None else r >= 1, LIMITS["e2e"]))
+    rows.append(("host time < 5% of a batch-1 decode step",
+                 f"{host['host_pct']:.1f}% ({1e3 * host['host_s']:.1f} of {1e3 * host['median_s']['total']:.0f} ms)",
+                 host["host_pct"] < 5, LIMITS["host"]))
     return ["| goal | now | status | what limits it |", "|---|---|---|---|",
             *(f"| {g} | {now} | {_status(ok)} | {(limit or 'not analysed for this run') if ok is False else ''} |"
               for g, now, ok, limit in rows)]
@@ -74,11 +95,12 @@ def goals(res: dict, ceiling: float) -> list[str]:
 
 def render(res: dict, results_path) -> str:
     m, p = res["machine"], res["plan"]
-    c32, c16, bw = res["compiler_f32"], res["compiler_bf16"], res["bandwidth"]["gb_s"]
-    over, e2e = res["overheads"], res.get("e2e") or {}
+    c32, bw = res["compiler_f32"], res["bandwidth"]["gb_s"]
+    over, e2e, lcpp = res["overheads"], res.get("e2e") or {}, res.get("llamacpp")
     ceiling = bw["median"] * 1e9 / c32["decode_step_weight_bytes"]
     L = [f"Written by `benchmarks/run.py` from its results, `{results_path}`. Model: SmolLM2-135M-Instruct (bundled, "
-         "134.5M parameters, 30 layers, tied embeddings), on MLX's CPU backend.", "",
+         "134.5M parameters, 30 layers, tied embeddings), on MLX's CPU backend with this project's CPU kernels "
+         "(docs/cpu-kernels.md).", "",
          f"- **Machine:** {m['cores']} cores, `{m['cpu']}`, {m['mem_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']}",
          f"- **Date:** {res['date']}; **command:** `{res['command']}` ({res.get('total_s', float('nan')) / 60:.0f} min)",
          f"- **BLAS used by MLX:** `{(c32.get('blas') or {}).get('sgemm_library')}`, MLX {c32.get('mlx')}",
@@ -86,45 +108,51 @@ def render(res: dict, results_path) -> str:
          "process (the two interleaved), then summarised.",
          _quiet_line(res["loads"]), "", "### Goals", "", *goals(res, ceiling), ""]
 
-    L += ["### The lowered model against mlx-lm", "",
-          "Same BLAS, weights, dtype and harness: batch 1, greedy, one forward + argmax + `.item()` a token. Ours: vLLM's "
+    L += ["### The lowered model against mlx-lm and llama.cpp", "",
+          "Same weights and harness: batch 1, greedy, one forward + argmax + `.item()` a token. Ours: vLLM's "
           "torch model -> `capture_vllm` -> passes -> compiled MLX, driven by `lowering.driver`; mlx-lm 0.32.2: "
-          "`mlx_lm.load(path, model_config={'rope_theta': 1e5})` (`benchmarks/cpu_compiler.py`).", "",
+          "`mlx_lm.load(path, model_config={'rope_theta': 1e5})` (`benchmarks/cpu_compiler.py`). q4: ours serves the "
+          "bundled GGUF (Q4_1 linears as 4-bit groups of 32, the Q8_0 embedding and tied head as 8-bit) with f32 "
+          "activations; mlx-lm quantizes the same weights with `nn.quantize` (4-bit, groups of 32, the head too).", "",
           "| dtype | prompt / new tokens | repeats | prefill ours tok/s | mlx-lm | **ratio** | decode ours tok/s | "
           "mlx-lm | **ratio** | greedy tokens equal |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in (c32, c16):
+    for c in _compilers(res):
         L.append(f"| {c['dtype']} | {c['prompt']} / {c['gen']} | {c['repeats']} | {fmt(c['ours']['prefill'])} | "
                  f"{fmt(c['mlx_lm']['prefill'])} | **{fmt(c['ratio']['prefill'], 2)}x** | {fmt(c['ours']['decode'], 2)} | "
                  f"{fmt(c['mlx_lm']['decode'], 2)} | **{fmt(c['ratio']['decode'], 2)}x** | {c['greedy_agree']}/{c['greedy_of']} |")
+    if lcpp:
+        L += ["", f"llama.cpp (llama-cpp-python {lcpp.get('llama_cpp_python')}, `{lcpp.get('gguf')}`, "
+              f"{lcpp.get('threads', 2)} threads, `benchmarks/llamacpp.py`), same prompt: prefill "
+              f"{fmt(lcpp['prefill_tok_s'])} tok/s, decode {fmt(lcpp['decode_tok_s'], 2)} tok/s."]
     same = c32["text_ours"] == c32["text_mlx_lm"]
-    L += ["", f"bf16 runs a {c16['prompt']}-token prompt and {c16['gen']} new tokens: MLX's CPU backend has no fast bf16 "
-          "GEMM, so bf16 is ~10x slower than f32 here. Greedy f32 text, "
-          + (f"both: `{c32['text_ours']!r}`." if same else
-             f"ours: `{c32['text_ours']!r}`; mlx-lm: `{c32['text_mlx_lm']!r}`."), ""]
+    L += ["", "Greedy f32 text, " + (f"both: `{c32['text_ours']!r}`." if same else
+                                     f"ours: `{c32['text_ours']!r}`; mlx-lm: `{c32['text_mlx_lm']!r}`."), ""]
 
     e = p["e2e"]
     L += ["### End to end in vLLM 0.32 (`LLM.generate`, offline)", "",
-          f"float32, prompts of 128 distinct random tokens, {e['gen']} new tokens each, greedy, `ignore_eos`, prefix "
-          f"caching off, `max_num_seqs={max(int(n) for n in e['levels'].split(','))}`; {e['repeats']} repeat{'s' if e['repeats'] != 1 else ''} a level after a warm-up generate (8 new tokens) at "
-          "that level; one engine process per configuration (`benchmarks/vllm_e2e.py`). TTFT includes queueing behind "
-          "the other prompts' prefill.", ""]
+          f"Prompts of 128 distinct random tokens, {e['gen']} new tokens each, greedy, `ignore_eos`, prefix "
+          f"caching off, `max_num_seqs={max(int(n) for n in e['levels'].split(','))}`; {e['repeats']} "
+          f"repeat{'s' if e['repeats'] != 1 else ''} a level after a warm-up generate (8 new tokens) at that level; one "
+          "engine process per configuration (`benchmarks/vllm_e2e.py`). TTFT includes queueing behind the other "
+          "prompts' prefill. The built-in CPU platform runs in its default configuration.", ""]
     if e2e:
         levels = e["levels"].split(",")
-        L += ["| configuration | engine start s | " + " | ".join(f"tok/s @{n}" for n in levels) + " | "
+        L += ["| dtype | configuration | engine start s | " + " | ".join(f"tok/s @{n}" for n in levels) + " | "
               + " | ".join(f"TTFT s @{n}" for n in levels) + " | " + " | ".join(f"TPOT ms @{n}" for n in levels) + " |",
-              "|---|---|" + "---|" * (3 * len(levels))]
-        for mode, (label, _) in E2E_MODES.items():
-            if mode in e2e:
-                cells = [fmt(_tok(e2e, mode, n)) for n in levels] + [fmt(_tok(e2e, mode, n, "ttft_s"), 2) for n in levels]
-                cells += [fmt(_tok(e2e, mode, n, "tpot_s", 1e3), 0) for n in levels]
-                L.append(f"| {label} | {e2e[mode]['start_s']:.0f} | " + " | ".join(cells) + " |")
-        ratios = [f"@{n}: {_tok(e2e, 'mlx', n)['median'] / _tok(e2e, 'cpu', n)['median']:.2f}x" for n in levels
-                  if _tok(e2e, "mlx", n) and _tok(e2e, "cpu", n)]
-        texts = {r.get("sample_text") for r in e2e.values()}
-        sample = (f"All answer 'The capital of France is' with `{texts.pop()!r}`." if len(texts) == 1 else
-                  "Answers to 'The capital of France is': " + "; ".join(f"{k}: `{r.get('sample_text')!r}`"
-                                                                         for k, r in e2e.items()) + ".")
-        L += ["", "Plugin MLX / built-in CPU platform (ratio of medians, processes run one after the other): "
+              "|---|---|---|" + "---|" * (3 * len(levels))]
+        for dt, runs in e2e.items():
+            for mode, (label, _) in E2E_MODES.items():
+                if mode in runs:
+                    cells = [fmt(_tok(runs, mode, n)) for n in levels] + [fmt(_tok(runs, mode, n, "ttft_s"), 2) for n in levels]
+                    cells += [fmt(_tok(runs, mode, n, "tpot_s", 1e3), 0) for n in levels]
+                    L.append(f"| {dt} | {label} | {runs[mode]['start_s']:.0f} | " + " | ".join(cells) + " |")
+        ratios = [f"{dt} @{n}: {_tok(r, 'mlx', n)['median'] / _tok(r, 'cpu', n)['median']:.2f}x" for dt, r in e2e.items()
+                  for n in levels if _tok(r, "mlx", n) and _tok(r, "cpu", n)]
+        texts = {f"{dt} {k}": r.get("sample_text") for dt, runs in e2e.items() for k, r in runs.items()}
+        sample = (f"All answer 'The capital of France is' with `{next(iter(texts.values()))!r}`."
+                  if len(set(texts.values())) == 1 else
+                  "Answers to 'The capital of France is': " + "; ".join(f"{k}: `{t!r}`" for k, t in texts.items()) + ".")
+        L += ["", "Plugin / built-in CPU platform (ratio of medians, processes run one after the other): "
               + ", ".join(ratios) + ". " + sample, ""]
     else:
         L += ["(not run: --skip-e2e)", ""]
@@ -133,16 +161,12 @@ def render(res: dict, results_path) -> str:
           f"torch `copy_` of a 1 GiB float32 buffer on 2 threads, read + write: **{fmt(bw)} GB/s** ({bw['n']} repeats). "
           "A batch-1 decode step reads every weight once (the tied embedding once, as the LM head); K/V reads at "
           "these lengths are < 1%.", "",
-          "| dtype | weights read a step | ceiling tok/s | ours tok/s | % | mlx-lm tok/s | % | plugin in vLLM @1 | % |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    plugin1 = _tok(e2e, "mlx", 1)
-    for c in (c32, c16):
+          "| dtype | weights read a step | ceiling tok/s | ours tok/s | % | mlx-lm tok/s | % |", "|---|---|---|---|---|---|---|"]
+    for c in _compilers(res):
         ceil = bw["median"] * 1e9 / c["decode_step_weight_bytes"]
         ours, ref = c["ours"]["decode"]["median"], c["mlx_lm"]["decode"]["median"]
-        plug = plugin1["median"] if plugin1 and c is c32 else None
         L.append(f"| {c['dtype']} | {c['decode_step_weight_bytes'] / 1e6:.1f} MB | {ceil:.1f} | {ours:.2f} | "
-                 f"{100 * ours / ceil:.0f}% | {ref:.2f} | {100 * ref / ceil:.0f}% | "
-                 + (f"{plug:.2f} | {100 * plug / ceil:.0f}%" if plug else "n/a | n/a") + " |")
+                 f"{100 * ours / ceil:.0f}% | {ref:.2f} | {100 * ref / ceil:.0f}% |")
 
     lo, lc, host = over["lowering"], over["lower_cached"], over["host"]
     ms = {k: 1e3 * v for k, v in host["median_s"].items()}
@@ -164,39 +188,28 @@ def render(res: dict, results_path) -> str:
 
 def why(res: dict, ceiling: float) -> list[str]:
     """What explains the numbers (static text; this run's numbers in the headings)."""
-    c32, c16 = res["compiler_f32"], res["compiler_bf16"]
+    c32 = res["compiler_f32"]
     busy = [x.get("busy_start", x["load_start"]) for x in res.get("loads", [])]
     P = ["### Why", ""]
     if busy and max(busy) > 1.0:
         P += [f"**Noise.** Up to {max(busy):.1f} cores were busy when a part started: absolute tok/s are lower than on "
               "a quiet machine; the interleaved ours / mlx-lm ratios hold up better, and the min-max spread shows by how "
               "much each moved.", ""]
-    P += [f"**Decode vs mlx-lm (f32 {c32['ratio']['decode']['median']:.2f}x, bf16 {c16['ratio']['decode']['median']:.2f}x).** "
-          "Both reach the same BLAS path: `runtime/matvec.c` sends MLX's M = 1 `cblas_sgemm` calls to OpenBLAS's "
-          "`sgemv` (1.6-3.4x faster than its sgemm at M = 1; mlx-lm, in the same process, gets it too). What differs "
-          "is attention: ours gathers whole cache blocks as rows, buckets key counts to sixteenths of the power of two "
-          "above 256, and computes the softmax's exp from a polynomial and the exponent bits (`fastmath`, ~4-6 ns an "
-          "element, within 1e-7 relative) where MLX's CPU `exp` costs 35-50 ns an element; mlx-lm pays that exp in "
-          "its SDPA.", "",
-          f"**Prefill vs mlx-lm (f32 {c32['ratio']['prefill']['median']:.2f}x, bf16 {c16['ratio']['prefill']['median']:.2f}x).** "
-          "The projections are the same OpenBLAS sgemm calls (vLLM's merged qkv_proj and gate_up_proj make fewer, "
-          "larger ones). The difference is the exponentials: a 512-token f32 prefill evaluates ~24M sigmoids (SiLU) "
-          "and ~70M exps (softmax), ~3 s at MLX's CPU rate and ~0.4 s through `fastmath`. A prompt with no earlier "
-          "context attends to its own K/V under a causal mask, without a cache gather. In bf16 the shared matmuls "
-          "dominate.", "",
+    P += ["**Matrix products.** Every linear of a decode step runs in this project's compiled kernels "
+          "(`runtime/kernels/cpu_ext.py`, C++ in `csrc/`): a GEMV per weight layout (f32, bf16/f16 widened to f32, "
+          "4/8-bit codes dequantized in registers) threaded over output columns on one pool. mlx-lm runs MLX's own "
+          "CPU paths: OpenBLAS's sgemm for f32 (slower than a GEMV at M = 1), a scalar loop for bf16 and for "
+          "quantized weights, which is why the bf16 and 4-bit ratios are the largest.", "",
+          "**Attention and the rest.** Ours gathers whole cache blocks as rows and computes the softmax's exp from a "
+          "polynomial and the exponent bits (`fastmath`), where MLX's CPU `exp` costs 35-50 ns an element; the "
+          "remaining ~200 small MLX ops of a step (norms, RoPE, reshapes) run one at a time on one thread.", "",
           f"**Bandwidth ceiling ({100 * c32['ours']['decode']['median'] / ceiling:.0f}% of {ceiling:.0f} tok/s in f32).** "
           f"{c32['decode_step_weight_bytes'] / 1e6:.0f} MB of weights at the measured bandwidth take "
           f"{1e3 / ceiling:.0f} ms; our step takes {1e3 / c32['ours']['decode']['median']:.0f} ms at 512-640 tokens of "
-          "context. OpenBLAS's sgemv reaches 10-28 GB/s on these matrices alone, so the products take ~25-50 ms; the "
-          "rest is ~200 small MLX ops a step on one thread and attention over ~600 keys in 30 layers. Closing it needs "
-          "CPU kernels (threaded elementwise ops, a bf16 GEMV), not lowering changes.", ""]
+          "context: the products are near the bandwidth (docs/cpu-kernels.md), the rest of the step is not.", ""]
     if res.get("e2e"):
         P += ["**vLLM end to end.** The built-in CPU platform runs torch with oneDNN GEMMs and its own C++ attention, "
-              "which reads the paged cache in place with a vectorised exp. At 32 requests of 128 + 128 tokens most steps "
-              "are batch-32 decodes; ours gathers 32 sequences' K and V (12.6 MB a layer) and runs its small ops one at a "
-              "time while OpenBLAS's idle threads spin. What closes it: a CPU paged-attention kernel and fewer, larger ops. "
-              "Plugin torch (`VLLM_METAL_USE_MLX=0`) runs the same vLLM model eager through our runner and a torch-native "
-              "attention, so the built-in platform is the stronger baseline. Engine start includes lowering (from the "
+              "which reads the paged cache in place with a vectorised exp. Engine start includes lowering (from the "
               "cache when hit) and `mx.compile` tracing of the first steps.", ""]
     P += ["**Host time.** Calling the compiled step replays its recorded graph, one lazy array per node (~1,500: 30 "
           "layers of matmuls, splits, reshapes, RoPE, cache gathers and writes), its cost growing with the node count. "

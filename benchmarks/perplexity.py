@@ -37,17 +37,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import cpu_machine, log
+from cpu_compiler import lowered_checkpoint
 from llamacpp import bundled_gguf, gguf_adds_bos, run as run_llamacpp
-from lowering.api import lower_cached
-from lowering.capture import capture_vllm
-from lowering.compile import load_step
 from lowering.driver import Driver
-from lowering.vllm_build import build_vllm_model
 from perplexity_procedure import DEFAULT_N_CTX, LogitsFn, load_text, perplexity
 from runtime import kernels
 from runtime.config import QuantizeSpec
-from runtime.model import CacheLayout, LoweredModel
-from vllm_metal_plugin.checkpoints import checkpoint_sources
 from weights import bundled
 
 
@@ -76,22 +71,8 @@ def lowered_logits(lowered_model) -> LogitsFn:
 
 
 def ours(model_dir: str, n_ctx: int, quantize: QuantizeSpec | None = None) -> LogitsFn:
-    """The plugin's serving path without the engine: vLLM's torch model built under this platform, a quantized
-    checkpoint's weights loaded into MLX by its parameter paths (or the model's own weights quantized at load
-    with `quantize`), captured, lowered (lower_cached), built."""
-    model, config = build_vllm_model(model_dir, dtype="float32", max_model_len=n_ctx)
-    state = dict(model.named_parameters(remove_duplicate=False))
-    state.update(dict(model.named_buffers(remove_duplicate=False)))
-    sources, fmt = checkpoint_sources(model, model_dir)
-    identity = {"harness": "perplexity", "front": "vllm", "model": model_dir, "dtype": "float32",
-                "hf_config": config.model_config.hf_config.to_json_string(use_diff=False),
-                "weights": fmt or "full precision", "quantize": str(quantize)}
-    source, weights, layers, _ = lower_cached(identity, lambda: capture_vllm(model, config), state,
-                                              sources=sources, quantize=quantize)
-    if (sources or quantize) and "k.quantized_linear(" not in source:
-        raise RuntimeError(f"{model_dir}: the lowered step has no quantized linear; the run would not be quantized")
-    layout = CacheLayout(len(layers), layers[0].num_kv_heads, layers[0].head_dim, 16, mx.float32)
-    return lowered_logits(LoweredModel(load_step(source), weights, layout, num_blocks=n_ctx // 16 + 2))
+    """The plugin's serving path without the engine (cpu_compiler.lowered_checkpoint)."""
+    return lowered_logits(lowered_checkpoint(model_dir, n_ctx, quantize))
 
 
 SYSTEMS = {

@@ -6,8 +6,9 @@
 
 Each part runs in fresh child processes, and before each one the run waits (up to 2 minutes) until under half
 a core is busy over 3 s; what it saw is recorded. Parts: memory bandwidth (cpu_bandwidth.py), the lowered model
-against mlx-lm per dtype (cpu_compiler.py), lowering and host overheads (cpu_overheads.py), and end to end in
-vLLM: this plugin, the plugin with VLLM_METAL_USE_MLX=0, and vLLM's built-in CPU platform (vllm_e2e.py).
+against mlx-lm in f32, bf16 and 4-bit (cpu_compiler.py), llama.cpp on the bundled GGUF (llamacpp.py), lowering
+and host overheads (cpu_overheads.py), and end to end in vLLM, f32 and bf16: this plugin and vLLM's built-in
+CPU platform (vllm_e2e.py).
 The section is rendered by cpu_report.py between the markers <!-- cpu:begin --> and <!-- cpu:end -->.
 """
 
@@ -24,15 +25,15 @@ import time
 from pathlib import Path
 
 from common import ROOT, cpu_machine, log, write_doc_section
-from cpu_report import E2E_MODES, render
+from cpu_report import COMPILER_DTYPES, DTYPE_NAMES, E2E_MODES, render
 
 
 def plan(quick: bool) -> dict:
     if quick:
-        return {"f32": dict(prompt=512, gen=64, repeats=2), "bf16": dict(prompt=128, gen=16, repeats=2),
-                "e2e": dict(levels="1,8,32", gen=64, repeats=1), "bw_repeats": 5}
-    return {"f32": dict(prompt=512, gen=128, repeats=3), "bf16": dict(prompt=128, gen=32, repeats=2),
-            "e2e": dict(levels="1,8,32", gen=128, repeats=2), "bw_repeats": 7}
+        return {"compiler": dict(prompt=256, gen=32, repeats=2), "llamacpp": dict(prompt=256, gen=32, repeats=2),
+                "e2e": dict(levels="1,8,32", gen=32, repeats=1, dtypes="f32,bf16"), "bw_repeats": 5}
+    return {"compiler": dict(prompt=512, gen=128, repeats=3), "llamacpp": dict(prompt=512, gen=128, repeats=3),
+            "e2e": dict(levels="1,8,32", gen=128, repeats=2, dtypes="f32,bf16"), "bw_repeats": 7}
 
 
 def busy_cores(window_s: float = 3.0) -> float | None:
@@ -99,21 +100,26 @@ def collect(args) -> dict:
         return run_child(module, argv, dict(env, **(extra_env or {})), timeout)
 
     res["bandwidth"] = part("bandwidth", "cpu_bandwidth", ["--threads", "2", "--repeats", str(p["bw_repeats"])])
-    for dt in ("f32", "bf16"):
-        c = p[dt]
+    c = p["compiler"]
+    for dt in COMPILER_DTYPES:
         res[f"compiler_{dt}"] = part(f"compiler {dt}", "cpu_compiler", ["--dtype", dt, "--prompt", str(c["prompt"]),
                                                                         "--gen", str(c["gen"]), "--repeats", str(c["repeats"])])
         save()
+    c = p["llamacpp"]
+    res["llamacpp"] = part("llama.cpp", "llamacpp", ["--no-wait", "--prompt", str(c["prompt"]), "--gen", str(c["gen"]),
+                                                    "--repeats", str(c["repeats"]), "--threads", "2"])
     res["overheads"] = part("overheads", "cpu_overheads", ["--dtype", "f32"])
     res["e2e"] = {}
     save()
     if not args.skip_e2e:
         e = p["e2e"]
-        for mode, (_, mode_env) in E2E_MODES.items():
-            res["e2e"][mode] = part(f"vLLM {mode}", "vllm_e2e", ["--mode", mode, "--concurrency", e["levels"],
-                                                                "--gen", str(e["gen"]), "--repeats", str(e["repeats"])],
-                                    mode_env, timeout=1200)
-            save()
+        for dt in e["dtypes"].split(","):
+            res["e2e"][dt] = {}
+            for mode, (_, mode_env) in E2E_MODES.items():
+                res["e2e"][dt][mode] = part(f"vLLM {mode} {dt}", "vllm_e2e", [
+                    "--mode", mode, "--dtype", DTYPE_NAMES[dt], "--concurrency", e["levels"], "--gen", str(e["gen"]),
+                    "--repeats", str(e["repeats"])], mode_env, timeout=1200)
+                save()
     res["total_s"] = time.perf_counter() - t0
     return res
 
