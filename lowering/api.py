@@ -71,11 +71,11 @@ def mlx_weights(program: Program, dtype: torch.dtype | None = None, given: dict[
 
 def cache_layout(program: Program, block_size: int, dtype: mx.Dtype) -> CacheLayout:
     layers = program.attention
-    kv_heads = {layer.num_kv_heads for layer in layers}
-    head_dims = {layer.head_dim for layer in layers}
-    if len(kv_heads) != 1 or len(head_dims) != 1:
+    shapes = {(layer.cache_planes, layer.num_kv_heads, layer.head_dim) for layer in layers}
+    if len(shapes) != 1:
         raise NotImplementedError("layers with different KV head counts or head sizes are not supported yet")
-    return CacheLayout(len(layers), kv_heads.pop(), head_dims.pop(), block_size, dtype)
+    planes, kv_heads, head_dim = shapes.pop()
+    return CacheLayout(len(layers), kv_heads, head_dim, block_size, dtype, planes)
 
 
 def build_model(lowered: Lowered, num_blocks: int, block_size: int = 16, jit: bool = True) -> LoweredModel:

@@ -169,23 +169,29 @@ def _norm_weights_as_parameters(model: torch.nn.Module):
             m._forward_method = method
 
 
-_ROUTERS = ("FusedTopKRouter", "GroupedTopKRouter", "CustomRoutingRouter", "CPURouter")
+_ROUTERS = ("FusedTopKRouter", "GroupedTopKRouter", "FusedTopKBiasRouter", "CustomRoutingRouter", "CPURouter")
 
 
-def _route(router, hidden, router_logits):
+def route(router, hidden, router_logits):
     """(topk_weights, topk_ids) by vLLM's own plain-torch routing (the CPU platform's CPURouter,
     which covers softmax top-k, grouped top-k with a correction bias, and custom routing functions),
-    configured from the layer's router."""
+    configured from the layer's router. Top-k over biased scores without groups (FusedTopKBiasRouter)
+    is grouped top-k with one group."""
     from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
 
     if type(router).__name__ not in _ROUTERS:
         raise NotImplementedError(f"MoE router {type(router).__name__} is not supported by the MLX lowering yet")
+    if getattr(router, "_hash_indices_table", None) is not None:
+        raise NotImplementedError("hash-routed MoE layers (expert by token id) are not supported by the MLX lowering yet")
+    if getattr(router, "num_fused_shared_experts", 0):
+        raise NotImplementedError("MoE routers with fused shared experts are not supported by the MLX lowering yet")
     groups = getattr(router, "num_expert_group", None)
+    biased_flat = type(router).__name__ == "FusedTopKBiasRouter"
     cpu = CPURouter(
         top_k=router.top_k, global_num_experts=router.global_num_experts,
-        use_grouped_topk=bool(getattr(router, "use_grouped_topk", groups is not None)), num_expert_group=groups,
-        topk_group=getattr(router, "topk_group", None), renormalize=getattr(router, "renormalize", True),
-        scoring_func=getattr(router, "scoring_func", "softmax"),
+        use_grouped_topk=biased_flat or bool(getattr(router, "use_grouped_topk", groups is not None)),
+        num_expert_group=1 if biased_flat else groups, topk_group=1 if biased_flat else getattr(router, "topk_group", None),
+        renormalize=getattr(router, "renormalize", True), scoring_func=getattr(router, "scoring_func", "softmax"),
         routed_scaling_factor=getattr(router, "routed_scaling_factor", 1.0),
         e_score_correction_bias=getattr(router, "e_score_correction_bias", None),
         custom_routing_function=getattr(router, "custom_routing_function", None),
@@ -193,34 +199,37 @@ def _route(router, hidden, router_logits):
     return cpu._compute_routing(hidden, router_logits, None)
 
 
+def moe_problems(runner) -> list[str]:
+    """What an MoE layer has that the MLX lowering does not support yet (empty: it lowers)."""
+    experts = runner.routed_experts
+    return [what for what, bad in [
+        ("quantized experts", type(experts.quant_method).__name__ != "UnquantizedFusedMoEMethod"),
+        ("expert biases", getattr(experts, "w13_bias", None) is not None),
+        ("non-gated activation", not runner.activation.is_gated),
+        (f"activation {runner.activation.value}", runner.activation.value not in ("silu", "gelu", "gelu_tanh")),
+        ("router weights applied to the input", bool(getattr(experts, "apply_router_weight_on_input", False))),
+        ("zero experts", type(runner.router).__name__ == "ZeroExpertRouter"),
+    ] if bad]
+
+
 @contextlib.contextmanager
-def _moe_experts_as_mlx(model: torch.nn.Module):
-    """vLLM runs MoE experts through `vllm.moe_forward`, an opaque op that finds the layer (and its
-    expert weights) by name at run time, so in the graph the weights would be invisible. During
-    capture each MoE runner's entry into that op becomes vLLM's plain-torch routing plus one
-    `mlx.moe_experts(x, topk_weights, topk_ids, w13, w2, activation)` on the layer's Parameters
-    (named graph inputs). Everything around it (scales, reductions) stays vLLM's code."""
+def moe_entries(model: torch.nn.Module, experts_fn):
+    """Each MoE runner's entry into vLLM's opaque `moe_forward` op (which finds the layer and its expert weights
+    by name at run time) replaced by plain torch: the runner's gate, vLLM's routing (`route`), the routed experts
+    as `experts_fn(runner, hidden, topk_weights, topk_ids)`, and the shared experts (vLLM's own module, run in
+    line). Everything around the entry (scales, reductions, the shared + routed sum) stays vLLM's code."""
     import types
 
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
     def entry(self, hidden, router_logits, shared_input, input_ids, layer_name, unpadded):
-        experts = self.routed_experts
-        problems = [what for what, bad in [
-            ("shared experts", self._shared_experts is not None),
-            ("quantized experts", type(experts.quant_method).__name__ != "UnquantizedFusedMoEMethod"),
-            ("expert biases", getattr(experts, "w13_bias", None) is not None),
-            ("non-gated activation", not self.activation.is_gated),
-            (f"activation {self.activation.value}", self.activation.value not in ("silu", "gelu", "gelu_tanh")),
-        ] if bad]
-        if problems:
-            raise NotImplementedError(
-                f"MoE layer {layer_name}: {', '.join(problems)} not supported by the MLX lowering yet")
         if self.gate is not None:
             router_logits, _ = self.gate(hidden)
-        topk_weights, topk_ids = _route(self.router, hidden, router_logits)
-        return torch.ops.mlx.moe_experts.default(hidden, topk_weights, topk_ids, experts.w13_weight,
-                                                 experts.w2_weight, self.activation.value)
+        topk_weights, topk_ids = route(self.router, hidden, router_logits)
+        routed = experts_fn(self, hidden, topk_weights, topk_ids)
+        if self._shared_experts is None:
+            return routed
+        return self._shared_experts._layer(shared_input), routed
 
     runners = [m for m in model.modules() if isinstance(m, MoERunner)]
     saved = [m.__dict__.get("_forward_entry") for m in runners]
@@ -236,24 +245,76 @@ def _moe_experts_as_mlx(model: torch.nn.Module):
                 m._forward_entry = old
 
 
+def _mlx_experts(runner, hidden, topk_weights, topk_ids):
+    problems = moe_problems(runner)
+    if problems:
+        raise NotImplementedError(
+            f"MoE layer {runner.layer_name}: {', '.join(problems)} not supported by the MLX lowering yet")
+    experts = runner.routed_experts
+    return torch.ops.mlx.moe_experts.default(hidden, topk_weights, topk_ids, experts.w13_weight, experts.w2_weight,
+                                             runner.activation.value)
+
+
+def _moe_experts_as_mlx(model: torch.nn.Module):
+    """During capture each MoE layer's experts become one `mlx.moe_experts(x, topk_weights, topk_ids, w13, w2,
+    activation)` on the layer's Parameters (named graph inputs); see `moe_entries`."""
+    return moe_entries(model, _mlx_experts)
+
+
 def vllm_attention_layers(vllm_config) -> list[AttentionLayer]:
-    """The model's attention layers as vLLM registered them (static forward context), in order."""
+    """The model's attention layers as vLLM registered them (static forward context), in order. A multi-head
+    latent attention layer's cache is one plane of [kv_lora_rank + rope] rows, one KV head."""
     from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.attention.mla_attention import MLAAttention
 
     found = [
         (name, layer) for name, layer in vllm_config.compilation_config.static_forward_context.items()
-        if isinstance(layer, Attention)
+        if isinstance(layer, (Attention, MLAAttention))
     ]
     found.sort(key=lambda item: [int(p) if p.isdigit() else p for p in item[0].split(".")])
     layers = []
     for i, (name, layer) in enumerate(found):
         impl = layer.impl
+        if isinstance(layer, MLAAttention):
+            layers.append(AttentionLayer(i, name, layer.num_heads, 1, layer.head_size, float(layer.scale),
+                                         cache_planes=1))
+            continue
         window = getattr(impl, "sliding_window", None) or -1  # tokens a query sees, itself included
         layers.append(AttentionLayer(
             i, name, layer.num_heads, layer.num_kv_heads, layer.head_size, float(layer.impl.scale),
             int(window), float(getattr(impl, "logits_soft_cap", None) or 0.0),
         ))
     return layers
+
+
+@contextlib.contextmanager
+def _latent_attention_as_mlx(model: torch.nn.Module):
+    """vLLM's multi-head latent attention layer reaches its backend through opaque ops that find the layer (and
+    the `kv_b_proj` weight the backend absorbs) by name. During capture each MLA layer's forward becomes one
+    `mlx.paged_mla_attention(q, kv_c, k_pe, kv_b_proj.weight, layer, ...)` on the layer's Parameter (a named
+    graph input), writing the latent cache vLLM's MLA KV spec describes."""
+    import types
+
+    from vllm.model_executor.layers.attention.mla_attention import MLAAttention
+
+    def forward(self, q, kv_c_normed, k_pe, output_shape=None, q_dcp_replicated=None):
+        if self.use_sparse or getattr(self, "indexer", None) is not None or self.sliding_window:
+            raise NotImplementedError(f"MLA layer {self.layer_name}: sparse or windowed latent attention is not "
+                                      "supported by the MLX lowering yet")
+        t = q.shape[0]
+        return torch.ops.mlx.paged_mla_attention.default(
+            q.reshape(t, -1), kv_c_normed, k_pe.reshape(t, -1), self.kv_b_proj.weight, self.layer_name,
+            self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.kv_lora_rank,
+            float(self.scale))
+
+    mla = [m for m in model.modules() if isinstance(m, MLAAttention)]
+    for m in mla:
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield
+    finally:
+        for m in mla:
+            del m.forward
 
 
 def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -> Program:
@@ -264,7 +325,7 @@ def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -
     start = time.perf_counter()
     layers = vllm_attention_layers(vllm_config)
     with set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config, num_tokens=8), \
-            _norm_weights_as_parameters(model), _moe_experts_as_mlx(model):
+            _norm_weights_as_parameters(model), _moe_experts_as_mlx(model), _latent_attention_as_mlx(model):
         gm, weights, paths, stamped = _export(model, _vllm_forward, template=2)  # layer 0 has no residual input
     dtype = vllm_config.model_config.dtype
     meta = {

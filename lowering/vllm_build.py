@@ -11,8 +11,8 @@ import os
 import tempfile
 
 
-def build_vllm_model(path: str, dtype: str = "float32", max_model_len: int = 2048):
-    """Returns (model, vllm_config)."""
+def build_vllm_model(path: str, dtype: str = "float32", max_model_len: int = 2048, load_format: str = "auto"):
+    """Returns (model, vllm_config). `load_format`: vLLM's (a registered loader's) name for how weights load."""
     os.environ.setdefault("VLLM_RPC_BASE_PATH", tempfile.mkdtemp(prefix="vllm-rpc-"))
     from vllm.config import set_current_vllm_config
     from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
@@ -24,7 +24,7 @@ def build_vllm_model(path: str, dtype: str = "float32", max_model_len: int = 204
     config = EngineArgs(
         model=path, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
         compilation_config={"mode": 0}, skip_tokenizer_init=True, max_num_seqs=8,
-        max_num_batched_tokens=max(512, max_model_len),
+        max_num_batched_tokens=max(512, max_model_len), load_format=load_format,
     ).create_engine_config()
     _set_torch_accelerator_to_noop()  # the loader empties the accelerator cache; CPU torch has none
     with set_current_vllm_config(config):

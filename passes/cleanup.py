@@ -1,4 +1,5 @@
-"""Cleanups: no-op casts/views/asserts, dead code, common subexpressions, constant folding."""
+"""Cleanups: no-op casts/views/asserts, dead code, common subexpressions, constant folding, and copies into
+slices (`x[..., a:b] = y`) made functional."""
 
 from __future__ import annotations
 
@@ -59,13 +60,57 @@ def _collapse(node: fx.Node) -> bool:
     return False
 
 
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor, aten.select.int,
+          aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim}
+
+
+def _functional_slice_copy(graph: fx.Graph, node: fx.Node, order: dict) -> bool:
+    """`copy_(slice(base, dim, start, end), src)` (`base[..., a:b] = src`) -> `base2 = slice_scatter(base, src, dim,
+    start, end)`, which the readers of `base` after the copy read instead. Only when nothing reads `base`'s own
+    bases (the tensors it views) after the copy: their values change too."""
+    if node.target != aten.copy_.default or not isinstance(node.args[0], fx.Node):
+        return False
+    view, src = node.args[:2]
+    if view.target != aten.slice.Tensor or (len(view.args) > 4 and view.args[4] != 1) or len(view.users) != 1:
+        return False
+    base = view.args[0]
+    ancestor = base
+    while isinstance(ancestor, fx.Node) and ancestor.target in _VIEWS:
+        parent = ancestor.args[0]
+        if any(order[u] > order[node] for u in parent.users if u is not ancestor):
+            return False
+        ancestor = parent
+    dim, start = view.args[1], view.args[2] if len(view.args) > 2 else 0
+    dim %= _val(base).dim()
+    with graph.inserting_after(node):
+        if _val(src).shape != _val(view).shape:
+            src = graph.call_function(aten.expand.default, (src, list(_val(view).shape)))
+            src.meta["val"] = _val(view)
+        new = graph.call_function(aten.slice_scatter.default, (base, src, dim, start or 0, view.args[3]))
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    new.meta["val"] = _val(base)
+    for user in [u for u in base.users if u is not view and u is not new and order.get(u, -1) > order[node]]:
+        user.replace_input_with(base, new)
+    if node.users:
+        with graph.inserting_after(new):
+            again = graph.call_function(aten.slice.Tensor, (new, *view.args[1:]))
+        again.meta = dict(view.meta)
+        node.replace_all_uses_with(again)
+    graph.erase_node(node)
+    graph.erase_node(view)
+    return True
+
+
 def canonicalize(graph: fx.Graph) -> int:
     """Remove runtime asserts and ops that do nothing here (same-dtype casts, identity views)."""
     removed = 0
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _ALLOCATIONS and not node.users:  # DCE keeps allocations; unused ones go
+        if _functional_slice_copy(graph, node, order):
+            removed += 1
+        elif node.target in _ALLOCATIONS and not node.users:  # DCE keeps allocations; unused ones go
             graph.erase_node(node)
             removed += 1
         elif node.target in _ASSERTS:

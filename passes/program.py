@@ -28,6 +28,7 @@ class AttentionLayer:
     scale: float
     sliding_window: int = -1  # <= 0: none
     logit_cap: float = 0.0  # <= 0: none
+    cache_planes: int = 2  # K and V; 1: a latent cache (multi-head latent attention), head_dim its row width
 
 
 @dataclass

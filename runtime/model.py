@@ -17,14 +17,16 @@ class CacheLayout:
     head_dim: int
     block_size: int
     dtype: mx.Dtype
+    planes: int = 2  # K and V; 1 for a latent cache (multi-head latent attention: one row of D per token)
 
     def bytes_per_block(self) -> int:
-        """K and V of every layer for one block of tokens."""
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.size
+        """The cache of every layer for one block of tokens."""
+        return self.planes * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.size
 
     def cache_shape(self, num_blocks: int) -> tuple[int, ...]:
-        """One layer's cache, K then V, head-major: [2, KVH, blocks, block_size, D] (runtime/kernels/paged.py)."""
-        return (2, self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
+        """One layer's cache, K then V, head-major: [2, KVH, blocks, block_size, D] (runtime/kernels/paged.py);
+        a latent cache [1, 1, blocks, block_size, D]."""
+        return (self.planes, self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
 
 
 def prepare_weights(weights: dict[str, mx.array], table: dict[str, tuple[str, bool]]) -> dict[str, mx.array]:
@@ -87,12 +89,12 @@ class LoweredModel:
 
 def device_batch(arrays: dict, layout: CacheLayout, num_blocks: int) -> dict:
     """Index arrays every layer's paged attention shares, made once per step on the host (numpy):
-    `kv_rows` [2 * KVH * T], the cache rows ([2 * KVH * slots, D] view) of this step's K, then V,
-    head-major; and per group `key_pos` [Lk] and `block_rows` [2 * KVH * S * n] (runtime/kernels/paged.py
+    `kv_rows` [planes * KVH * T], the cache rows ([planes * KVH * slots, D] view) of this step's K, then V,
+    head-major; and per group `key_pos` [Lk] and `block_rows` [planes * KVH * S * n] (runtime/kernels/paged.py
     `_gather`). Inside the step each layer would otherwise build them again, as small arange kernels
     that cost more than the attention itself at decode on a GPU."""
     slots = arrays["slot_mapping"].astype(np.int64)
-    planes = 2 * layout.num_kv_heads  # K heads, then V heads
+    planes = layout.planes * layout.num_kv_heads  # K heads, then V heads
     heads = np.arange(planes, dtype=np.int64)[:, None] * (num_blocks * layout.block_size)
     arrays["kv_rows"] = (heads + slots[None, :]).reshape(-1).astype(np.int32)
     block_heads = np.arange(planes, dtype=np.int64)[:, None, None] * num_blocks

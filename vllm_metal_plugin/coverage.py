@@ -13,6 +13,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -229,31 +230,43 @@ def engine_prompts() -> list[list[int]]:
 def engine_greedy(families: list[str], workdir: str | Path, timeout: float = 1800) -> dict[str, dict]:
     """Greedy GREEDY_TOKENS tokens of every family's tiny f32 checkpoint through the real engine
     (`vllm.LLM`), once with this plugin and once on vLLM's built-in CPU platform, both batching the
-    same token-id prompts. One subprocess per platform (both at once) builds one engine per family
-    after the other, in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~3 s a start instead of ~30 s).
+    same token-id prompts (`run_engines`).
 
     Returns family -> {"identical", "first_difference", "gap_at_difference" (top-2 logprob gap there),
     "max_logprob_diff" (chosen tokens, where the sequences agree), "plugin", "cpu", "error"}."""
-    import subprocess
-
     workdir = Path(workdir)
-    prompts = engine_prompts()
+    models = {}
     for family in families:
         folder = workdir / "models" / family
         if not (folder / "config.json").exists():
             tiny_model(family, "float32").save_pretrained(folder)
-    spec = {"models": {f: str(workdir / "models" / f) for f in families}, "prompts": prompts}
-    (workdir / "spec.json").write_text(json.dumps(spec))
+        models[family] = str(folder)
+    runs = run_engines(models, workdir, {p: families for p in PLATFORMS}, timeout=timeout)
+    return {family: compare_engines(family, runs, workdir) for family in families}
+
+
+def run_engines(models: dict[str, str], workdir: Path, platforms: dict[str, list[str]], load_format: str = "auto",
+                timeout: float = 1800) -> dict[str, dict]:
+    """Each platform of `platforms` (name -> the models it runs) generates greedily for every one of its models
+    (name -> folder) in its own subprocess, all platforms at once; one in-process engine per model after the
+    other (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~3 s a start instead of ~30 s). `load_format`: how the engines load
+    the weights (the registry sweep's seeded random weights). Returns platform -> model -> its run."""
+    import subprocess
+
+    workdir = Path(workdir)
+    prompts = engine_prompts()
     procs = {}
-    for platform, extra in PLATFORMS.items():
+    for platform, names in platforms.items():
+        spec = {"models": {n: models[n] for n in names}, "prompts": prompts, "load_format": load_format}
+        (workdir / f"{platform}-spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if k not in _SWITCHES}
-        env.update(extra, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-                   VLLM_CACHE_ROOT=str(workdir / "vllm-cache"), VLLM_RPC_BASE_PATH=str(workdir / "rpc"),
-                   VLLM_METAL_CACHE=str(workdir / "metal-cache"))
+        env.update(PLATFORMS[platform], VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1",
+                   TOKENIZERS_PARALLELISM="false", VLLM_CACHE_ROOT=str(workdir / "vllm-cache"),
+                   VLLM_RPC_BASE_PATH=str(workdir / "rpc"), VLLM_METAL_CACHE=str(workdir / "metal-cache"))
         (workdir / "rpc").mkdir(exist_ok=True)
         log = open(workdir / f"{platform}.log", "wb")
         procs[platform] = (subprocess.Popen(
-            [sys.executable, "-m", "vllm_metal_plugin.coverage", "--engine-worker", str(workdir / "spec.json"),
+            [sys.executable, "-m", "vllm_metal_plugin.coverage", "--engine-worker", str(workdir / f"{platform}-spec.json"),
              str(workdir / f"{platform}.json")], cwd=str(Path(__file__).resolve().parent.parent), env=env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
     deadline = time.monotonic() + timeout
@@ -270,14 +283,14 @@ def engine_greedy(families: list[str], workdir: str | Path, timeout: float = 180
             proc.wait()
             log.close()
     runs = {}
-    for platform in PLATFORMS:
+    for platform in platforms:
         path = workdir / f"{platform}.json"
         runs[platform] = json.loads(path.read_text()) if path.exists() else {}
-    return {family: _compare_engines(family, runs, workdir) for family in families}
+    return runs
 
 
-def _compare_engines(family: str, runs: dict, workdir: Path) -> dict:
-    out = {p: runs[p].get(family) for p in PLATFORMS}
+def compare_engines(family: str, runs: dict, workdir: Path) -> dict:
+    out = {p: runs.get(p, {}).get(family) for p in PLATFORMS}
     missing = [p for p in PLATFORMS if out[p] is None]
     if missing:
         tail = (workdir / f"{missing[0]}.log").read_text(errors="replace")[-1500:]
@@ -314,6 +327,11 @@ def engine_worker(spec_path: str, out_path: str) -> int:
     # one): ~30 s a family on this machine. There is no CUDA here; inspect in-process.
     registry._run_in_subprocess = lambda fn: fn()
     spec = json.loads(Path(spec_path).read_text())
+    load_format = spec.get("load_format", "auto")
+    if load_format != "auto":  # the registry sweep's seeded random weights
+        from vllm_metal_plugin.sweep import register_random_weights
+
+        register_random_weights()
     results = {}
     params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS, ignore_eos=True, detokenize=False,
                             logprobs=2)
@@ -322,7 +340,7 @@ def engine_worker(spec_path: str, out_path: str) -> int:
         entry = {"platform": type(current_platform).__name__}
         try:
             llm = LLM(model=folder, dtype="float32", max_model_len=256, skip_tokenizer_init=True,
-                      enforce_eager=True, max_num_seqs=8, max_num_batched_tokens=256, seed=0)
+                      enforce_eager=True, max_num_seqs=8, max_num_batched_tokens=256, seed=0, load_format=load_format)
             entry["start_s"] = round(time.perf_counter() - start, 1)
             outputs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
             entry["tokens"] = [list(o.outputs[0].token_ids) for o in outputs]
@@ -348,7 +366,7 @@ def engine_worker(spec_path: str, out_path: str) -> int:
 
 def render(results: list[dict], engine: dict[str, dict] | None = None) -> str:
     lines = [
-        "# Model coverage", "",
+        "## Families at long positions, both front ends, every dtype", "",
         "Generated by `python -m vllm_metal_plugin.coverage` (do not edit by hand).",
         "",
         "Each row: a tiny random config of the family (2 layers, hidden 64 or 128, 4 query heads, head_dim 32),",
@@ -406,6 +424,22 @@ def render(results: list[dict], engine: dict[str, dict] | None = None) -> str:
 
 
 
+SECTIONS = ("registry", "families")  # docs/models.md: each command rewrites its own section
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace section `name` of the coverage page (between its markers), keeping the others."""
+    parts = {}
+    if path.exists():
+        for other in SECTIONS:
+            found = re.search(rf"<!-- {other} -->\n(.*?)<!-- /{other} -->\n", path.read_text(), re.DOTALL)
+            if found:
+                parts[other] = found.group(1)
+    parts[name] = text
+    body = "".join(f"<!-- {n} -->\n{parts[n]}<!-- /{n} -->\n\n" for n in SECTIONS if n in parts)
+    path.write_text("# Model coverage\n\n" + body.rstrip("\n") + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--engine-worker"]:
@@ -414,10 +448,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--fronts", default="hf,vllm")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--registry", action="store_true",
+                        help="sweep vLLM's text-generation registry (vllm_metal_plugin/sweep.py) instead of the families")
+    parser.add_argument("--archs", default="", help="with --registry: only these architectures (comma-separated)")
+    parser.add_argument("--quick", action="store_true", help="with --registry: only sweep.QUICK, one of each kind")
+    parser.add_argument("--workdir", default="", help="with --registry: keep rows here (a rerun resumes from them)")
     parser.add_argument("--no-engine", action="store_true", help="skip the vLLM engine comparison")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "models.md"))
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    if args.registry:
+        return registry_main(args)
     import runtime  # noqa: F401  (fast BLAS before mlx)
 
     families = args.families.split(",")
@@ -435,9 +476,35 @@ def main(argv: list[str] | None = None) -> int:
         for family, e in engine.items():
             print(json.dumps({"family": family, "engine_identical": e.get("identical"),
                               "max_logprob_diff": e.get("max_logprob_diff"), "error": e.get("error")}), flush=True)
-    Path(args.out).write_text(render(results, engine))
+    write_section(Path(args.out), "families", render(results, engine))
     print(f"wrote {args.out}")
     return 0
+
+
+def registry_main(args) -> int:
+    """The registry sweep: rows (and engines), the page's registry section when every architecture ran, the
+    baseline; exit status 1 when an architecture that passed in the baseline does not now."""
+    from vllm_metal_plugin import sweep
+
+    everything = list(sweep.registry())
+    archs = list(sweep.QUICK) if args.quick else (args.archs.split(",") if args.archs else everything)
+    unknown = [a for a in archs if a not in everything]
+    if unknown:
+        print(f"not in vLLM's text-generation registry: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="coverage-registry-"))
+    rows = sweep.sweep(archs, workdir, engines=not args.no_engine)
+    baseline = sweep.load_baseline()
+    regressed = sweep.regressions(rows, baseline)
+    sweep.save_baseline(rows, regressed)
+    stored = sweep.load_baseline()
+    if all(a in stored for a in everything):  # the page shows the baseline: every architecture's latest row
+        write_section(Path(args.out), "registry", sweep.render({a: stored[a] for a in everything}))
+        print(f"wrote {args.out}")
+    for arch in regressed:
+        print(f"REGRESSION: {arch} passed before and is now {rows[arch]['outcome']}: "
+              f"{rows[arch].get('reason') or rows[arch].get('missing') or rows[arch].get('engine')}", file=sys.stderr)
+    return 1 if regressed else 0
 
 
 if __name__ == "__main__":

@@ -61,8 +61,14 @@ class MetalPlatform(CpuPlatform):
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
-        if getattr(attn_selector_config, "use_mla", False) or getattr(attn_selector_config, "use_sparse", False):
-            raise NotImplementedError("vllm-metal: MLA and sparse attention are not supported yet")
+        if getattr(attn_selector_config, "use_sparse", False):
+            raise NotImplementedError("vllm-metal: sparse attention is not supported yet")
+        if getattr(attn_selector_config, "use_mla", False):
+            # vLLM's reference CPU MLA backend: its KV spec (one latent row per token) sizes the cache, and it is
+            # the torch path; the lowered step attends over that latent cache itself
+            from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+            return AttentionBackendEnum.CPU_MLA.get_path()
         return "vllm_metal_plugin.attention_backend.MetalAttentionBackend"
 
     @classmethod

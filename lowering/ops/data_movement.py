@@ -4,6 +4,7 @@ import operator
 import sys
 
 import torch
+import torch.fx as fx
 
 from lowering.ops.registry import functional, register
 
@@ -15,9 +16,24 @@ def reshape(e, node, x, shape):
     return f"{e.r(x)}.reshape({e.r(list(shape))})"
 
 
+@register(aten.view_as.default, aten.reshape_as.default)
+def reshape_as(e, node, x, other):
+    return f"{e.r(x)}.reshape({e.shape(node)})"
+
+
 @register(aten.sym_size.int)
 def sym_size(e, node, x, dim):
     return f"{e.r(x)}.shape[{dim}]"
+
+
+@register(aten.unflatten.int)
+def unflatten(e, node, x, dim, sizes):
+    return f"{e.r(x)}.reshape({e.shape(node)})"
+
+
+@register(aten.gather.default)
+def gather(e, node, x, dim, index, sparse_grad=False):
+    return f"mx.take_along_axis({e.r(x)}, {e.r(index)}, axis={dim})"
 
 
 @register(aten.transpose.int)
@@ -50,7 +66,7 @@ def flatten(e, node, x, start=0, end=-1):
     return f"mx.flatten({e.r(x)}, {start}, {end})"
 
 
-@register(aten.expand.default)
+@register(aten.expand.default, aten.expand_as.default)
 def expand(e, node, x, sizes):
     return f"mx.broadcast_to({e.r(x)}, {e.shape(node)})"
 
@@ -102,6 +118,24 @@ def index_put(e, node, x, indices, values, accumulate=False):
     idx = f"{e.r(indices[axis])}.reshape({[1] * axis + [-1] + [1] * (ndim - axis - 1)})"
     return (f"mx.put_along_axis({e.r(x)}, mx.broadcast_to({idx}, {shape}), "
             f"mx.broadcast_to({e.r(values)}, {shape}).astype({e.r(x)}.dtype), axis={axis})")
+
+
+@register(aten.slice_scatter.default)
+def slice_scatter(e, node, x, src, dim=0, start=None, end=None, step=1):
+    """x with x[..., start:end] (on axis `dim`) replaced by src: `x[..., a:b] = src` made functional."""
+    if step != 1:
+        raise NotImplementedError("slice_scatter with a step has no MLX lowering yet")
+    dim %= node.meta["val"].dim()
+    return f"mx.slice_update({e.r(x)}, {e.r(src)}.astype({e.r(x)}.dtype), mx.array([{e.r(start or 0)}]), axes=({dim},))"
+
+
+@register(aten.scatter.value, aten.scatter_.value, aten.scatter.src, aten.scatter_.src)
+def scatter(e, node, x, dim, index, value):
+    """x with x[i][index[i][j]] = value (or value[i][j]) along `dim`; the in-place form on a fresh tensor."""
+    if node.target in (aten.scatter_.value, aten.scatter_.src):
+        functional(node)
+    values = e.r(value) if isinstance(value, fx.Node) else f"mx.array({e.r(value)}, dtype={e.r(x)}.dtype)"
+    return f"mx.put_along_axis({e.r(x)}, {e.r(index)}, {values}, axis={dim})"
 
 
 @register(aten.embedding.default)

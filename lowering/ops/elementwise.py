@@ -22,6 +22,19 @@ register(aten.sub.Tensor, aten.sub.Scalar, operator.sub)(_binary("-"))
 register(aten.mul.Tensor, aten.mul.Scalar, operator.mul)(_binary("*"))
 
 
+def _inplace(sym):
+    def lower(e, node, a, b, alpha=1):
+        functional(node)
+        return _binary(sym)(e, node, a, b, alpha)
+
+    return lower
+
+
+register(aten.add_.Tensor, aten.add_.Scalar)(_inplace("+"))
+register(aten.sub_.Tensor, aten.sub_.Scalar)(_inplace("-"))
+register(aten.mul_.Tensor, aten.mul_.Scalar)(_inplace("*"))
+
+
 @register(aten.div.Tensor, aten.div.Scalar, operator.truediv)
 def div(e, node, a, b):
     return f"{e.r(a)} / {e.r(b)}"
@@ -57,7 +70,7 @@ for _target, _fn in {
     aten.exp.default: "k.exp", aten.log.default: "mx.log", aten.tanh.default: "mx.tanh",
     aten.sigmoid.default: "k.sigmoid", aten.cos.default: "mx.cos", aten.sin.default: "mx.sin",
     aten.abs.default: "mx.abs", aten.reciprocal.default: "mx.reciprocal", aten.erf.default: "mx.erf",
-    aten.logical_not.default: "mx.logical_not",
+    aten.logical_not.default: "mx.logical_not", aten.expm1.default: "mx.expm1",
 }.items():
     register(_target)(_unary(_fn))
 
@@ -77,9 +90,45 @@ def gelu(e, node, x, approximate="none"):
     return f"k.gelu({e.r(x)}, {approximate!r})"
 
 
-@register(aten.clamp.default)
+@register(aten.clamp.default, aten.clamp.Tensor)
 def clamp(e, node, x, lo=None, hi=None):
     return f"mx.clip({e.r(x)}, {e.r(lo)}, {e.r(hi)})"
+
+
+@register(aten.clamp_.default)
+def clamp_inplace(e, node, x, lo=None, hi=None):
+    functional(node)
+    return clamp(e, node, x, lo, hi)
+
+
+@register(aten.minimum.default, aten.min.other)
+def minimum(e, node, a, b):
+    return f"mx.minimum({e.r(a)}, {e.r(b)})"
+
+
+@register(aten.maximum.default, aten.max.other)
+def maximum(e, node, a, b):
+    return f"mx.maximum({e.r(a)}, {e.r(b)})"
+
+
+@register(aten.logical_and.default)
+def logical_and(e, node, a, b):
+    return f"mx.logical_and({e.r(a)}, {e.r(b)})"
+
+
+@register(aten.logical_or.default)
+def logical_or(e, node, a, b):
+    return f"mx.logical_or({e.r(a)}, {e.r(b)})"
+
+
+@register(aten.bitwise_not.default)
+def bitwise_not(e, node, x):
+    return f"mx.logical_not({e.r(x)})" if node.meta["val"].dtype == torch.bool else f"mx.bitwise_invert({e.r(x)})"
+
+
+@register(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def masked_fill(e, node, x, mask, value):
+    return f"mx.where({e.r(mask)}, mx.array({e.r(value)}, dtype={e.r(x)}.dtype), {e.r(x)})"
 
 
 @register(aten.where.self)

@@ -3,7 +3,8 @@
 `k.<name>(tensors..., scalar=value, ...)`: the op's tensor arguments positional and the rest by keyword, in
 its schema's order. A multi-output op binds its values (`h, normed = k.add_rms_norm(...)`, named like the
 ops it replaced); an op on the paged cache takes its layer's cache and the step's batch where its `layer`
-argument stands, and returns the updated cache with its value (`attn, kv[3] = k.paged_attention(...)`).
+argument (its index, or its name among the program's attention layers) stands, and returns the updated cache with
+its value (`attn, kv[3] = k.paged_attention(...)`).
 What the call does on each device is the kernel table's business (runtime/kernels).
 """
 
@@ -29,6 +30,8 @@ def call(fused: FusedOp, e, node, *args, **kwargs) -> str | None:
     values = list(args) + [kwargs[a.name] for a in schema[len(args):] if a.name in kwargs]
     for arg, value in zip(schema, values):
         if fused.cache and arg.name == "layer":
+            if isinstance(value, str):  # the layer by its name: its place among the attention layers
+                value = next(a.index for a in e.program.attention if a.name == value)
             layer = value
             positional += [f"kv[{value}]", "batch"]
         elif is_tensor_argument(arg):

@@ -26,6 +26,19 @@ def amax(e, node, x, dim=(), keepdim=False):
     return f"mx.max({e.r(x)}, axis={_axis(dim or None)}, keepdims={keepdim})"
 
 
+@register(aten.logsumexp.default)
+def logsumexp(e, node, x, dim, keepdim=False):
+    return f"mx.logsumexp({e.r(x)}, axis={_axis(dim)}, keepdims={keepdim})"
+
+
+@register(aten.max.dim, aten.min.dim)
+def max_dim(e, node, x, dim, keepdim=False):
+    """(values, indices) along `dim`, indexed by `operator.getitem`."""
+    which = "max" if node.target == aten.max.dim else "min"
+    index = f"mx.arg{which}({e.r(x)}, axis={dim}, keepdims={keepdim}).astype({e.dtype(node.meta['val'][1].dtype)})"
+    return f"(mx.{which}({e.r(x)}, axis={dim}, keepdims={keepdim}), {index})"
+
+
 @register(aten.argmax.default)
 def argmax(e, node, x, dim=None, keepdim=False):
     return f"mx.argmax({e.r(x)}, axis={dim}, keepdims={keepdim})"

@@ -69,7 +69,7 @@ def attention(q, k, v, *, scale: float, mask) -> mx.array:
     # masked keys get a large finite negative, not -inf: a row with nothing visible stays finite
     scores = mx.where(mask[:, :, None], scores, -1e30)
     probs = softmax(scores).reshape(s, kvh, g * lq, lk)
-    return (probs @ v.astype(mx.float32)).reshape(s, h, lq, d).astype(q.dtype)
+    return (probs @ v.astype(mx.float32)).reshape(s, h, lq, v.shape[-1]).astype(q.dtype)
 
 
 def rope(x: mx.array, positions: mx.array, inv_freq: mx.array, traditional: bool, mscale: float = 1.0) -> mx.array:

@@ -3,7 +3,7 @@ a fused kernel). It runs on every MLX device; the backends (cpu.py, cuda.py, met
 replace the entries they have faster kernels for.
 
 The entries are the fused ops that passes create (passes/fused: `rms_norm`, `add_rms_norm`, `rope`,
-`silu_mul`, `gelu_mul`, `paged_attention`, `rope_paged_attention`, `moe_experts`), with tensor arguments
+`silu_mul`, `gelu_mul`, `paged_attention`, `rope_paged_attention`, `paged_mla_attention`, `moe_experts`), with tensor arguments
 positional and the rest by keyword, in the op's schema order; and the math the op lowerings call
 (`exp`, `sigmoid`, `silu`, `softmax`, `linear`, `gather_mm`). Below them, the pieces of paged attention a
 backend may replace (`attention`, `new_kv`, `attend_decode`, `attend_group`).
@@ -127,6 +127,12 @@ class Generic:
         return paged.paged_attention(self, q, k, v, cache, batch, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                      head_dim=head_dim, scale=scale, window=sliding_window, cap=logit_cap,
                                      rope=(positions, inv_freq, traditional, mscale))
+
+    def paged_mla_attention(self, q, kv_c, k_pe, kv_b_weight, cache, batch, *, num_heads, qk_nope_head_dim,
+                            qk_rope_head_dim, v_head_dim, kv_lora_rank, scale):
+        return paged.latent_attention(self, q, kv_c, k_pe, kv_b_weight, cache, batch, num_heads=num_heads,
+                                      qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                                      v_head_dim=v_head_dim, kv_lora_rank=kv_lora_rank, scale=scale)
 
     # -- pieces of paged attention (runtime/kernels/paged.py) ------------------------------------------
     def attention(self, q, k, v, *, scale: float, mask):

@@ -93,7 +93,7 @@ def attend_group(table, q, k, v, cache, group, *, scale, window, cap, in_order=F
     return _attend(table, q, k, v, cache, group, scale, window, cap, in_order)
 
 
-def _attend(table, q, k, v, cache, group, scale, window, cap, in_order=False):
+def _attend(table, q, k, v, cache, group, scale, window, cap, in_order=False, latent=0):
     """One group of sequences: queries [S, H, Lq, D] against their keys [S, KVH, Lk, D]: gathered from
     the cache, or, for prompts with no earlier context (no `blocks`, runtime/batch.py), this step's own
     K/V laid out like the queries, under a causal mask (MLX's fused causal SDPA on a GPU; padded rows
@@ -106,25 +106,26 @@ def _attend(table, q, k, v, cache, group, scale, window, cap, in_order=False):
         pos = mx.arange(index.shape[1], dtype=mx.int32)
         mask = "causal" if window <= 0 and cap <= 0 else _mask(pos[None], index.shape[1], window, pos)
     else:
-        keys, values, mask = _from_cache(cache, group, window, queries.dtype)  # mask [S, 1, Lq, Lk]
+        keys, values, mask = _from_cache(cache, group, window, queries.dtype, latent)  # mask [S, 1, Lq, Lk]
     return _sdpa(table, queries, keys, values, scale, mask, cap).transpose(0, 2, 1, 3)  # [S, Lq, H, D]
 
 
-def attend_decode(table, q, cache, group, *, scale, window, cap):
+def attend_decode(table, q, cache, group, *, scale, window, cap, latent=0):
     """A pure decode step (every token is its sequence's only query): the queries are q itself as
     [T, H, 1, D] and the output goes straight back to [T, H*D], so the per-layer query gather, the
     padded-row gather and two transposes drop out (q_index and out_index are aranges here)."""
     t, h, d = q.shape
     queries = q.reshape(t, h, 1, d)
-    keys, values, mask = _from_cache(cache, group, window, queries.dtype)  # mask [T, 1, 1, Lk]
-    return _sdpa(table, queries, keys, values, scale, mask, cap).reshape(t, h * d)  # [T, H, 1, D] is [T, 1, H, D]
+    keys, values, mask = _from_cache(cache, group, window, queries.dtype, latent)  # mask [T, 1, 1, Lk]
+    out = _sdpa(table, queries, keys, values, scale, mask, cap)  # [T, H, 1, Dv] is [T, 1, H, Dv]
+    return out.reshape(t, h * out.shape[-1])
 
 
-def _from_cache(cache, group, window, dtype):
+def _from_cache(cache, group, window, dtype, latent=0):
     """The group's keys and values gathered from the cache (in `dtype`) and the mask of what each
-    query may see."""
+    query may see. `latent`: a one-plane latent cache whose first `latent` values of each row are the values."""
     both = _gather(cache, group).astype(dtype)
-    keys, values = both[0], both[1]
+    keys, values = (both[0], both[0][..., :latent]) if latent else (both[0], both[1])
     return keys, values, _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))
 
 
@@ -147,6 +148,32 @@ def _gather(cache, group):
         rows = (mx.arange(two * kvh, dtype=mx.int32)[:, None, None] * num_blocks + group["blocks"][None]).reshape(-1)
     flat = cache.reshape(two * kvh * num_blocks, block_size * d)
     return mx.take(flat, rows, axis=0).reshape(two, kvh, s, n * block_size, d).transpose(0, 2, 1, 3, 4)
+
+
+def latent_attention(table, q, kv_c, k_pe, kv_b_weight, cache, batch, *, num_heads, qk_nope_head_dim,
+                     qk_rope_head_dim, v_head_dim, kv_lora_rank, scale):
+    """Multi-head latent attention, absorbed, over a latent cache [1, 1, blocks, block_size, kv_lora_rank + rope]
+    (passes/fused/paged_mla_attention.py): each head's q_nope goes into the latent space through its key rows of
+    kv_b_weight, the heads attend over [kv_c, k_pe] rows as one shared KV head (MQA), and the attended latents come
+    out through the value rows. Returns (out [T, heads * v_head_dim], updated cache)."""
+    t, h, nope, r = q.shape[0], num_heads, qk_nope_head_dim, kv_lora_rank
+    q = q.reshape(t, h, nope + qk_rope_head_dim)
+    w = kv_b_weight.reshape(h, nope + v_head_dim, r).astype(q.dtype)
+    q_latent = (q[..., :nope].transpose(1, 0, 2) @ w[:, :nope]).transpose(1, 0, 2)  # [T, H, r]
+    queries = mx.concatenate([q_latent, q[..., nope:]], axis=-1)  # [T, H, r + rope]
+    rows = mx.concatenate([kv_c, k_pe.reshape(t, qk_rope_head_dim).astype(kv_c.dtype)], axis=-1)  # [T, r + rope]
+    cache = write(cache, rows, batch)
+    keys = rows.reshape(t, 1, -1)
+    groups = batch["groups"]
+    if is_decode(q, batch):
+        out = attend_decode(table, queries, cache, groups[0], scale=scale, window=-1, cap=0.0, latent=r)
+    else:
+        in_order = len(groups) == 1 and groups[0]["q_index"].size == t
+        outs = [_attend(table, queries, keys, keys[..., :r], cache, group, scale, -1, 0.0, in_order, latent=r)
+                .reshape(-1, h * r) for group in groups]
+        out = outs[0] if in_order else (outs[0] if len(outs) == 1 else mx.concatenate(outs))[batch["out_index"]]
+    out = out.reshape(t, h, r).transpose(1, 0, 2) @ w[:, nope:].swapaxes(1, 2)  # [H, T, v]
+    return out.transpose(1, 0, 2).reshape(t, h * v_head_dim), cache
 
 
 def _mask(q_pos, kv_len: int, window: int, key_pos=None):
