@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
+from vllm.v1.kv_cache_interface import MLAAttentionSpec
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.utils import bind_kv_cache
 
@@ -125,7 +126,7 @@ class MetalModelRunner(CPUModelRunner):
         spec = next(iter(self.get_kv_cache_spec().values()))
         dtype = _MX_DTYPE[spec.dtype]
         layers = len(self.get_kv_cache_spec())
-        layout = CacheLayout(layers, spec.num_kv_heads, spec.head_size, spec.block_size, dtype)
+        layout = CacheLayout(layers, spec.num_kv_heads, spec.head_size, spec.block_size, dtype, _planes(spec))
         used = weights_bytes(self._weights) if self._weights else sum(
             p.numel() * p.element_size() for p in self.model.parameters())
         hf = self.model_config.hf_config
@@ -148,9 +149,9 @@ class MetalModelRunner(CPUModelRunner):
         block_size = kernel_block_sizes[0] if kernel_block_sizes else spec.block_size
         if self.metal.use_mlx:
             layout = CacheLayout(len(self._layers), spec.num_kv_heads, spec.head_size, block_size,
-                                 _MX_DTYPE[spec.dtype])
+                                 _MX_DTYPE[spec.dtype], _planes(spec))
             self.lowered = LoweredModel(load_step(self._source), self._weights, layout, num_blocks)
-            caches = {name: torch.empty(0) for name in names}
+            caches = {name: torch.empty(0, 1) for name in names}  # no torch cache (MLA layers squeeze dim 1)
         else:
             shape = (2, num_blocks, block_size, spec.num_kv_heads, spec.head_size)
             caches = {name: torch.zeros(shape, dtype=spec.dtype) for name in names}
@@ -166,10 +167,15 @@ class MetalModelRunner(CPUModelRunner):
                                           **model_kwargs)
         md = next(iter(get_forward_context().attn_metadata.values()))
         n = md.num_actual_tokens
+        # MLA metadata splits the requests into decode and prefill parts: their lengths and block table come from
+        # the runner's batch (the same arrays vLLM builds every backend's metadata from)
+        seq_lens = md.seq_lens if hasattr(md, "seq_lens") else self.seq_lens[:md.num_reqs]
+        block_table = md.block_table if hasattr(md, "block_table") else \
+            self.input_batch.block_table[0].get_device_tensor(md.num_reqs)
         step = StepInput(
             input_ids=input_ids[:n].numpy(), positions=positions[:n].numpy(),
-            query_start_loc=md.query_start_loc.numpy(), seq_lens=md.seq_lens.numpy(),
-            block_table=md.block_table.numpy(), slot_mapping=md.slot_mapping.numpy(),
+            query_start_loc=md.query_start_loc.numpy(), seq_lens=seq_lens.numpy(),
+            block_table=block_table.numpy(), slot_mapping=md.slot_mapping.numpy(),
             logits_indices=np.zeros(0, np.int64),
         )
         return _PendingLogits(self, step)
@@ -191,6 +197,11 @@ class MetalModelRunner(CPUModelRunner):
             log.info("vllm-metal: step %d tokens / %d seqs in %.1f ms", len(step.input_ids),
                      len(step.seq_lens), (time.perf_counter() - start) * 1e3)
         return out
+
+
+def _planes(spec) -> int:
+    """Cache planes of a KV spec: K and V, or one latent plane (multi-head latent attention)."""
+    return 1 if isinstance(spec, MLAAttentionSpec) else 2
 
 
 def _materialize(hidden):
