@@ -287,6 +287,22 @@ def vllm_attention_layers(vllm_config) -> list[AttentionLayer]:
     return layers
 
 
+def vllm_problems(model: torch.nn.Module, vllm_config) -> list[str]:
+    """Everything the model's layers need that the MLX lowering does not support yet, all of it (capture would
+    stop at the first): attention sinks, and each kind of MoE layer problem (`moe_problems`)."""
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    found = []
+    sinks = [name for name, layer in vllm_config.compilation_config.static_forward_context.items()
+             if getattr(layer, "has_sink", False)]
+    if sinks:
+        found.append(f"attention sinks ({len(sinks)} layers) are not supported by the MLX lowering yet")
+    moe = {problem for m in model.modules() if isinstance(m, MoERunner) for problem in moe_problems(m)}
+    if moe:
+        found.append(f"MoE layers: {', '.join(sorted(moe))} not supported by the MLX lowering yet")
+    return found
+
+
 @contextlib.contextmanager
 def _latent_attention_as_mlx(model: torch.nn.Module):
     """vLLM's multi-head latent attention layer reaches its backend through opaque ops that find the layer (and
@@ -324,6 +340,9 @@ def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -
 
     start = time.perf_counter()
     layers = vllm_attention_layers(vllm_config)
+    problems = vllm_problems(model, vllm_config)
+    if problems:
+        raise NotImplementedError("; ".join(problems))
     with set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config, num_tokens=8), \
             _norm_weights_as_parameters(model), _moe_experts_as_mlx(model), _latent_attention_as_mlx(model):
         gm, weights, paths, stamped = _export(model, _vllm_forward, template=2)  # layer 0 has no residual input

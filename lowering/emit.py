@@ -47,14 +47,34 @@ def _imported_names(template: str) -> set[str]:
 _RESERVED = frozenset({"w", "kv", "batch", "k"} | _imported_names("step.py.j2"))
 
 
+# vLLM's opaque layer ops (a whole layer behind one custom op, its state in vLLM's own cache) -> what they are
+LAYER_OPS = {
+    "vllm.mamba_mixer.default": "Mamba state-space layer",
+    "vllm.mamba_mixer2.default": "Mamba-2 state-space layer",
+    "vllm.short_conv.default": "short-convolution state layer",
+    "vllm.linear_attention.default": "linear-attention layer",
+    "vllm.qwen_gdn_attention_core.default": "gated delta-net linear-attention layer",
+    "vllm.qwen_gdn_attention_core_fused_norm_packed.default": "gated delta-net linear-attention layer",
+    "vllm.olmo_hybrid_gdn_full_forward.default": "gated delta-net linear-attention layer",
+    "vllm.bailing_v3_kda_attention.default": "delta-attention linear-attention layer",
+    "vllm.sparse_attn_indexer.default": "sparse-attention indexer",
+}
+
+
 @dataclass
 class Unsupported:
     target: str
     module: str
     source: str
 
+    @property
+    def name(self) -> str:
+        """The op, with what it is where it is a whole vLLM layer (its per-sequence state is not lowered)."""
+        what = LAYER_OPS.get(self.target)
+        return f"{self.target} ({what}, per-sequence state cache)" if what else self.target
+
     def __str__(self) -> str:
-        return f"{self.target}  (module {self.module or '?'}; {self.source or 'source unknown'})"
+        return f"{self.name}  (module {self.module or '?'}; {self.source or 'source unknown'})"
 
 
 class UnsupportedOpsError(RuntimeError):
@@ -67,6 +87,10 @@ class UnsupportedOpsError(RuntimeError):
             f"{len(ops)} op(s) have no MLX lowering:\n{lines}\n"
             "Add a lowering in lowering/ops/ (see docs/architecture.md) or a pass that rewrites them."
         )
+
+    def targets(self) -> list[str]:
+        """The distinct ops, in graph order."""
+        return list(dict.fromkeys(op.name for op in self.ops))
 
 
 def unsupported_ops(program: Program) -> list[Unsupported]:

@@ -94,11 +94,14 @@ class MetalAttentionImpl(AttentionImpl):
         self.logits_soft_cap = logits_soft_cap
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
+        self.sinks = kwargs.get("sinks")  # lowering.capture refuses them; this torch baseline does not attend with them
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         if attn_metadata is None or kv_cache.numel() == 0:  # profiling / dummy run
             return output.zero_()
+        if self.sinks is not None:
+            raise NotImplementedError("vllm-metal: attention sinks are not supported yet")
         md = attn_metadata
         n = md.num_actual_tokens
         k_cache, v_cache = kv_cache[0], kv_cache[1]

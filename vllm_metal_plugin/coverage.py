@@ -254,6 +254,7 @@ def run_engines(models: dict[str, str], workdir: Path, platforms: dict[str, list
     import subprocess
 
     workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     prompts = engine_prompts()
     procs = {}
     for platform, names in platforms.items():
@@ -453,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default="", help="with --registry: only these architectures (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="with --registry: only sweep.QUICK, one of each kind")
     parser.add_argument("--workdir", default="", help="with --registry: keep rows here (a rerun resumes from them)")
+    parser.add_argument("--baseline", default="", help="with --registry: the rows a run must not regress from, "
+                        "updated after it (default vllm_metal_plugin/coverage_baseline.json)")
     parser.add_argument("--no-engine", action="store_true", help="skip the vLLM engine comparison")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "models.md"))
     parser.add_argument("--debug", action="store_true")
@@ -492,12 +495,12 @@ def registry_main(args) -> int:
     if unknown:
         print(f"not in vLLM's text-generation registry: {', '.join(unknown)}", file=sys.stderr)
         return 2
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="coverage-registry-"))
+    workdir = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="coverage-registry-"))
     rows = sweep.sweep(archs, workdir, engines=not args.no_engine)
-    baseline = sweep.load_baseline()
-    regressed = sweep.regressions(rows, baseline)
-    sweep.save_baseline(rows, regressed)
-    stored = sweep.load_baseline()
+    path = Path(args.baseline) if args.baseline else sweep.BASELINE
+    regressed = sweep.regressions(rows, sweep.load_baseline(path))
+    sweep.save_baseline(rows, regressed, path)
+    stored = sweep.load_baseline(path)
     if all(a in stored for a in everything):  # the page shows the baseline: every architecture's latest row
         write_section(Path(args.out), "registry", sweep.render({a: stored[a] for a in everything}))
         print(f"wrote {args.out}")

@@ -18,13 +18,15 @@ import numpy as np
 import torch
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
+from vllm.model_executor.model_loader import get_model_loader
 from vllm.v1.kv_cache_interface import MLAAttentionSpec
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.utils import bind_kv_cache
 
-from lowering.api import lower_cached
+from lowering.api import cache_layout, lower, lower_cached
 from lowering.capture import capture_vllm
-from lowering.compile import load_step
+from lowering.compile import cache_key, load_artefact, load_step
+from lowering.emit import UnsupportedOpsError
 from runtime.batch import StepInput
 from runtime.config import RuntimeConfig
 from runtime.device import device_memory_bytes
@@ -33,6 +35,7 @@ from runtime.memory import plan_kv_blocks, weights_bytes
 from runtime.model import CacheLayout, LoweredModel
 from vllm_metal_plugin.checkpoints import checkpoint_sources
 from vllm_metal_plugin.debug import locate_in_step
+from weights.model_dir import quantized_source
 
 log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
 _MX_DTYPE = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
@@ -84,7 +87,10 @@ class MetalModelRunner(CPUModelRunner):
     # -- load: lower the torch model vLLM built --------------------------------------------------
     def load_model(self, load_dummy_weights: bool = False) -> None:
         try:
-            super().load_model(load_dummy_weights)
+            if self.metal.use_mlx:
+                self._load_checked()
+            else:
+                super().load_model(load_dummy_weights)
         except Exception as exc:
             damaged = _damaged_weight_files(self.model_config.model)
             if damaged:  # safetensors' own message names no file ("incomplete metadata, ...")
@@ -98,14 +104,7 @@ class MetalModelRunner(CPUModelRunner):
         state.update(dict(model.named_buffers(remove_duplicate=False)))
         start = time.perf_counter()
         sources, fmt = checkpoint_sources(model, self.model_config.model)
-        identity = {
-            "front": "vllm",
-            "model": self.model_config.model,
-            "dtype": str(self.model_config.dtype),
-            "hf_config": self.model_config.hf_config.to_json_string(use_diff=False),
-            "weights": fmt or "full precision",
-            "quantize": str(self.metal.quantize),
-        }
+        identity = self._identity(fmt)
         self._source, self._weights, self._layers, info = lower_cached(
             identity, lambda: capture_vllm(model, self.vllm_config), state, sources=sources, quantize=self.metal.quantize
         )
@@ -120,6 +119,55 @@ class MetalModelRunner(CPUModelRunner):
         model.compute_logits = _materialize  # logits come out of the MLX step already
         for p in model.parameters():  # MLX holds its own copy: release the torch weights
             p.data = torch.empty(0, dtype=p.dtype)
+
+    def _identity(self, fmt: str | None) -> dict:
+        """What the lowered artefact of this model is cached under (lowering.compile.cache_key)."""
+        return {
+            "front": "vllm",
+            "model": self.model_config.model,
+            "dtype": str(self.model_config.dtype),
+            "hf_config": self.model_config.hf_config.to_json_string(use_diff=False),
+            "weights": fmt or "full precision",
+            "quantize": str(self.metal.quantize),
+        }
+
+    def _load_checked(self) -> None:
+        """CPUModelRunner.load_model with the lowering check between building the model and reading its weights:
+        a model with ops we cannot lower is refused before any weight loads."""
+        loader = get_model_loader(self.vllm_config.load_config)
+        load_weights = loader.load_weights
+
+        def checked(model, model_config):
+            self._refuse_unsupported(model)
+            load_weights(model, model_config)
+
+        loader.load_weights = checked
+        log.info("Starting to load model %s...", self.model_config.model)
+        self.model = loader.load_model(vllm_config=self.vllm_config, model_config=self.model_config)
+        if self.lora_config:
+            self.model = self.load_lora_model(self.model, self.vllm_config, self.device)
+        if hasattr(self, "drafter"):
+            self.drafter.load_model(self.model)
+        self._setup_eagle3_aux_hidden_state_outputs()
+
+    def _refuse_unsupported(self, model) -> None:
+        """Capture and lower the model vLLM built, before its weights load (the capture reads shapes, not values):
+        every op without an MLX lowering is named in one error. A model lowered before (a cached artefact) is
+        not captured again."""
+        found = quantized_source(self.model_config.model)
+        if load_artefact(cache_key(self._identity(found[0] if found else None))) is not None:
+            return
+        try:
+            program = lower(capture_vllm(model, self.vllm_config)).program
+            cache_layout(program, 16, mx.float32)  # one cache layout for every layer, or a refusal naming why
+        except (UnsupportedOpsError, NotImplementedError) as exc:
+            missing = exc.targets() if isinstance(exc, UnsupportedOpsError) else [str(exc).splitlines()[0]]
+            arch = ", ".join(getattr(self.model_config.hf_config, "architectures", None) or ["this model"])
+            raise RuntimeError(
+                f"vllm-metal: {arch} cannot run on this platform, it needs what the MLX lowering lacks: "
+                f"{'; '.join(missing)} (docs/models.md lists every architecture and what it lacks)") from exc
+        except Exception as exc:  # noqa: BLE001  a capture that needs the loaded weights: it runs again after them
+            log.debug("vllm-metal: lowering check before the weights load skipped: %r", exc)
 
     # -- memory ------------------------------------------------------------------------------------
     def kv_cache_budget(self) -> int:

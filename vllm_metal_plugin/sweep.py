@@ -98,6 +98,12 @@ CONFIGS: dict[str, dict] = {
     "GPTJForCausalLM": dict(rotary_dim=16),
     "LongcatFlashForCausalLM": dict(mla_scale_q_lora=True, mla_scale_kv_lora=True, zero_expert_type="identity",
                                     zero_expert_num=1),
+    "Glm4MoeLiteForCausalLM": dict(first_k_dense_replace=1),
+    "MiMoV2FlashForCausalLM": dict(hybrid_layer_pattern=[0, 1], moe_layer_freq=[0, 1], swa_head_dim=32,
+                                   swa_num_attention_heads=4, swa_num_key_value_heads=2),
+    # a hybrid's second kind of layer (short convolutions) next to attention
+    "Lfm2ForCausalLM": dict(block_dim=128, conv_dim=128, layer_types=["conv", "full_attention"]),
+    "Lfm2MoeForCausalLM": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     # a feature switch the default config leaves off
     "Gemma2ForCausalLM": dict(attn_logit_softcapping=0.01, final_logit_softcapping=0.5),
     "Phi3ForCausalLM": dict(partial_rotary_factor=0.5),
@@ -109,6 +115,9 @@ CONFIGS: dict[str, dict] = {
     "Mamba2ForCausalLM": dict(num_heads=8, head_dim=32, n_groups=1, expand=2),
     # more layers, so each kind of layer (and the dense layers before the MoE ones) appears
     "Gemma3ForCausalLM": dict(num_hidden_layers=4),
+    # the last layers reuse earlier layers' K/V; activation sparsity on the first layer
+    "Gemma3nForCausalLM": dict(num_hidden_layers=4, num_kv_shared_layers=2,
+                               activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0]),
     "Cohere2ForCausalLM": dict(num_hidden_layers=4),
     "Exaone4ForCausalLM": dict(num_hidden_layers=4),
     "DeepseekV2ForCausalLM": dict(num_hidden_layers=3, n_group=2, topk_group=1, num_experts_per_tok=2),
@@ -133,7 +142,9 @@ def config_class(arch: str, module: str):
     stem = module.split(".")[-1]
     types = [t for t, names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()
              if arch in (names if isinstance(names, (list, tuple)) else [names])]
-    types.sort(key=lambda t: t != stem)  # GPT2LMHeadModel: gpt2 before gpt-sw3
+    # a text-only config before a multimodal one (llama4_text before llama4), then the module's own name
+    # (GPT2LMHeadModel: gpt2 before gpt-sw3)
+    types.sort(key=lambda t: (t in CONFIG_MAPPING and bool(getattr(CONFIG_MAPPING[t], "sub_configs", None)), t != stem))
     for model_type in types + [stem]:
         if model_type in _CONFIG_REGISTRY:
             return _CONFIG_REGISTRY[model_type], f"vLLM {_CONFIG_REGISTRY[model_type].__name__}"
@@ -259,10 +270,10 @@ def check(arch: str, workdir: Path) -> dict:
             program = capture.capture_vllm(model, vllm_config, arch)
             lowered = lower(program)
         except UnsupportedOpsError as exc:
-            return {**row, "outcome": "refused", "missing": [o.target for o in exc.ops],
+            return {**row, "outcome": "refused", "missing": exc.targets(),
                     "missing_where": [str(o) for o in exc.ops], "seconds": _since(start)}
-        except NotImplementedError as exc:
-            return {**row, "outcome": "refused", "missing": [_one_line(exc)], "seconds": _since(start)}
+        except NotImplementedError as exc:  # capture's refusals: every missing piece, "; "-separated
+            return {**row, "outcome": "refused", "missing": _one_line(exc).split("; "), "seconds": _since(start)}
         from vllm_metal_plugin.eager import eager_logits
 
         try:
@@ -283,6 +294,8 @@ def check(arch: str, workdir: Path) -> dict:
         ok = bool(np.isfinite(got).all()) and err <= F32_TOLERANCE * top
         row.update(outcome="lowered" if ok else "numerics off", max_abs_err=err, max_abs_logit=top,
                    missed=[r.name for r in lowered.passes if r.missed])
+    except NotImplementedError as exc:  # a refusal after lowering (the cache layout the layers need)
+        row.update(outcome="refused", missing=[_one_line(exc)])
     except Exception as exc:
         row.update(outcome="error", reason=f"{type(exc).__name__}: {_one_line(exc)}")
         if os.environ.get("VLLM_METAL_SWEEP_DEBUG"):
@@ -476,7 +489,9 @@ def _vllm_version() -> str:
 
 
 # -- the sweep: rows, then the engines ----------------------------------------------------------------------
-QUICK = ("LlamaForCausalLM", "Qwen2MoeForCausalLM", "MambaForCausalLM")  # one of each kind, for the default test
+# one architecture of each kind, for the default test suite: dense, MoE with a shared expert, multi-head latent
+# attention, interleaved sliding/global layers with per-layer RoPE, state-space layers (refused)
+QUICK = ("LlamaForCausalLM", "Qwen2MoeForCausalLM", "DeepseekV2ForCausalLM", "Gemma3ForCausalLM", "MambaForCausalLM")
 BUILT = ("lowered", "numerics off", "refused", "no reference", "error")  # vLLM built the model under this platform
 
 
@@ -513,14 +528,14 @@ def passes(row: dict) -> bool:
     return row.get("outcome") == "lowered" and (engine is None or bool(engine.get("identical")))
 
 
-def load_baseline() -> dict[str, dict]:
-    return json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
+def load_baseline(path: Path = BASELINE) -> dict[str, dict]:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def save_baseline(rows: dict[str, dict], regressed: list[str]) -> None:
+def save_baseline(rows: dict[str, dict], regressed: list[str], path: Path = BASELINE) -> None:
     """The rows as the new baseline, except regressed ones, which keep their passing entry (so a regression
     keeps failing until it is fixed)."""
-    baseline = load_baseline()
+    baseline = load_baseline(path)
     for arch, row in rows.items():
         if arch in regressed:
             continue
@@ -528,7 +543,7 @@ def save_baseline(rows: dict[str, dict], regressed: list[str]) -> None:
         if "cpu_engine" not in new and old.get("outcome") == new["outcome"]:  # a run without the engines
             new.update({k: old[k] for k in ("cpu_engine", "engine") if k in old})
         baseline[arch] = new
-    BASELINE.write_text(json.dumps(dict(sorted(baseline.items())), indent=1) + "\n")
+    path.write_text(json.dumps(dict(sorted(baseline.items())), indent=1) + "\n")
 
 
 def _stored(row: dict) -> dict:

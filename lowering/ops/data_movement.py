@@ -143,9 +143,31 @@ def embedding(e, node, weight, ids, *args):
     return f"mx.take({e.r(weight)}, {e.r(ids)}, axis=0)"
 
 
-@register(aten.cat.default)
+@register(aten.cat.default, aten.concat.default)
 def cat(e, node, tensors, dim=0):
     return f"mx.concatenate([{', '.join(e.r(t) for t in tensors)}], axis={dim})"
+
+
+@register(aten.pad.default)
+def pad(e, node, x, pad, mode="constant", value=None):
+    if mode != "constant":
+        raise NotImplementedError(f"pad mode {mode!r} has no MLX lowering yet")
+    return constant_pad_nd(e, node, x, pad, value or 0)
+
+
+@register(aten.constant_pad_nd.default)
+def constant_pad_nd(e, node, x, pad, value=0):
+    """torch's pad list runs from the last dim backwards, (before, after) each."""
+    ndim = len(node.args[0].meta["val"].shape)
+    widths = [(0, 0)] * ndim
+    for i in range(len(pad) // 2):
+        widths[ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+    return f"mx.pad({e.r(x)}, {widths}, constant_values={e.r(value)})"
+
+
+@register(aten.repeat.default)
+def repeat(e, node, x, repeats):
+    return f"mx.tile({e.r(x)}, {e.r(list(repeats))})"
 
 
 @register(aten.stack.default)

@@ -70,9 +70,17 @@ for _target, _fn in {
     aten.exp.default: "k.exp", aten.log.default: "mx.log", aten.tanh.default: "mx.tanh",
     aten.sigmoid.default: "k.sigmoid", aten.cos.default: "mx.cos", aten.sin.default: "mx.sin",
     aten.abs.default: "mx.abs", aten.reciprocal.default: "mx.reciprocal", aten.erf.default: "mx.erf",
-    aten.logical_not.default: "mx.logical_not", aten.expm1.default: "mx.expm1",
+    aten.logical_not.default: "mx.logical_not", aten.expm1.default: "mx.expm1", aten.square.default: "mx.square",
 }.items():
     register(_target)(_unary(_fn))
+
+
+@register(aten.softplus.default)
+def softplus(e, node, x, beta=1, threshold=20):
+    """log(1 + exp(beta x)) / beta, linear where beta x > threshold (as torch computes it)."""
+    bx = e.r(x) if beta == 1 else f"({e.r(x)} * {e.r(beta)})"
+    soft = f"mx.logaddexp({bx}, 0.0)" if beta == 1 else f"(mx.logaddexp({bx}, 0.0) / {e.r(beta)})"
+    return f"mx.where({bx} > {e.r(threshold)}, {e.r(x)}, {soft}.astype({e.r(x)}.dtype))"
 
 
 @register(aten.silu.default)

@@ -18,11 +18,11 @@ aten = torch.ops.aten
 
 
 @torch.library.custom_op("mlx::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """RMS-normalise the last dim in float32, scale by `weight`, return `out_dtype`."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """RMS-normalise the last dim in float32, scale by `weight` (None: a norm without one), return `out_dtype`."""
     xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed.to(out_dtype) * weight).to(out_dtype)
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(out_dtype)
+    return normed if weight is None else (normed * weight).to(out_dtype)
 
 
 @rms_norm.register_fake

@@ -61,8 +61,8 @@ class Generic:
         return mx.gather_mm(x, weight, rhs_indices=rhs_indices, sorted_indices=sorted_indices)
 
     # -- fused ops (passes/fused) -----------------------------------------------------------------
-    def rms_norm(self, x, weight, *, eps: float, out_dtype):
-        w = weight if weight.dtype == x.dtype else weight.astype(x.dtype)
+    def rms_norm(self, x, weight=None, *, eps: float, out_dtype):
+        w = weight if weight is None or weight.dtype == x.dtype else weight.astype(x.dtype)
         out = mx.fast.rms_norm(x, w, eps)
         return out if out_dtype == x.dtype else out.astype(out_dtype)
 
