@@ -207,7 +207,8 @@ def moe_problems(runner) -> list[str]:
         ("expert biases", getattr(experts, "w13_bias", None) is not None),
         ("non-gated activation", not runner.activation.is_gated),
         (f"activation {runner.activation.value}", runner.activation.value not in ("silu", "gelu", "gelu_tanh")),
-        ("router weights applied to the input", bool(getattr(experts, "apply_router_weight_on_input", False))),
+        ("router weights applied to the input of top-k > 1 experts",
+         bool(getattr(experts, "apply_router_weight_on_input", False)) and runner.router.top_k != 1),
         ("zero experts", type(runner.router).__name__ == "ZeroExpertRouter"),
     ] if bad]
 
@@ -251,6 +252,9 @@ def _mlx_experts(runner, hidden, topk_weights, topk_ids):
         raise NotImplementedError(
             f"MoE layer {runner.layer_name}: {', '.join(problems)} not supported by the MLX lowering yet")
     experts = runner.routed_experts
+    if getattr(experts, "apply_router_weight_on_input", False):  # top-1 (Llama 4): the weight scales the input
+        hidden = hidden * topk_weights.to(hidden.dtype)
+        topk_weights = torch.ones_like(topk_weights)
     return torch.ops.mlx.moe_experts.default(hidden, topk_weights, topk_ids, experts.w13_weight, experts.w2_weight,
                                              runner.activation.value)
 
@@ -289,7 +293,8 @@ def vllm_attention_layers(vllm_config) -> list[AttentionLayer]:
 
 def vllm_problems(model: torch.nn.Module, vllm_config) -> list[str]:
     """Everything the model's layers need that the MLX lowering does not support yet, all of it (capture would
-    stop at the first): attention sinks, and each kind of MoE layer problem (`moe_problems`)."""
+    stop at the first): attention sinks, KV caches shared across layers, and each kind of MoE layer problem
+    (`moe_problems`)."""
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
     found = []
@@ -297,6 +302,11 @@ def vllm_problems(model: torch.nn.Module, vllm_config) -> list[str]:
              if getattr(layer, "has_sink", False)]
     if sinks:
         found.append(f"attention sinks ({len(sinks)} layers) are not supported by the MLX lowering yet")
+    shared = [name for name, layer in vllm_config.compilation_config.static_forward_context.items()
+              if getattr(layer, "kv_sharing_target_layer_name", None)]
+    if shared:
+        found.append(f"layers reading another layer's KV cache ({len(shared)} layers) are not supported by the MLX "
+                     "lowering yet")
     moe = {problem for m in model.modules() if isinstance(m, MoERunner) for problem in moe_problems(m)}
     if moe:
         found.append(f"MoE layers: {', '.join(sorted(moe))} not supported by the MLX lowering yet")

@@ -10,11 +10,13 @@ tests/test_coverage.py runs the same checks; nothing here is per-model code in t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -249,44 +251,54 @@ def run_engines(models: dict[str, str], workdir: Path, platforms: dict[str, list
                 timeout: float = 1800) -> dict[str, dict]:
     """Each platform of `platforms` (name -> the models it runs) generates greedily for every one of its models
     (name -> folder) in its own subprocess, all platforms at once; one in-process engine per model after the
-    other (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~3 s a start instead of ~30 s). `load_format`: how the engines load
-    the weights (the registry sweep's seeded random weights). Returns platform -> model -> its run."""
-    import subprocess
+    other (VLLM_ENABLE_V1_MULTIPROCESSING=0: ~3 s a start instead of ~30 s). A model whose engine fails ends its
+    subprocess (a failed start can leave vLLM's process-wide state broken for the next one) and a fresh one goes
+    on with the rest. `load_format`: how the engines load the weights (the registry sweep's seeded random
+    weights). Returns platform -> model -> its run."""
+    import threading
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    prompts = engine_prompts()
-    procs = {}
-    for platform, names in platforms.items():
-        spec = {"models": {n: models[n] for n in names}, "prompts": prompts, "load_format": load_format}
-        (workdir / f"{platform}-spec.json").write_text(json.dumps(spec))
+    (workdir / "rpc").mkdir(exist_ok=True)
+    deadline = time.monotonic() + timeout
+    runs = {platform: {} for platform in platforms}
+
+    def platform_runs(platform: str, names: list[str]) -> None:
         env = {k: v for k, v in os.environ.items() if k not in _SWITCHES}
         env.update(PLATFORMS[platform], VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1",
                    TOKENIZERS_PARALLELISM="false", VLLM_CACHE_ROOT=str(workdir / "vllm-cache"),
                    VLLM_RPC_BASE_PATH=str(workdir / "rpc"), VLLM_METAL_CACHE=str(workdir / "metal-cache"))
-        (workdir / "rpc").mkdir(exist_ok=True)
-        log = open(workdir / f"{platform}.log", "wb")
-        procs[platform] = (subprocess.Popen(
-            [sys.executable, "-m", "vllm_metal_plugin.coverage", "--engine-worker", str(workdir / f"{platform}-spec.json"),
-             str(workdir / f"{platform}.json")], cwd=str(Path(__file__).resolve().parent.parent), env=env,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
-    deadline = time.monotonic() + timeout
-    for proc, log in procs.values():
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: whatever it started goes too
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-            log.close()
-    runs = {}
-    for platform in platforms:
-        path = workdir / f"{platform}.json"
-        runs[platform] = json.loads(path.read_text()) if path.exists() else {}
+        attempt, todo = 0, list(names)
+        with open(workdir / f"{platform}.log", "wb") as log:
+            while todo and time.monotonic() < deadline:
+                spec_path, out_path = workdir / f"{platform}-spec.json", workdir / f"{platform}.{attempt}.json"
+                spec_path.write_text(json.dumps({"models": {n: models[n] for n in todo}, "prompts": engine_prompts(),
+                                                 "load_format": load_format}))
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "vllm_metal_plugin.coverage", "--engine-worker", str(spec_path),
+                     str(out_path)], cwd=str(Path(__file__).resolve().parent.parent), env=env, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True)
+                try:
+                    proc.wait(timeout=max(deadline - time.monotonic(), 1))
+                except subprocess.TimeoutExpired:
+                    pass
+                finally:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)  # its own session: whatever it started goes too
+                    proc.wait()
+                done = json.loads(out_path.read_text()) if out_path.exists() else {}
+                if not done and todo:  # died before its first model: that model records why
+                    done = {todo[0]: {"error": f"the engine worker died (exit {proc.returncode}); see {platform}.log"}}
+                runs[platform].update(done)
+                todo = [n for n in todo if n not in runs[platform]]
+                attempt += 1
+        (workdir / f"{platform}.json").write_text(json.dumps(runs[platform]))
+
+    threads = [threading.Thread(target=platform_runs, args=item) for item in platforms.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     return runs
 
 
@@ -361,6 +373,8 @@ def engine_worker(spec_path: str, out_path: str) -> int:
         results[family] = entry
         Path(out_path).write_text(json.dumps(results))  # after each family: a timeout keeps what is done
         print(f"engine {family}: {json.dumps(entry)[:300]}", flush=True)
+        if "error" in entry:  # a failed start may leave vLLM's process-wide state broken: a fresh process goes on
+            break
     sys.stdout.flush()
     os._exit(0)  # vLLM's background threads need not finish
 

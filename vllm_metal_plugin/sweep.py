@@ -22,6 +22,7 @@ Rows run in a worker subprocess (`--sweep-worker`), restarted after a crash or a
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -99,11 +100,11 @@ CONFIGS: dict[str, dict] = {
     "LongcatFlashForCausalLM": dict(mla_scale_q_lora=True, mla_scale_kv_lora=True, zero_expert_type="identity",
                                     zero_expert_num=1),
     "Glm4MoeLiteForCausalLM": dict(first_k_dense_replace=1),
-    "MiMoV2FlashForCausalLM": dict(hybrid_layer_pattern=[0, 1], moe_layer_freq=[0, 1], swa_head_dim=32,
+    "MiMoV2FlashForCausalLM": dict(layernorm_epsilon=1e-5, hybrid_layer_pattern=[0, 1], moe_layer_freq=[0, 1], swa_head_dim=32,
                                    swa_num_attention_heads=4, swa_num_key_value_heads=2),
     # a hybrid's second kind of layer (short convolutions) next to attention
-    "Lfm2ForCausalLM": dict(block_dim=128, conv_dim=128, layer_types=["conv", "full_attention"]),
-    "Lfm2MoeForCausalLM": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "Lfm2ForCausalLM": dict(block_dim=128, conv_dim=128, layer_types=["conv", "full_attention"], full_attn_idxs=[1]),
+    "Lfm2MoeForCausalLM": dict(layer_types=["conv", "full_attention"], full_attn_idxs=[1], num_dense_layers=1),
     # a feature switch the default config leaves off
     "Gemma2ForCausalLM": dict(attn_logit_softcapping=0.01, final_logit_softcapping=0.5),
     "Phi3ForCausalLM": dict(partial_rotary_factor=0.5),
@@ -257,6 +258,11 @@ def check(arch: str, workdir: Path) -> dict:
         if reason.startswith(PLATFORM_REFUSAL):  # this platform refuses the model's attention (a missing piece)
             return {**row, "outcome": "refused", "missing": [reason.removeprefix(PLATFORM_REFUSAL).strip()],
                     "seconds": _since(start)}
+        if "failed to be inspected" in reason:  # vLLM logs the cause; the import of the model's module shows it
+            try:
+                importlib.import_module(module if module.startswith("vllm.") else f"vllm.model_executor.models.{module}")
+            except Exception as cause:
+                reason = f"vLLM cannot import its model module: {type(cause).__name__}: {_one_line(cause)}"
         return {**row, "outcome": "not built", "reason": reason, "seconds": _since(start)}
     try:
         from lowering import capture
