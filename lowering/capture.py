@@ -14,6 +14,7 @@ vLLM's opaque unified attention op) and `capture_hf` (transformers causal LMs).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import torch
@@ -291,17 +292,30 @@ def vllm_attention_layers(vllm_config) -> list[AttentionLayer]:
     return layers
 
 
+def _attach_sinks(model: torch.nn.Module, vllm_config, layers: list[AttentionLayer]) -> None:
+    """Each attention layer with sinks names the module path of its sinks Parameter (a graph input the attention
+    pass reads: vLLM's attention op finds them by layer name)."""
+    paths = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    context = vllm_config.compilation_config.static_forward_context
+    for i, layer in enumerate(layers):
+        sinks = getattr(getattr(context[layer.name], "impl", None), "sinks", None)
+        if sinks is not None:
+            layers[i] = dataclasses.replace(layer, sinks=paths[id(sinks)])
+
+
 def vllm_problems(model: torch.nn.Module, vllm_config) -> list[str]:
     """Everything the model's layers need that the MLX lowering does not support yet, all of it (capture would
-    stop at the first): attention sinks, KV caches shared across layers, and each kind of MoE layer problem
+    stop at the first): attention sinks held outside the model's parameters, KV caches shared across layers, and each kind of MoE layer problem
     (`moe_problems`)."""
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
     found = []
+    params = {id(p) for p in model.parameters()}
     sinks = [name for name, layer in vllm_config.compilation_config.static_forward_context.items()
-             if getattr(layer, "has_sink", False)]
+             if getattr(layer, "has_sink", False) and id(getattr(layer.impl, "sinks", None)) not in params]
     if sinks:
-        found.append(f"attention sinks ({len(sinks)} layers) are not supported by the MLX lowering yet")
+        found.append(f"attention sinks that are not model parameters ({len(sinks)} layers) are not supported by the "
+                     "MLX lowering yet")
     shared = [name for name, layer in vllm_config.compilation_config.static_forward_context.items()
               if getattr(layer, "kv_sharing_target_layer_name", None)]
     if shared:
@@ -353,6 +367,7 @@ def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -
     problems = vllm_problems(model, vllm_config)
     if problems:
         raise NotImplementedError("; ".join(problems))
+    _attach_sinks(model, vllm_config, layers)
     with set_current_vllm_config(vllm_config), set_forward_context(None, vllm_config, num_tokens=8), \
             _norm_weights_as_parameters(model), _moe_experts_as_mlx(model), _latent_attention_as_mlx(model):
         gm, weights, paths, stamped = _export(model, _vllm_forward, template=2)  # layer 0 has no residual input

@@ -184,8 +184,11 @@ def fold_constants(program: Program) -> int:
 
 
 def drop_unused_weights(program: Program) -> None:
+    """Weights nothing reads go, except those an attention layer names (its sinks, read once attention is fused)."""
+    named = {layer.sinks for layer in program.attention if layer.sinks}
     for node in list(program.graph.nodes):
-        if node.op == "placeholder" and node.name in program.weights and not node.users:
+        if node.op == "placeholder" and node.name in program.weights and not node.users \
+                and program.weight_paths.get(node.name) not in named:
             program.graph.erase_node(node)
             del program.weights[node.name]
             program.weight_paths.pop(node.name, None)

@@ -29,6 +29,7 @@ class AttentionLayer:
     sliding_window: int = -1  # <= 0: none
     logit_cap: float = 0.0  # <= 0: none
     cache_planes: int = 2  # K and V; 1: a latent cache (multi-head latent attention), head_dim its row width
+    sinks: str = ""  # module path of the per-head sink logits (attention sinks); "": none
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Paged attention of the kernel tables (runtime/kernels: the device's and the generic one) vs a dense torch
 reference, over random batches: block sizes, sequence and chunk lengths, GQA ratios, shuffled block tables
-and shared prefix blocks."""
+and shared prefix blocks, with and without attention sinks."""
 
 import runtime  # noqa: F401  (fast BLAS before mlx)
 
@@ -61,7 +61,8 @@ def _layout(block_size, cached, new, prefix, rng):
 @given(batches())
 @example((16, 2, 2, [0, 0], [16, 16], 0, -1, 1))  # in-order layout: fresh prompts (causal, no gathers)
 @example((16, 2, 2, [20], [32], 0, 8, 2))  # in-order layout: a chunk over earlier context, windowed
-def test_paged_attention_matches_dense(case):
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_paged_attention_matches_dense(with_sinks, case):
     block_size, kv_heads, groups, cached, new, prefix, window, seed = case
     rng = np.random.default_rng(seed)
     heads = kv_heads * groups
@@ -100,18 +101,19 @@ def test_paged_attention_matches_dense(case):
 
     cache = mx.stack([head_major(k_cache), head_major(v_cache)])  # [2, KVH, blocks, block_size, D]
     scale = HEAD_DIM**-0.5
+    sinks = rng.standard_normal(heads, dtype=np.float32) if with_sinks else None
     for table in TABLES.values():
         out, written = table.paged_attention(
-            mx.array(q), mx.array(k), mx.array(v), cache, batch,
+            mx.array(q), mx.array(k), mx.array(v), cache, batch, None if sinks is None else mx.array(sinks),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=HEAD_DIM, scale=scale, sliding_window=window,
             logit_cap=0.0,
         )
         _check_against_torch(table, np.array(out), written, q, k, v, hist_k, hist_v, step, cached, new, heads, kv_heads,
-                             groups, window, scale)
+                             groups, window, scale, sinks)
 
 
 def _check_against_torch(table, out, cache, q, k, v, hist_k, hist_v, step, cached, new, heads, kv_heads, groups,
-                         window, scale):
+                         window, scale, sinks=None):
     start = 0
     for s, (c, n) in enumerate(zip(cached, new)):
         qs = torch.from_numpy(q[start:start + n]).view(n, heads, HEAD_DIM).transpose(0, 1)
@@ -122,7 +124,12 @@ def _check_against_torch(table, out, cache, q, k, v, hist_k, hist_v, step, cache
         mask = kpos <= qpos
         if window > 0:
             mask &= kpos > qpos - window
-        ref = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        if sinks is None:
+            ref = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        else:  # each head's sink logit joins the softmax and attends to nothing
+            scores = (qs @ ks.transpose(1, 2) * scale).masked_fill(~mask, float("-inf"))
+            sink = torch.from_numpy(sinks).reshape(heads, 1, 1).expand(heads, n, 1)
+            ref = torch.cat([scores, sink], -1).softmax(-1)[..., :-1] @ vs
         ref = ref.transpose(0, 1).reshape(n, -1).numpy()
         err = np.abs(out[start:start + n] - ref).max()
         assert err <= 1e-5, f"{table}: sequence {s} (cached {c}, new {n}): max abs error {err}"

@@ -94,14 +94,12 @@ class MetalAttentionImpl(AttentionImpl):
         self.logits_soft_cap = logits_soft_cap
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
-        self.sinks = kwargs.get("sinks")  # lowering.capture refuses them; this torch baseline does not attend with them
+        self.sinks = kwargs.get("sinks")  # [heads]: one more logit in each softmax, attending to nothing
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         if attn_metadata is None or kv_cache.numel() == 0:  # profiling / dummy run
             return output.zero_()
-        if self.sinks is not None:
-            raise NotImplementedError("vllm-metal: attention sinks are not supported yet")
         md = attn_metadata
         n = md.num_actual_tokens
         k_cache, v_cache = kv_cache[0], kv_cache[1]
@@ -122,12 +120,18 @@ class MetalAttentionImpl(AttentionImpl):
             mask = kpos <= qpos
             if self.sliding_window:
                 mask &= kpos > qpos - self.sliding_window
-            if self.logits_soft_cap:  # Gemma 2: cap * tanh(scores / cap) before the mask (SDPA has no cap)
+            if self.logits_soft_cap or self.sinks is not None:  # SDPA has neither a cap nor sinks
                 rep = self.num_heads // self.num_kv_heads
                 k, v = k.repeat_interleave(rep, 0).to(q.dtype), v.repeat_interleave(rep, 0).to(q.dtype)
                 scores = (q @ k.transpose(1, 2)).float() * self.scale
-                scores = torch.tanh(scores / self.logits_soft_cap) * self.logits_soft_cap
-                out = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype) @ v
+                if self.logits_soft_cap:  # Gemma 2: cap * tanh(scores / cap) before the mask
+                    scores = torch.tanh(scores / self.logits_soft_cap) * self.logits_soft_cap
+                scores = scores.masked_fill(~mask, float("-inf"))
+                if self.sinks is not None:  # the sink's column takes part in the softmax, then goes
+                    sink = self.sinks.float().reshape(-1, 1, 1).expand(-1, scores.shape[1], 1)
+                    out = torch.cat([scores, sink], -1).softmax(-1)[..., :-1].to(q.dtype) @ v
+                else:
+                    out = scores.softmax(-1).to(q.dtype) @ v
             else:
                 out = torch.nn.functional.scaled_dot_product_attention(
                     q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale, enable_gqa=True

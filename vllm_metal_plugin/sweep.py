@@ -100,7 +100,9 @@ CONFIGS: dict[str, dict] = {
     "LongcatFlashForCausalLM": dict(mla_scale_q_lora=True, mla_scale_kv_lora=True, zero_expert_type="identity",
                                     zero_expert_num=1),
     "Glm4MoeLiteForCausalLM": dict(first_k_dense_replace=1),
-    "MiMoV2FlashForCausalLM": dict(layernorm_epsilon=1e-5, hybrid_layer_pattern=[0, 1], moe_layer_freq=[0, 1], swa_head_dim=32,
+    "Llama4ForCausalLM": dict(num_experts_per_tok=1),  # one routed expert a token, its weight on the input
+    "MiMoV2FlashForCausalLM": dict(layernorm_epsilon=1e-5, sliding_window=8, sliding_window_size=8,
+                                   hybrid_layer_pattern=[0, 1], moe_layer_freq=[0, 1], swa_head_dim=32,
                                    swa_num_attention_heads=4, swa_num_key_value_heads=2),
     # a hybrid's second kind of layer (short convolutions) next to attention
     "Lfm2ForCausalLM": dict(block_dim=128, conv_dim=128, layer_types=["conv", "full_attention"], full_attn_idxs=[1]),

@@ -38,13 +38,15 @@ def paged_attention(
     scale: float,
     sliding_window: int,
     logit_cap: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write k/v of this step into layer `layer`'s paged cache, attend, return [T, heads * head_dim].
 
     The batch (which tokens belong to which sequence, their cache blocks) is implicit: the runtime
     supplies it. This torch reference treats all T tokens as ONE new sequence (causal prefill), which
     is what a standalone graph means, so rewritten graphs can be checked against the originals.
-    `sliding_window` <= 0 means none; `logit_cap` <= 0 means no soft-capping.
+    `sliding_window` <= 0 means none; `logit_cap` <= 0 means no soft-capping; `sinks` [heads]: one more logit per
+    head in each softmax's denominator, attending to nothing (attention sinks).
     """
     t = q.shape[0]
     qh = q.reshape(t, num_heads, head_dim).transpose(0, 1).float()
@@ -61,12 +63,16 @@ def paged_attention(
     if sliding_window > 0:
         visible &= j > i - sliding_window
     scores = scores.masked_fill(~visible, -math.inf)
-    out = scores.softmax(-1) @ vh
+    if sinks is not None:
+        sink = sinks.float().reshape(num_heads, 1, 1).expand(num_heads, t, 1)
+        out = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :t] @ vh
+    else:
+        out = scores.softmax(-1) @ vh
     return out.transpose(0, 1).reshape(t, num_heads * head_dim).to(q.dtype)
 
 
 @paged_attention.register_fake
-def _(q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_cap):
+def _(q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_cap, sinks=None):
     return q.new_empty((q.shape[0], num_heads * head_dim))
 
 
@@ -85,13 +91,20 @@ def _strip_repeat_kv(node: fx.Node) -> fx.Node:
 
 
 def _paged(layer: AttentionLayer, scale: float):
-    def call(q, k, v):
+    def call(q, k, v, sinks=None):
+        extra = () if sinks is None else (sinks,)
         return torch.ops.mlx.paged_attention.default(
             q, k, v, layer.index, layer.num_heads, layer.num_kv_heads, layer.head_dim,
-            scale, layer.sliding_window, layer.logit_cap,
+            scale, layer.sliding_window, layer.logit_cap, *extra,
         )
 
     return call
+
+
+def _weight_node(program: Program, path: str) -> fx.Node | None:
+    """The placeholder of the weight at module path `path`."""
+    names = {name for name, p in program.weight_paths.items() if p == path}
+    return next((n for n in program.graph.nodes if n.op == "placeholder" and n.name in names), None)
 
 
 def _replace_hf_sdpa(program: Program, node: fx.Node, layer: AttentionLayer) -> fx.Node:
@@ -126,7 +139,11 @@ def _replace_vllm(program: Program, node: fx.Node, layer: AttentionLayer, q, k, 
         return aten.reshape.default(x, [-1, x.node.meta["val"].shape[-1] if x.node.meta["val"].dim() == 2
                                         else x.node.meta["val"].shape[-2] * x.node.meta["val"].shape[-1]])
 
-    new = record(program.graph, lambda q, k, v: _paged(layer, layer.scale)(flat(q), flat(k), flat(v)), q, k, v)
+    sinks = _weight_node(program, layer.sinks) if layer.sinks else None
+    if layer.sinks and sinks is None:
+        raise NotImplementedError(f"attention layer {layer.name}: its sinks ({layer.sinks}) are not in the graph")
+    new = record(program.graph, lambda q, k, v, s: _paged(layer, layer.scale)(flat(q), flat(k), flat(v), s),
+                 q, k, v, sinks)
     # in-place op: reads of the output buffer (or any view of it) after the op read the result
     order = {n: i for i, n in enumerate(program.graph.nodes)}
     aliases = [holder]

@@ -44,17 +44,18 @@ def rope_paged_attention(
     scale: float,
     sliding_window: int,
     logit_cap: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_attention` of q and k rotated by `rope` first: q [T, H*D] and k [T, KVH*D] come un-rotated, so a
     backend can rotate them where it writes the cache."""
     q = rope(q, positions, inv_freq, head_dim, traditional, mscale)
     k = rope(k, positions, inv_freq, head_dim, traditional, mscale)
-    return paged_attention(q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_cap)
+    return paged_attention(q, k, v, layer, num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_cap, sinks)
 
 
 @rope_paged_attention.register_fake
 def _(q, k, v, positions, inv_freq, traditional, mscale, layer, num_heads, num_kv_heads, head_dim, scale,
-      sliding_window, logit_cap):
+      sliding_window, logit_cap, sinks=None):
     return q.new_empty((q.shape[0], num_heads * head_dim))
 
 

@@ -116,17 +116,17 @@ class Generic:
         unsorted = mx.take(y, mx.argsort(order), axis=0).reshape(-1, k, y.shape[-1])
         return mx.sum(unsorted * topk_weights[..., None].astype(mx.float32), axis=1).astype(x.dtype)
 
-    def paged_attention(self, q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim, scale, sliding_window,
-                        logit_cap):
+    def paged_attention(self, q, k, v, cache, batch, sinks=None, *, num_heads, num_kv_heads, head_dim, scale,
+                        sliding_window, logit_cap):
         return paged.paged_attention(self, q, k, v, cache, batch, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                     head_dim=head_dim, scale=scale, window=sliding_window, cap=logit_cap)
+                                     head_dim=head_dim, scale=scale, window=sliding_window, cap=logit_cap, sinks=sinks)
 
-    def rope_paged_attention(self, q, k, v, positions, inv_freq, cache, batch, *, traditional, mscale, num_heads,
-                             num_kv_heads, head_dim, scale, sliding_window, logit_cap):
+    def rope_paged_attention(self, q, k, v, positions, inv_freq, cache, batch, sinks=None, *, traditional, mscale,
+                             num_heads, num_kv_heads, head_dim, scale, sliding_window, logit_cap):
         """paged_attention of q and k given un-rotated: rotated here, where the cache rows are laid out."""
         return paged.paged_attention(self, q, k, v, cache, batch, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                      head_dim=head_dim, scale=scale, window=sliding_window, cap=logit_cap,
-                                     rope=(positions, inv_freq, traditional, mscale))
+                                     rope=(positions, inv_freq, traditional, mscale), sinks=sinks)
 
     def paged_mla_attention(self, q, kv_c, k_pe, kv_b_weight, cache, batch, *, num_heads, qk_nope_head_dim,
                             qk_rope_head_dim, v_head_dim, kv_lora_rank, scale):

@@ -27,9 +27,10 @@ def is_decode(q, batch) -> bool:
 
 
 def paged_attention(table, q, k, v, cache, batch, *, num_heads, num_kv_heads, head_dim, scale, window=-1, cap=0.0,
-                    rope=None):
+                    rope=None, sinks=None):
     """q: [T, H*D]; k, v: [T, KVH*D]; cache: [2, KVH, blocks, block_size, D], K then V.
     rope: None, or (positions [T], inv_freq [R/2], traditional, mscale) when q and k come un-rotated.
+    sinks: None, or [H] logits each softmax also counts (attention sinks; composed here, not a backend's kernel).
 
     Returns (out [T, H*D], updated cache). GQA is handled by the attention without repeating K/V.
     """
@@ -38,13 +39,16 @@ def paged_attention(table, q, k, v, cache, batch, *, num_heads, num_kv_heads, he
     q, k, v, rows = table.new_kv(q, k, v, rope, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
     cache = write(cache, rows, batch)
     if is_decode(q, batch):
+        if sinks is not None:
+            return attend_decode(table, q, cache, groups[0], scale=scale, window=window, cap=cap, sinks=sinks), cache
         return table.attend_decode(q, cache, groups[0], scale=scale, window=window, cap=cap), cache
     # One group whose [S, Lq] layout holds exactly the T tokens: every sequence has Lq of them, so the
     # layout is the token order itself (q_index = arange(T) as [S, Lq], out_index = arange(T)) and
     # reshapes replace the four gathers per layer (a batch-1 prefill, or equal prompts; static: shapes only)
     in_order = len(groups) == 1 and groups[0]["q_index"].size == t
     outs = [
-        table.attend_group(q, k, v, cache, group, scale=scale, window=window, cap=cap, in_order=in_order)
+        (table.attend_group(q, k, v, cache, group, scale=scale, window=window, cap=cap, in_order=in_order)
+         if sinks is None else _attend(table, q, k, v, cache, group, scale, window, cap, in_order, sinks=sinks))
         .reshape(-1, num_heads * head_dim)
         for group in groups
     ]
@@ -93,7 +97,7 @@ def attend_group(table, q, k, v, cache, group, *, scale, window, cap, in_order=F
     return _attend(table, q, k, v, cache, group, scale, window, cap, in_order)
 
 
-def _attend(table, q, k, v, cache, group, scale, window, cap, in_order=False, latent=0):
+def _attend(table, q, k, v, cache, group, scale, window, cap, in_order=False, latent=0, sinks=None):
     """One group of sequences: queries [S, H, Lq, D] against their keys [S, KVH, Lk, D]: gathered from
     the cache, or, for prompts with no earlier context (no `blocks`, runtime/batch.py), this step's own
     K/V laid out like the queries, under a causal mask (MLX's fused causal SDPA on a GPU; padded rows
@@ -107,17 +111,17 @@ def _attend(table, q, k, v, cache, group, scale, window, cap, in_order=False, la
         mask = "causal" if window <= 0 and cap <= 0 else _mask(pos[None], index.shape[1], window, pos)
     else:
         keys, values, mask = _from_cache(cache, group, window, queries.dtype, latent)  # mask [S, 1, Lq, Lk]
-    return _sdpa(table, queries, keys, values, scale, mask, cap).transpose(0, 2, 1, 3)  # [S, Lq, H, D]
+    return _sdpa(table, queries, keys, values, scale, mask, cap, sinks).transpose(0, 2, 1, 3)  # [S, Lq, H, D]
 
 
-def attend_decode(table, q, cache, group, *, scale, window, cap, latent=0):
+def attend_decode(table, q, cache, group, *, scale, window, cap, latent=0, sinks=None):
     """A pure decode step (every token is its sequence's only query): the queries are q itself as
     [T, H, 1, D] and the output goes straight back to [T, H*D], so the per-layer query gather, the
     padded-row gather and two transposes drop out (q_index and out_index are aranges here)."""
     t, h, d = q.shape
     queries = q.reshape(t, h, 1, d)
     keys, values, mask = _from_cache(cache, group, window, queries.dtype, latent)  # mask [T, 1, 1, Lk]
-    out = _sdpa(table, queries, keys, values, scale, mask, cap)  # [T, H, 1, Dv] is [T, 1, H, Dv]
+    out = _sdpa(table, queries, keys, values, scale, mask, cap, sinks)  # [T, H, 1, Dv] is [T, 1, H, Dv]
     return out.reshape(t, h * out.shape[-1])
 
 
@@ -129,10 +133,33 @@ def _from_cache(cache, group, window, dtype, latent=0):
     return keys, values, _mask(group["q_pos"], keys.shape[2], window, group.get("key_pos"))
 
 
-def _sdpa(table, queries, keys, values, scale, mask, cap):
+def _sdpa(table, queries, keys, values, scale, mask, cap, sinks=None):
+    if sinks is not None:
+        return _with_sinks(queries, keys, values, scale, mask, cap, sinks)
     if cap > 0:
         return _softcapped(table, queries, keys, values, scale, mask, cap)
     return table.attention(queries, keys, values, scale=scale, mask=mask)
+
+
+def _with_sinks(queries, keys, values, scale, mask, cap, sinks):
+    """Attention whose softmax also counts one logit per head that attends to nothing (the head's sink): queries
+    [S, H, Lq, D] over keys and values [S, KVH, Lk, D] (GQA), in float32; mask boolean (True: visible) or
+    "causal" (Lq == Lk here). A row with no visible key gives zeros."""
+    s, h, lq, d = queries.shape
+    kvh, lk = keys.shape[1], keys.shape[2]
+    q = queries.astype(mx.float32).reshape(s, kvh, (h // kvh) * lq, d)
+    scores = (q @ keys.astype(mx.float32).swapaxes(-1, -2)).reshape(s, h, lq, lk) * scale
+    if cap > 0:
+        scores = mx.tanh(scores / cap) * cap
+    if isinstance(mask, str):
+        mask = mx.arange(lk)[None, :] <= mx.arange(lq)[:, None] + (lk - lq)
+    scores = mx.where(mask, scores, -mx.inf)
+    sink = mx.broadcast_to(sinks.astype(mx.float32).reshape(1, h, 1, 1), (s, h, lq, 1))
+    top = mx.maximum(scores.max(axis=-1, keepdims=True), sink)
+    probs = mx.exp(scores - top)
+    total = probs.sum(axis=-1, keepdims=True) + mx.exp(sink - top)
+    out = (probs / total).reshape(s, kvh, (h // kvh) * lq, lk) @ values.astype(mx.float32)
+    return out.reshape(s, h, lq, values.shape[-1]).astype(queries.dtype)
 
 
 def _gather(cache, group):
