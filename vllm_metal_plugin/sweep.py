@@ -460,6 +460,12 @@ def render(rows: dict[str, dict]) -> str:
         f" generate {16} greedy tokens through `vllm.LLM` with this plugin and with vLLM's built-in CPU platform"
         " (4 batched prompts), which must be identical. vLLM's CPU platform also runs every architecture that has a"
         " config: `vLLM CPU` says whether vLLM itself builds and runs it here.", "",
+        "Results: `lowered` (numerics within the bound), `numerics off` (the max error is shown), `refused` (the"
+        " missing column lists every op, vLLM layer or feature the MLX lowering lacks; the plugin refuses the model at"
+        " start-up with the same list, before any weight loads), `not built` (vLLM itself cannot build the model"
+        " here, with its reason), `no config` (no config class offline: remote code), `error` (the row's reason)."
+        " The command exits non-zero when an architecture that passed in `vllm_metal_plugin/coverage_baseline.json`"
+        " (the committed rows this page shows) does not pass now.", "",
         f"**{len(passing)} of {len(runnable)} architectures that vLLM's CPU platform builds and runs pass numerics and"
         f" engine parity ({100 * len(passing) / max(len(runnable), 1):.0f}%).** Outcomes: "
         + ", ".join(f"{OUTCOMES[o]} {n}" for o, n in counts.most_common()) + ".", "",

@@ -28,7 +28,7 @@ def empty(e, node, *args, **kwargs):
     return f"mx.zeros({e.shape(node)}, dtype={e.dtype(node.meta['val'].dtype)})"
 
 
-@register(aten.ones.default, aten.new_ones.default)
+@register(aten.ones.default, aten.new_ones.default, aten.ones_like.default)
 def ones(e, node, *args, **kwargs):
     return f"mx.ones({e.shape(node)}, dtype={e.dtype(node.meta['val'].dtype)})"
 
