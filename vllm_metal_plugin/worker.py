@@ -11,6 +11,8 @@ from vllm.utils.torch_utils import set_random_seed
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import init_worker_distributed_environment
 
+from vllm_metal_plugin.distributed import init_mlx_group
+
 
 class MetalWorker(CPUWorker):
     def init_device(self) -> None:
@@ -28,6 +30,8 @@ class MetalWorker(CPUWorker):
         set_random_seed(self.model_config.seed)
         self.model_runner = MetalModelRunner(self.vllm_config, self.device)
         _sample_as_cpu_platform(self.model_runner)
+        if self.model_runner.metal.use_mlx:  # the lowered step's collectives run over MLX's group of these ranks
+            init_mlx_group(self.vllm_config, self.model_runner.metal)
 
     def _maybe_get_memory_pool_context(self, tag: str):
         return nullcontext()  # no CUDA memory pool: MLX owns the device memory

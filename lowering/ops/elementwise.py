@@ -100,3 +100,18 @@ for _target, _sym in {
 @register(aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
 def cast(e, node, x, *args, **kwargs):
     return f"{e.r(x)}.astype({e.dtype(node.meta['val'].dtype)})"
+
+
+@register(aten.bitwise_not.default)
+def bitwise_not(e, node, x):
+    return f"mx.logical_not({e.r(x)})" if node.meta["val"].dtype == torch.bool else f"mx.bitwise_invert({e.r(x)})"
+
+
+@register(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def masked_fill(e, node, x, mask, value):
+    return f"mx.where({e.r(mask)}, {e.r(value)}, {e.r(x)}).astype({e.dtype(node.meta['val'].dtype)})"
+
+
+@register(aten.view.dtype)
+def view_dtype(e, node, x, dtype):
+    return f"{e.r(x)}.view({e.dtype(dtype)})"

@@ -3,7 +3,8 @@ a fused kernel). It runs on every MLX device; the backends (cpu.py, cuda.py, met
 replace the entries they have faster kernels for.
 
 The entries are the fused ops that passes create (passes/fused: `rms_norm`, `add_rms_norm`, `rope`,
-`silu_mul`, `gelu_mul`, `paged_attention`, `rope_paged_attention`, `moe_experts`), with tensor arguments
+`silu_mul`, `gelu_mul`, `paged_attention`, `rope_paged_attention`, `moe_experts`, the collectives `all_reduce` and
+`all_gather`), with tensor arguments
 positional and the rest by keyword, in the op's schema order; and the math the op lowerings call
 (`exp`, `sigmoid`, `silu`, `softmax`, `linear`, `gather_mm`). Below them, the pieces of paged attention a
 backend may replace (`attention`, `new_kv`, `attend_decode`, `attend_group`).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from runtime import distributed
 from runtime.config import RuntimeConfig
 from runtime.kernels import paged
 
@@ -127,6 +129,22 @@ class Generic:
         return paged.paged_attention(self, q, k, v, cache, batch, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                      head_dim=head_dim, scale=scale, window=sliding_window, cap=logit_cap,
                                      rope=(positions, inv_freq, traditional, mscale))
+
+    # -- collectives over this process's MLX group (runtime/distributed.py) -------------------------------
+    def all_reduce(self, x, *, group: str):
+        """The sum of x over the ranks of `group` (vLLM's tensor-parallel group: row-parallel linears, the
+        vocab-parallel embedding)."""
+        return mx.distributed.all_sum(x, group=distributed.group(group))
+
+    def all_gather(self, x, *, dim: int, group: str, world_size: int):
+        """The ranks' x concatenated along `dim`, in rank order (vLLM's logits: each rank holds a slice of the
+        vocabulary). MLX gathers along axis 0; the rank axis is then moved next to `dim` and merged with it."""
+        gathered = mx.distributed.all_gather(x, group=distributed.group(group, world_size))
+        dim = dim % x.ndim
+        if dim == 0:
+            return gathered
+        parts = mx.moveaxis(gathered.reshape(world_size, *x.shape), 0, dim)
+        return parts.reshape(*x.shape[:dim], world_size * x.shape[dim], *x.shape[dim + 1:])
 
     # -- pieces of paged attention (runtime/kernels/paged.py) ------------------------------------------
     def attention(self, q, k, v, *, scale: float, mask):
