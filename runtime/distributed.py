@@ -29,6 +29,7 @@ from runtime.config import ConfigError
 
 BACKENDS = ("ring", "nccl", "mpi", "jaccl")
 _groups: dict[str, mx.distributed.Group] = {}
+_addresses: dict[str, list[str]] = {}
 
 
 class DistributedError(RuntimeError):
@@ -117,6 +118,7 @@ def init_group(name: str, rank: int, size: int, backend: str, addresses: list[st
         raise DistributedError(f"MLX's {backend} backend gave rank {group.rank()} of {group.size()}, but this process "
                                f"is rank {rank} of {size} in {name}: its environment launches another world")
     _groups[name] = group
+    _addresses[name] = list(addresses)
     return group
 
 
@@ -131,3 +133,13 @@ def group(name: str, size: int | None = None) -> mx.distributed.Group:
         raise DistributedError(f"the lowered step was lowered for {size} ranks in {name}; its MLX group has "
                                f"{found.size()}")
     return found
+
+
+def peer_lost(error: BaseException) -> DistributedError | None:
+    """For an error of MLX's ring backend (a peer's connection closed: it exited or was killed), the same error
+    naming this process's groups and their ranks' addresses; None for any other error."""
+    if "[ring]" not in str(error) or not _groups:
+        return None
+    where = "; ".join(f"{name}: rank {g.rank()} of {g.size()}, ranks at {', '.join(_addresses[name])}"
+                      for name, g in _groups.items())
+    return DistributedError(f"a peer of this rank's MLX group stopped answering ({where}): {error}")

@@ -42,6 +42,7 @@ BAD_VALUES = [
     ("MLX_PAGED_KERNEL_TUNE", "8"),
     ("VLLM_METAL_QUANTIZE", "q3"),
     ("VLLM_METAL_QUANTIZE", "q4:48"),
+    ("VLLM_METAL_DIST_BACKEND", "tcp"),
 ]
 ALL_VARS = sorted({name for name, _ in BAD_VALUES} | {"VLLM_METAL_DEBUG_DIR"})
 
