@@ -254,13 +254,14 @@ def _engine_result(proc: subprocess.Popen, workdir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def engines(models, workdir):
-    """tensor_parallel_size 1 and 2, both at once (each builds one engine per checkpoint after the other)."""
-    start = time.monotonic()
-    procs = [_run_engines(tp, models, workdir, timeout=1800) for tp in (1, 2)]
-    results = {proc.tp: _engine_result(proc, workdir) for proc in procs}
-    results["wall_s"] = time.monotonic() - start
-    return results
+def reference(models, workdir):
+    """tensor_parallel_size 1: one engine per checkpoint after the other, and the data-parallel prompts."""
+    return _engine_result(_run_engines(1, models, workdir, timeout=1200), workdir)
+
+
+@pytest.fixture(scope="module")
+def tp2(models, workdir):
+    return _engine_result(_run_engines(2, models, workdir, timeout=1800), workdir)
 
 
 def _entry(result: dict, name: str) -> dict:
@@ -283,12 +284,12 @@ def _assert_same_greedy(got: list[list[int]], ref: dict, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_heads, per_rank", [(4, 2), (2, 1), (1, 1)])
-def test_tp2_greedy_equals_tp1_through_vllm_llm(engines, kv_heads, per_rank):
+def test_tp2_greedy_equals_tp1_through_vllm_llm(reference, tp2, kv_heads, per_rank):
     """8 prompts (1 to 300 tokens) x 24 greedy tokens, f32: identical at tensor_parallel_size 2 and 1; the chosen
     tokens' logprobs within 1e-4. Every rank of the TP=2 engine is in a ring group of 2, keeps `per_rank` KV heads
     (4 -> 2, 2 -> 1, 1 -> 1 replicated) and runs a step with 9 all-reduces (the embedding and two per layer) and
     one all-gather (the logits)."""
-    one, two = _entry(engines[1], f"kv{kv_heads}"), _entry(engines[2], f"kv{kv_heads}")
+    one, two = _entry(reference, f"kv{kv_heads}"), _entry(tp2, f"kv{kv_heads}")
     _assert_same_greedy(two["tokens"], one, f"TP=2 vs TP=1, {kv_heads} KV heads")
     diffs = [abs(a - b) for x, y in zip(two["logprobs"], one["logprobs"]) for a, b in zip(x, y)]
     assert max(diffs) <= LOGPROB_TOLERANCE, max(diffs)
@@ -300,7 +301,7 @@ def test_tp2_greedy_equals_tp1_through_vllm_llm(engines, kv_heads, per_rank):
     assert (one["ranks"][0]["all_reduce"], one["ranks"][0]["all_gather"]) == (0, 0), one["ranks"]
     print(f"\n{kv_heads} KV heads: {sum(map(len, two['tokens']))} tokens identical, max logprob diff "
           f"{max(diffs):.2e}; TP=2 start {two['start_s']} s, generate {two['generate_s']} s; TP=1 start "
-          f"{one['start_s']} s, generate {one['generate_s']} s (both engines at once; wall {engines['wall_s']:.0f} s)")
+          f"{one['start_s']} s, generate {one['generate_s']} s")
 
 
 def _complete(server: vh.Server, prompt: list[int], tokens: int) -> list[int]:
@@ -331,11 +332,11 @@ def _health(server: vh.Server) -> int | str:
 
 
 @pytest.mark.slow
-def test_openai_server_tp2_then_a_rank_killed_mid_generation(engines, models, workdir):
+def test_openai_server_tp2_then_a_rank_killed_mid_generation(reference, models, workdir):
     """The OpenAI server at tensor_parallel_size 2: the 8 prompts' greedy tokens equal vllm.LLM's at size 1. Then a
     streamed request is running when rank 1 is killed (SIGKILL): the stream ends with an error, /health stops
     answering 200 and the server exits, each within a bounded time, and the log names the MLX group that lost it."""
-    ref = _entry(engines[1], "kv4")
+    ref = _entry(reference, "kv4")
     env = vh.clean_env(VLLM_METAL_CACHE=str(workdir / "metal-cache"))
     server = vh.Server(str(models[4]), workdir / "server_tp2", served_name="tiny", env=env,
                        extra=["--tensor-parallel-size", "2", *_SERVER_ARGS])
@@ -393,11 +394,11 @@ def test_openai_server_tp2_then_a_rank_killed_mid_generation(engines, models, wo
 
 
 @pytest.mark.slow
-def test_openai_server_dp2_32_requests_equal_dp1(engines, models, workdir):
+def test_openai_server_dp2_32_requests_equal_dp1(reference, models, workdir):
     """The OpenAI server at data_parallel_size 2 (two engines with the plugin, each with its own lowered model and KV
     cache, behind vLLM's own front end): 32 concurrent requests, greedy tokens identical to one engine's, both
     engines having served some of them (vLLM's per-engine request counters)."""
-    ref = _entry(engines[1], "dp")
+    ref = _entry(reference, "dp")
     env = vh.clean_env(VLLM_METAL_CACHE=str(workdir / "metal-cache"))
     server = vh.Server(str(models[4]), workdir / "server_dp2", served_name="tiny", env=env,
                        extra=["--data-parallel-size", "2", *_SERVER_ARGS])
