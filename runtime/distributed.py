@@ -36,11 +36,9 @@ class DistributedError(RuntimeError):
     """A peer did not answer, or MLX's group is not the one asked for."""
 
 
-def resolve_backend(backend: str, kernel_backend: str) -> str:
-    """The backend "auto" stands for on a kernel table's device ("cuda": NCCL; anything else: the TCP ring)."""
-    if backend != "auto":
-        return backend
-    return "nccl" if kernel_backend == "cuda" else "ring"
+def resolve_backend(backend: str, table) -> str:
+    """The backend "auto" stands for with a kernel table (runtime/kernels: NCCL on CUDA, else the TCP ring)."""
+    return table.dist_backend if backend == "auto" else backend
 
 
 def check_available(backend: str, setting: str = "VLLM_METAL_DIST_BACKEND") -> None:
@@ -88,10 +86,10 @@ def wait_for_peers(addresses: list[str], rank: int, timeout_s: float) -> None:
                 time.sleep(0.2)
 
 
-def init_group(name: str, rank: int, size: int, backend: str, addresses: list[str], device_index: int = 0
-               ) -> mx.distributed.Group:
+def init_group(name: str, rank: int, size: int, backend: str, addresses: list[str]) -> mx.distributed.Group:
     """Create MLX's group for `rank` of `size` over `backend`, with `addresses[i]` rank i's "host:port", and
-    register it under `name`. `device_index`: the GPU of this rank (NCCL)."""
+    register it under `name`. With NCCL this process is on its rank's GPU already (the kernel table's
+    `use_rank_device`)."""
     check_available(backend)
     if len(addresses) != size:
         raise DistributedError(f"group {name}: {len(addresses)} addresses for {size} ranks")
@@ -105,7 +103,6 @@ def init_group(name: str, rank: int, size: int, backend: str, addresses: list[st
     elif backend == "nccl":
         host, port = _split(addresses[0])
         os.environ.update(NCCL_HOST_IP=host, NCCL_PORT=str(port), MLX_WORLD_SIZE=str(size))
-        mx.set_default_device(mx.Device(mx.gpu, device_index))  # one GPU per rank, as MLX's launcher gives
     try:
         group = mx.distributed.init(strict=True, backend=backend)
     except RuntimeError as e:

@@ -17,7 +17,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -38,6 +37,7 @@ from lowering.testing import check_pass
 from passes.inplace import PASS as FUNCTIONALIZE
 from runtime import distributed
 from runtime.config import ConfigError
+from runtime.kernels import Cpu, Cuda, Metal
 
 LOGPROB_TOLERANCE = 1e-4  # f32: a tensor-parallel sum adds the shards in another order
 NEAR_TIE = 1e-4
@@ -73,6 +73,15 @@ def test_unavailable_backend_and_missing_group_are_named():
         distributed.check_available("tcp")
     with pytest.raises(distributed.DistributedError, match="vLLM's group tp:7, but this process has no MLX group"):
         distributed.group("tp:7")
+
+
+def test_each_kernel_table_names_its_backend_and_whether_ranks_share_memory():
+    """`VLLM_METAL_DIST_BACKEND=auto` is the device's: MLX's TCP ring on the CPU and Metal (the ranks of a host share
+    its memory), NCCL on CUDA (one GPU per rank); a backend named explicitly is kept."""
+    tables = (Cpu(), Metal(), Cuda())
+    assert [distributed.resolve_backend("auto", t) for t in tables] == ["ring", "ring", "nccl"]
+    assert [distributed.resolve_backend("mpi", t) for t in tables] == ["mpi"] * 3
+    assert [t.ranks_share_memory for t in tables] == [True, True, False]
 
 
 _RING_RANK = textwrap.dedent("""

@@ -15,18 +15,19 @@ lowered model and KV cache, behind its own front end.
 
 from __future__ import annotations
 
+import torch.distributed as dist
 from vllm.logger import init_logger
 
 from runtime import distributed
-from runtime.config import ConfigError, RuntimeConfig
-from runtime.kernels import backend_of
+from runtime.config import RuntimeConfig
+from runtime.kernels import current, select
 
 log = init_logger("vllm.plugins.metal")
 PEER_TIMEOUT_S = 60.0  # without vLLM's distributed_timeout_seconds
 
 
 def backend(config: RuntimeConfig) -> str:
-    return distributed.resolve_backend(config.dist_backend, backend_of(config.device))
+    return distributed.resolve_backend(config.dist_backend, select(config))
 
 
 def check_parallel_config(vllm_config, config: RuntimeConfig) -> None:
@@ -41,7 +42,7 @@ def check_parallel_config(vllm_config, config: RuntimeConfig) -> None:
 
 def tensor_parallel() -> tuple[int, int]:
     """(rank, world size) of this process in vLLM's tensor-parallel group."""
-    from vllm.distributed import parallel_state
+    from vllm.distributed import parallel_state  # not at the top: vLLM imports the platform (this module) first
 
     group = parallel_state.get_tp_group()
     return group.rank_in_group, group.world_size
@@ -63,8 +64,6 @@ def init_mlx_group(vllm_config, config: RuntimeConfig):
     try:
         mine = f"{host}:{listener.getsockname()[1]}"
         addresses = [None] * tp.world_size
-        import torch.distributed as dist
-
         dist.all_gather_object(addresses, mine, group=tp.cpu_group)
         timeout = float(parallel.distributed_timeout_seconds or PEER_TIMEOUT_S)
         distributed.wait_for_peers(addresses, tp.rank_in_group, timeout)
@@ -72,8 +71,8 @@ def init_mlx_group(vllm_config, config: RuntimeConfig):
     finally:
         listener.close()
     dist.barrier(group=tp.cpu_group)  # every probe listener closed: none of MLX's connections lands on one
-    group = distributed.init_group(tp.unique_name, tp.rank_in_group, tp.world_size, name, addresses,
-                                   device_index=tp.local_rank)
+    current().use_rank_device(tp.local_rank)
+    group = distributed.init_group(tp.unique_name, tp.rank_in_group, tp.world_size, name, addresses)
     log.info("vllm-metal: MLX %s group %s: rank %d of %d (%s)", name, tp.unique_name, group.rank(), group.size(),
              ", ".join(addresses))
     return group
@@ -89,7 +88,7 @@ def identity() -> dict:
 def ranks_sharing_device(vllm_config, config: RuntimeConfig) -> int:
     """How many tensor-parallel ranks share this node's device memory: all of the node's ranks on the CPU or a Mac's
     unified memory; one with CUDA, where each rank has a GPU of its own."""
-    if backend_of(config.device) == "cuda":
+    if not select(config).ranks_share_memory:
         return 1
     _, size = tensor_parallel()
     return max(1, size // max(1, getattr(vllm_config.parallel_config, "nnodes", 1)))

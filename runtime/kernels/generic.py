@@ -24,6 +24,8 @@ _SQRT_2_OVER_PI = 0.7978845608028654
 
 class Generic:
     name = "generic"
+    dist_backend = "ring"  # MLX's distributed backend that VLLM_METAL_DIST_BACKEND=auto stands for: TCP between ranks
+    ranks_share_memory = True  # the tensor-parallel ranks of one host share its memory (RAM, a Mac's unified memory)
 
     def __init__(self, config: RuntimeConfig | None = None):
         self.config = config or RuntimeConfig()
@@ -145,6 +147,9 @@ class Generic:
             return gathered
         parts = mx.moveaxis(gathered.reshape(world_size, *x.shape), 0, dim)
         return parts.reshape(*x.shape[:dim], world_size * x.shape[dim], *x.shape[dim + 1:])
+
+    def use_rank_device(self, local_rank: int) -> None:
+        """Put this process on the device of its rank on this host: the one device every rank shares, here."""
 
     # -- pieces of paged attention (runtime/kernels/paged.py) ------------------------------------------
     def attention(self, q, k, v, *, scale: float, mask):
