@@ -25,7 +25,7 @@ def _is_noop(node: fx.Node) -> bool:
     src, out = _val(node.args[0]) if node.args else None, _val(node)
     if not isinstance(src, torch.Tensor) or not isinstance(out, torch.Tensor):
         return False
-    if node.target in CASTS:
+    if node.target in CASTS or node.target == aten.view.dtype:
         return src.dtype == out.dtype
     if node.target in _SAME_SHAPE_NOOP or node.target == aten.slice.Tensor:
         return src.shape == out.shape  # a slice this size is the whole dim

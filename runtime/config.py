@@ -132,6 +132,17 @@ def _paged_kernel_tune(env: Mapping[str, str]) -> tuple[int, int]:
     return warps, keys
 
 
+DIST_BACKENDS = ("auto", "ring", "nccl", "mpi", "jaccl")  # MLX's distributed backends (runtime/distributed.py)
+
+
+def _dist_backend(env: Mapping[str, str]) -> str:
+    name, raw = "VLLM_METAL_DIST_BACKEND", env.get("VLLM_METAL_DIST_BACKEND", "")
+    value = raw.strip().lower() or "auto"
+    if value not in DIST_BACKENDS:
+        raise _bad(name, raw, ", ".join(DIST_BACKENDS))
+    return value
+
+
 QUANTIZE_ENV = "VLLM_METAL_QUANTIZE"
 _QUANTIZE_BITS, _QUANTIZE_GROUPS, _DEFAULT_GROUP = {"q4": 4, "q8": 8}, (32, 64, 128), 64
 QUANTIZE_ACCEPTED = ", ".join([*_QUANTIZE_BITS, *(f"{q}:{g}" for q in _QUANTIZE_BITS for g in _QUANTIZE_GROUPS)])
@@ -179,6 +190,7 @@ class RuntimeConfig:
     kernels_off: frozenset[str] = frozenset()  # KERNEL_SWITCHES names
     paged_kernel_tune: tuple[int, int] = (8, 4)  # CUDA decode attention: warps per block, keys in flight per warp
     quantize: QuantizeSpec | None = None  # quantize full-precision linear and embedding weights at load
+    dist_backend: str = "auto"  # MLX's backend for tensor parallel: auto (nccl with CUDA, else ring) or DIST_BACKENDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "RuntimeConfig":
@@ -194,4 +206,5 @@ class RuntimeConfig:
             kernels_off=_kernels_off(env),
             paged_kernel_tune=_paged_kernel_tune(env),
             quantize=parse_quantize_spec(env.get(QUANTIZE_ENV)),
+            dist_backend=_dist_backend(env),
         )

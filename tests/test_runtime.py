@@ -42,6 +42,7 @@ BAD_VALUES = [
     ("MLX_PAGED_KERNEL_TUNE", "8"),
     ("VLLM_METAL_QUANTIZE", "q3"),
     ("VLLM_METAL_QUANTIZE", "q4:48"),
+    ("VLLM_METAL_DIST_BACKEND", "tcp"),
 ]
 ALL_VARS = sorted({name for name, _ in BAD_VALUES} | {"VLLM_METAL_DEBUG_DIR"})
 
@@ -67,7 +68,10 @@ def test_defaults(clean_env, tmp_path):
     cfg = RuntimeConfig.from_env()
     assert cfg.memory_fraction == "auto" and cfg.use_mlx is True and cfg.block_size == 16
     assert cfg.debug is False and cfg.debug_dir
-    assert cfg.device == ("gpu" if gpu_available() else "cpu")
+    assert cfg.device == ("gpu" if gpu_available() else "cpu") and cfg.dist_backend == "auto"
+    for backend in ("ring", "NCCL", " mpi ", "jaccl", "auto"):
+        clean_env.setenv("VLLM_METAL_DIST_BACKEND", backend)
+        assert RuntimeConfig.from_env().dist_backend == backend.strip().lower()
     clean_env.setenv("VLLM_METAL_DEBUG", "1")
     clean_env.setenv("VLLM_METAL_DEBUG_DIR", str(tmp_path))
     clean_env.setenv("VLLM_METAL_MEMORY_FRACTION", "0.25")

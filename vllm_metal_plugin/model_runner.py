@@ -36,6 +36,8 @@ from runtime.model import CacheLayout, LoweredModel
 from vllm_metal_plugin.checkpoints import checkpoint_sources
 from vllm_metal_plugin.debug import locate_in_step
 from weights.model_dir import quantized_source
+from vllm_metal_plugin.distributed import identity as parallel_identity
+from vllm_metal_plugin.distributed import ranks_sharing_device
 
 log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
 _MX_DTYPE = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}
@@ -129,6 +131,7 @@ class MetalModelRunner(CPUModelRunner):
             "hf_config": self.model_config.hf_config.to_json_string(use_diff=False),
             "weights": fmt or "full precision",
             "quantize": str(self.metal.quantize),
+            **parallel_identity(),
         }
 
     def _load_checked(self) -> None:
@@ -179,7 +182,8 @@ class MetalModelRunner(CPUModelRunner):
             p.numel() * p.element_size() for p in self.model.parameters())
         hf = self.model_config.hf_config
         plan = plan_kv_blocks(
-            layout, used, self.metal.memory_fraction, device_memory_bytes(self.metal.device),
+            layout, used, self.metal.memory_fraction,
+            device_memory_bytes(self.metal.device) // ranks_sharing_device(self.vllm_config, self.metal),
             self.model_config.max_model_len, self.scheduler_config.max_num_seqs,
             hidden_size=getattr(hf, "hidden_size", None), num_heads=getattr(hf, "num_attention_heads", None),
             max_num_batched_tokens=self.scheduler_config.max_num_batched_tokens,

@@ -17,6 +17,7 @@ from vllm.platforms.interface import PlatformEnum
 
 from runtime.config import RuntimeConfig
 from runtime.device import device_memory_bytes
+from vllm_metal_plugin.distributed import check_parallel_config
 from vllm_metal_plugin.startup import StartupError, check_environment
 
 log = init_logger("vllm.plugins.metal")  # under "vllm." so it prints with vLLM's own log lines
@@ -80,6 +81,10 @@ class MetalPlatform(CpuPlatform):
         return False
 
     @classmethod
+    def use_custom_op_collectives(cls) -> bool:
+        return True  # vLLM's all-reduce / all-gather as torch.ops.vllm.* nodes: the collectives pass's anchors
+
+    @classmethod
     def opaque_attention_op(cls) -> bool:
         return True  # one vllm.unified_attention_with_output node per layer: the attention pass's anchor
 
@@ -109,12 +114,8 @@ class MetalPlatform(CpuPlatform):
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         config = RuntimeConfig.from_env()  # raises ConfigError naming any bad VLLM_METAL_* value
+        check_parallel_config(vllm_config, config)  # tensor and data parallel: vllm_metal_plugin/distributed.py
         parallel = vllm_config.parallel_config
-        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-            raise ValueError(
-                "vllm-metal runs one process on one device: tensor_parallel_size and pipeline_parallel_size "
-                f"must be 1 (got {parallel.tensor_parallel_size} and {parallel.pipeline_parallel_size})"
-            )
         model = vllm_config.model_config
         if config.use_mlx and model is not None and model.runner_type == "pooling":
             raise StartupError(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from vllm.platforms import CpuArchEnum, current_platform
 from vllm.utils.torch_utils import set_random_seed
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import init_worker_distributed_environment
+
+from runtime.distributed import peer_lost
+from vllm_metal_plugin.distributed import init_mlx_group
 
 
 class MetalWorker(CPUWorker):
@@ -28,6 +31,16 @@ class MetalWorker(CPUWorker):
         set_random_seed(self.model_config.seed)
         self.model_runner = MetalModelRunner(self.vllm_config, self.device)
         _sample_as_cpu_platform(self.model_runner)
+        if self.model_runner.metal.use_mlx:  # the lowered step's collectives run over MLX's group of these ranks
+            init_mlx_group(self.vllm_config, self.model_runner.metal)
+
+    def execute_model(self, *args, **kwargs):
+        with _peers_named():
+            return super().execute_model(*args, **kwargs)
+
+    def sample_tokens(self, *args, **kwargs):
+        with _peers_named():  # the lowered step runs when vLLM reads the logits
+            return super().sample_tokens(*args, **kwargs)
 
     def _maybe_get_memory_pool_context(self, tag: str):
         return nullcontext()  # no CUDA memory pool: MLX owns the device memory
@@ -47,3 +60,15 @@ def _sample_as_cpu_platform(runner) -> None:
     if (sampler is not None and hasattr(sampler, "forward_cpu") and hasattr(torch.ops._C, "fused_gumbel_argmax")
             and arch not in (CpuArchEnum.RISCV, CpuArchEnum.POWERPC)):  # vLLM's CPU platform's own exceptions
         sampler.forward = sampler.forward_cpu
+
+
+@contextmanager
+def _peers_named():
+    """A collective that failed because a peer rank went away says which group and addresses it was."""
+    try:
+        yield
+    except RuntimeError as e:
+        named = peer_lost(e)
+        if named is None:
+            raise
+        raise named from e

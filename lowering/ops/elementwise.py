@@ -157,3 +157,8 @@ for _target, _sym in {
 @register(aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
 def cast(e, node, x, *args, **kwargs):
     return f"{e.r(x)}.astype({e.dtype(node.meta['val'].dtype)})"
+
+
+@register(aten.view.dtype)
+def view_dtype(e, node, x, dtype):
+    return f"{e.r(x)}.view({e.dtype(dtype)})"

@@ -15,12 +15,19 @@ then the generic entry runs.
 
 from __future__ import annotations
 
+import mlx.core as mx
+
 from runtime.kernels import cuda_attention, cuda_norm, cuda_quantized, cuda_rope, cuda_silu, paged
 from runtime.kernels.generic import Generic
 
 
 class Cuda(Generic):
     name = "cuda"
+    dist_backend = "nccl"
+    ranks_share_memory = False  # one GPU per rank
+
+    def use_rank_device(self, local_rank: int) -> None:
+        mx.set_default_device(mx.Device(mx.gpu, local_rank))  # GPU i for the host's rank i, as MLX's launcher does
 
     def _on(self, kernel: str) -> bool:
         return kernel not in self.config.kernels_off

@@ -3,7 +3,8 @@ a fused kernel). It runs on every MLX device; the backends (cpu.py, cuda.py, met
 replace the entries they have faster kernels for.
 
 The entries are the fused ops that passes create (passes/fused: `rms_norm`, `add_rms_norm`, `rope`,
-`silu_mul`, `gelu_mul`, `paged_attention`, `rope_paged_attention`, `paged_mla_attention`, `moe_experts`), with tensor arguments
+`silu_mul`, `gelu_mul`, `paged_attention`, `rope_paged_attention`, `paged_mla_attention`, `moe_experts`, the
+collectives `all_reduce` and `all_gather`), with tensor arguments
 positional and the rest by keyword, in the op's schema order; and the math the op lowerings call
 (`exp`, `sigmoid`, `silu`, `softmax`, `linear`, `gather_mm`). Below them, the pieces of paged attention a
 backend may replace (`attention`, `new_kv`, `attend_decode`, `attend_group`).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from runtime import distributed
 from runtime.config import RuntimeConfig
 from runtime.kernels import paged
 
@@ -22,6 +24,8 @@ _SQRT_2_OVER_PI = 0.7978845608028654
 
 class Generic:
     name = "generic"
+    dist_backend = "ring"  # MLX's distributed backend that VLLM_METAL_DIST_BACKEND=auto stands for: TCP between ranks
+    ranks_share_memory = True  # the tensor-parallel ranks of one host share its memory (RAM, a Mac's unified memory)
 
     def __init__(self, config: RuntimeConfig | None = None):
         self.config = config or RuntimeConfig()
@@ -133,6 +137,25 @@ class Generic:
         return paged.latent_attention(self, q, kv_c, k_pe, kv_b_weight, cache, batch, num_heads=num_heads,
                                       qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
                                       v_head_dim=v_head_dim, kv_lora_rank=kv_lora_rank, scale=scale)
+
+    # -- collectives over this process's MLX group (runtime/distributed.py) -------------------------------
+    def all_reduce(self, x, *, group: str):
+        """The sum of x over the ranks of `group` (vLLM's tensor-parallel group: row-parallel linears, the
+        vocab-parallel embedding)."""
+        return mx.distributed.all_sum(x, group=distributed.group(group))
+
+    def all_gather(self, x, *, dim: int, group: str, world_size: int):
+        """The ranks' x concatenated along `dim`, in rank order (vLLM's logits: each rank holds a slice of the
+        vocabulary). MLX gathers along axis 0; the rank axis is then moved next to `dim` and merged with it."""
+        gathered = mx.distributed.all_gather(x, group=distributed.group(group, world_size))
+        dim = dim % x.ndim
+        if dim == 0:
+            return gathered
+        parts = mx.moveaxis(gathered.reshape(world_size, *x.shape), 0, dim)
+        return parts.reshape(*x.shape[:dim], world_size * x.shape[dim], *x.shape[dim + 1:])
+
+    def use_rank_device(self, local_rank: int) -> None:
+        """Put this process on the device of its rank on this host: the one device every rank shares, here."""
 
     # -- pieces of paged attention (runtime/kernels/paged.py) ------------------------------------------
     def attention(self, q, k, v, *, scale: float, mask):
