@@ -1,11 +1,13 @@
 """float32 matmul speed of MLX and torch on this machine, and which BLAS MLX uses.
 
-    .venv/bin/python benchmarks/sgemm.py [--size 1024] [--repeats 30]
+    .venv/bin/python benchmarks/sgemm.py [--size 1024] [--repeats 30] [--compare /path/to/libblas.so]
 
 Measures in this process (MLX pointed at OpenBLAS by `import runtime`), then in child processes with
 the two traps: OPENBLAS_CORETYPE=Prescott (OpenBLAS's generic kernels, what Debian's OpenBLAS falls back
 to on CPUs it does not recognise) and VLLM_METAL_BLAS=none (the reference BLAS MLX's Linux wheel bundles).
-GFLOP/s = 2*n^3 / time; median over repeats after warm-up, with min-max.
+GFLOP/s = 2*n^3 / time; median over repeats after warm-up, with min-max. `--compare LIB` also times MLX's
+matmul through another BLAS (e.g. the system OpenBLAS against the scipy-openblas32 wheel's), alternating
+with the chosen one in this process, and prints the ratio.
 """
 
 import runtime  # noqa: F401  (first: loads the optimized BLAS before mlx.core)
@@ -52,6 +54,28 @@ def measure(n: int, repeats: int, warmup: int) -> dict:
     return {"mlx": mlx, "torch": tch, "blas": runtime.blas.report()}
 
 
+def library_ab(n: int, repeats: int, other: str) -> dict:
+    """MLX's matmul through the BLAS preload() chose and through `other`, alternating in this process:
+    rounds of a few calls each, so that load on the machine hits both alike. Returns the medians."""
+    rng = np.random.default_rng(1)
+    a, b = (mx.array(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
+    mx.eval(a, b)
+    libs = {"chosen": runtime.blas.report()["loaded"], "other": other}
+    times: dict[str, list[float]] = {k: [] for k in libs}
+    for _ in range(repeats):
+        for key, lib in libs.items():
+            runtime.blas.use_library(lib)
+            with mx.stream(mx.cpu):
+                mx.eval(mx.matmul(a, b))  # warm-up after the switch
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    mx.eval(mx.matmul(a, b))
+            times[key].append((time.perf_counter() - t0) / 3)
+    runtime.blas.use_library(libs["chosen"])
+    gflops = {k: 2 * n**3 / statistics.median(v) / 1e9 for k, v in times.items()}
+    return {"libraries": libs, "gflops": gflops, "ratio": gflops["chosen"] / gflops["other"], "rounds": repeats}
+
+
 def machine() -> str:
     m = cpu_machine()
     return f"{platform.system()} {platform.machine()}, {m['cores']} cores, {m['cpu']}"
@@ -62,6 +86,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compare", metavar="LIBRARY", help="also time MLX's matmul through this BLAS library against "
+                   "the chosen one, alternating in this process (e.g. the system OpenBLAS)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # print JSON, for the parent
     args = p.parse_args()
     load = os.getloadavg()[0]
@@ -96,6 +122,12 @@ def main() -> None:
         cells = [f"{m['median']:.1f} ({m['min']:.1f}-{m['max']:.1f}) x{m['repeats']}" for m in (r["mlx"], r["torch"])]
         print(f"| {label:<26} | {lib:<48} | {cells[0]:>22} | {cells[1]:>22} |")
     print(f"\nBLAS report (this process): {json.dumps(rows[0][1]['blas'])}")
+    if args.compare:
+        ab = library_ab(n, args.repeats, args.compare)
+        names = {k: os.path.basename(v) for k, v in ab["libraries"].items()}
+        print(f"\nsame process, alternating ({ab['rounds']} rounds of 3 calls): MLX sgemm through {names['chosen']} "
+              f"{ab['gflops']['chosen']:.1f} GFLOP/s, through {names['other']} {ab['gflops']['other']:.1f} GFLOP/s, "
+              f"ratio {ab['ratio']:.2f}")
 
 
 if __name__ == "__main__":

@@ -540,7 +540,9 @@ def graph_dot(program, title: str, expand: bool = False) -> str:
 def to_svg(dot_source: str) -> bytes:
     exe = shutil.which("dot")
     if exe is None:
-        raise CliError("--format svg needs graphviz's `dot` on PATH (apt-get install graphviz), or use --format dot")
+        raise CliError("--format svg needs graphviz's `dot` on PATH (optional; install graphviz: apt-get install "
+                       "graphviz, dnf install graphviz, brew install graphviz or conda install graphviz), "
+                       "or use --format dot")
     done = subprocess.run([exe, "-Tsvg"], input=dot_source.encode(), capture_output=True, timeout=300)
     if done.returncode != 0:
         raise CliError(f"dot failed: {done.stderr.decode(errors='replace').strip().splitlines()[-1:]}")

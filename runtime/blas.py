@@ -10,10 +10,13 @@ its PLT, so a global OpenBLAS wins those too (measured: torch's 1024^3 sgemm 3-4
   cblas_cgemm) from the bundled library to it: at once if mlx.core is loaded, else right after
   mlx.core is imported (a one-shot import hook). Import order does not matter any more.
 
-`import runtime` calls `preload()`, and setup.sh's `.pth` hook calls it in every interpreter of the venv.
-`report()` reads the GOT slots the dynamic linker (or we) filled, so it tells the truth either way.
-OpenBLAS is also told which kernels to use (`OPENBLAS_CORETYPE`, from the CPU flags) unless the user
-set it, because Debian's OpenBLAS 0.3.21 mis-detects newer CPUs and falls back to generic kernels.
+The BLAS is, in order: `$VLLM_METAL_BLAS`, the OpenBLAS of the `scipy-openblas32` wheel (a dependency on
+Linux; its symbols carry a `scipy_` prefix, which the lookup handles), a system OpenBLAS.
+`import runtime` calls `preload()`, and the package's `vllm_metal_blas.pth` hook calls it in every interpreter
+of the environment. `report()` reads the GOT slots the dynamic linker (or we) filled, so it tells the truth
+either way. A system OpenBLAS is also told which kernels to use (`OPENBLAS_CORETYPE`, from the CPU flags)
+unless the user set it, because Debian's OpenBLAS 0.3.21 mis-detects newer CPUs and falls back to generic
+kernels; the wheel's newer OpenBLAS detects them itself.
 The lowered step's matrix products up to a few hundred rows run in our own kernels (runtime/kernels/cpu_ext.py);
 the BLAS serves the larger ones (prefill) and anything else MLX multiplies. LAPACK calls (linalg ops) stay on MLX's bundled LAPACK. Importing this module loads neither mlx nor torch.
 """
@@ -25,7 +28,9 @@ import os
 import struct
 import sys
 
-# Debian/Ubuntu (libopenblas0-pthread), Fedora, generic; first existing wins.
+# The scipy-openblas32 wheel: 32-bit integers (the cblas ABI MLX calls), every symbol prefixed.
+_WHEEL_PACKAGE, _WHEEL_LIBRARY = "scipy_openblas32", os.path.join("lib", "libscipy_openblas.so")
+# System libraries: Debian/Ubuntu (libopenblas0-pthread), Fedora, generic; first existing wins.
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
@@ -36,6 +41,7 @@ ENV_VAR = "VLLM_METAL_BLAS"  # path of a BLAS to use, or "none" to keep MLX's bu
 
 _loaded: str | None = None  # path of the optimized BLAS chosen by preload()
 _handle: ctypes.CDLL | None = None  # ... once loaded (when mlx.core is)
+_prefix = ""  # its symbol prefix ("scipy_" for the wheel's OpenBLAS)
 _patched: list[str] = []  # MLX imports re-pointed to it
 
 
@@ -188,7 +194,7 @@ def _patch_mlx() -> None:
             if not (symbol.startswith("cblas_") or (symbol.endswith("_") and symbol[:-1].isalnum())):
                 continue  # BLAS names only: C (cblas_*) and Fortran (sgemm_) interfaces
             try:
-                target = ctypes.cast(_handle[symbol], ctypes.c_void_p).value
+                target = ctypes.cast(_handle[_prefix + symbol], ctypes.c_void_p).value
             except AttributeError:
                 continue  # our BLAS lacks it
             for addr in (bias + off for off in offsets):
@@ -203,15 +209,33 @@ def _load_and_patch() -> None:
 
     Never breaks `import mlx.core`: on failure MLX keeps its slow bundled BLAS, loudly (report() tells too).
     """
-    global _handle
+    global _handle, _prefix
     try:
         if _handle is None:
             _handle = _dlopen_local(_loaded)
+            _prefix = symbol_prefix(_handle)
         _patch_mlx()
     except Exception as exc:  # noqa: BLE001
         import warnings
 
         warnings.warn(f"vllm-metal: could not point MLX at {_loaded}: {exc!r}; MLX keeps its slow bundled BLAS")
+
+
+def use_library(path: str) -> None:
+    """Point MLX (already imported) at another BLAS library from now on, in place of the one preload() chose:
+    benchmarks compare two libraries in one process with it. Needs preload() to have patched MLX first."""
+    global _handle, _prefix, _loaded
+    if _handle is None:
+        raise RuntimeError("use_library() switches the BLAS preload() installed, and none is installed")
+    handle = _dlopen_local(path)
+    prefix = symbol_prefix(handle)
+    current = _base_of(ctypes.cast(_handle[_prefix + "cblas_sgemm"], ctypes.c_void_p).value)
+    for obj, bias in _mlx_objects():
+        for symbol, offsets in _got_slots(obj).items():
+            for addr in (bias + off for off in offsets):
+                if _base_of(_slot_value(addr)) == current and hasattr(handle, prefix + symbol):
+                    _write_pointer(addr, ctypes.cast(handle[prefix + symbol], ctypes.c_void_p).value)
+    _handle, _prefix, _loaded = handle, prefix, path
 
 
 def _slot_value(addr: int) -> int | None:
@@ -229,7 +253,7 @@ def _base_of(address: int | None) -> int | None:
 class _PatchAfterImport:
     """One-shot import hook (a meta path finder that is also the loader): lets mlx.core load normally,
     then patches MLX's GOT. Duck-typed rather than importlib.abc-derived: this module is imported at
-    every interpreter start (setup.sh's .pth hook), so it imports nothing heavy."""
+    every interpreter start (the package's .pth hook), so it imports nothing heavy."""
 
     def find_spec(self, name, path, target=None):
         if name != "mlx.core" or self not in sys.meta_path:
@@ -270,10 +294,19 @@ def _cpu_coretype() -> str | None:
     return None
 
 
+def symbol_prefix(lib: ctypes.CDLL) -> str:
+    """The prefix of a BLAS library's exported names: "" for a plain one, "scipy_" for scipy-openblas."""
+    for prefix in ("", "scipy_"):
+        if hasattr(lib, prefix + "cblas_sgemm"):
+            return prefix
+    raise OSError("it exports no cblas_sgemm (nor scipy_cblas_sgemm): not a BLAS library")
+
+
 def _dlopen_local(path: str) -> ctypes.CDLL:
-    """dlopen with RTLD_LOCAL (torch must not see it), telling OpenBLAS its kernels unless the user did."""
+    """dlopen with RTLD_LOCAL (torch must not see it), telling a system OpenBLAS its kernels unless the user did."""
     forced = None
-    if "OPENBLAS_CORETYPE" not in os.environ and "openblas" in os.path.basename(path).lower():
+    name = os.path.basename(path).lower()
+    if "OPENBLAS_CORETYPE" not in os.environ and "openblas" in name and "scipy_openblas" not in name:
         forced = _cpu_coretype()
     if forced:
         os.environ["OPENBLAS_CORETYPE"] = forced  # read once, by OpenBLAS's constructor, during dlopen
@@ -287,14 +320,30 @@ def _dlopen_local(path: str) -> ctypes.CDLL:
 def openblas_core() -> str | None:
     """The kernel family OpenBLAS runs ("SkylakeX", "Haswell", "Prescott" = generic), if it is OpenBLAS."""
     try:
-        fn = _handle.openblas_get_corename  # type: ignore[union-attr]
+        fn = getattr(_handle, _prefix + "openblas_get_corename")
     except AttributeError:
         return None
     fn.restype = ctypes.c_char_p
     return fn().decode()
 
 
+def wheel_openblas() -> str | None:
+    """The library of the installed scipy-openblas32 wheel, found without importing it (its `__init__`
+    loads the library globally, and this runs at every interpreter start)."""
+    from importlib.machinery import PathFinder
+
+    spec = PathFinder.find_spec(_WHEEL_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, _WHEEL_LIBRARY)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def _find_openblas() -> str | None:
+    path = wheel_openblas()
+    if path:
+        return path
     for path in _CANDIDATES:
         if os.path.exists(path):
             return path

@@ -10,6 +10,15 @@ import os
 
 import mlx.core as mx
 
+# float32 means float32: MLX runs f32 matmuls as TF32 on CUDA (and M5 GPUs) unless told otherwise,
+# which cost 1e-3 relative error on the GPU against 1e-6 with it off (docs/benchmarks.md, GPU section).
+# torch keeps TF32 off by default too. A user who wants the speed sets MLX_ENABLE_TF32=1. Set here, in
+# every process that runs the lowered step (runtime/config.py and the kernel tables import this module
+# before any step runs; MLX reads the variable at its first GPU matmul), and not at `import runtime`:
+# the BLAS hook imports `runtime` in every interpreter, and processes that never run our step keep MLX's
+# own default.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
 
 def gpu_available() -> bool:
     """Whether this MLX build has a usable GPU backend (Metal on macOS, CUDA with mlx-cuda)."""

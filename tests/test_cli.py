@@ -141,6 +141,13 @@ def test_svg_out(tiny, capsys, tmp_path):
     assert target.read_text().lstrip().startswith(("<?xml", "<svg")) and "mlx.rope_paged_attention" in target.read_text()
 
 
+def test_svg_without_graphviz_says_how_to_get_it(tiny, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `dot` here
+    code, out, err = run(capsys, tiny, "--format", "svg", "--out", tmp_path / "g.svg")
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "install graphviz" in err and "--format dot" in err, err
+
+
 def test_out_writes_file(tiny, capsys, tmp_path):
     target = tmp_path / "sub" / "summary.json"
     code, out, _ = run(capsys, tiny, "--format", "json", "--out", target)

@@ -23,7 +23,8 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 
 def _python(code: str, **env: str) -> str:
     """Run `code` in a fresh interpreter of this venv; return its stdout."""
-    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_METAL_BLAS"}
+    # Not inherited from this process: the BLAS choice, and what the runtime set here (runtime/device.py).
+    full_env = {k: v for k, v in os.environ.items() if k not in ("VLLM_METAL_BLAS", "MLX_ENABLE_TF32")}
     full_env.update(env)
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300
@@ -40,17 +41,33 @@ def test_mlx_sgemm_is_not_the_reference_blas():
     report = json.loads(_python("import runtime\nimport mlx.core\n" + _REPORT))
     assert not report["reference_blas"], report
     assert "cblas_sgemm" in report["patched"], report
-    # Debian's OpenBLAS mis-detects newer CPUs and would run its generic kernels (~10x slower).
+    wheel = runtime.blas.wheel_openblas()  # the scipy-openblas32 dependency comes first
+    if wheel:
+        assert report["loaded"] == wheel and report["sgemm_library"] == os.path.realpath(wheel), report
+    # An OpenBLAS on its generic kernels is ~10x slower: Debian's mis-detects newer CPUs (we tell it).
     expected = runtime.blas._cpu_coretype()
     if expected and report["openblas_core"] is not None:
-        assert report["openblas_core"] == expected, report
+        assert report["openblas_core"] == expected if not wheel else report["openblas_core"] != "Prescott", report
+
+
+@linux_only
+@pytest.mark.skipif(not os.path.exists(runtime.blas._CANDIDATES[0]), reason="no system OpenBLAS here")
+def test_a_system_openblas_is_used_when_named():
+    # The fallback path, and a library without the wheel's scipy_ symbol prefix.
+    path = runtime.blas._CANDIDATES[0]
+    report = json.loads(_python("import runtime\nimport mlx.core\n" + _REPORT, VLLM_METAL_BLAS=path))
+    assert report["loaded"] == path and not report["reference_blas"], report
+    assert "libopenblas" in report["sgemm_library"] and "cblas_sgemm" in report["patched"], report
 
 
 @linux_only
 def test_venv_hook_makes_it_automatic():
-    # mlx.core first, runtime never imported before it: only setup.sh's .pth hook can have set it up.
+    # mlx.core first, runtime never imported before it: only the package's .pth hook can have set it up.
     report = json.loads(_python("import mlx.core\n" + _REPORT))
-    assert not report["reference_blas"], f"the .pth hook from setup.sh is missing or broken: {report}"
+    assert not report["reference_blas"], f"the package's .pth hook is missing or broken: {report}"
+    # The hook leaves the environment alone (MLX_ENABLE_TF32 is the runtime's business, runtime/device.py).
+    env = json.loads(_python("import json, os\nprint(json.dumps(os.environ.get('MLX_ENABLE_TF32')))"))
+    assert env is None, env
 
 
 @linux_only
