@@ -56,14 +56,16 @@ def measure(n: int, repeats: int, warmup: int) -> dict:
 
 def library_ab(n: int, repeats: int, other: str) -> dict:
     """MLX's matmul through the BLAS preload() chose and through `other`, alternating in this process:
-    rounds of a few calls each, so that load on the machine hits both alike. Returns the medians."""
+    rounds of a few calls each, in alternating order, so that load on the machine hits both alike. Returns the
+    medians."""
     rng = np.random.default_rng(1)
     a, b = (mx.array(rng.standard_normal((n, n), dtype=np.float32)) for _ in range(2))
     mx.eval(a, b)
     libs = {"chosen": runtime.blas.report()["loaded"], "other": other}
     times: dict[str, list[float]] = {k: [] for k in libs}
-    for _ in range(repeats):
-        for key, lib in libs.items():
+    for i in range(repeats):
+        for key in (("chosen", "other") if i % 2 == 0 else ("other", "chosen")):  # neither always goes first
+            lib = libs[key]
             runtime.blas.use_library(lib)
             with mx.stream(mx.cpu):
                 mx.eval(mx.matmul(a, b))  # warm-up after the switch
