@@ -182,3 +182,17 @@ def test_generate_with_a_model_argument(tmp_path, smollm2_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert proc.stdout.endswith("\n") and "Traceback" not in proc.stderr, (proc.stdout[-2000:], proc.stderr[-3000:])
+
+
+def test_a_torchvision_that_cannot_load_is_one_line():
+    """PyPI's torchvision is built for CUDA torch; beside the CPU torch its operators are missing and
+    transformers (imported by vLLM) fails. The real error torch raises, turned into one line with the fix."""
+    import torch
+
+    from vllm_metal_plugin.startup import one_line_error
+
+    with pytest.raises(RuntimeError) as raised:
+        torch.library.register_fake("torchvision::no_such_operator")(lambda x: x)
+    message = one_line_error(raised.value)
+    assert message is not None and "\n" not in message, (raised.value, message)
+    assert "pip uninstall torchvision torchaudio torchcodec" in message and "download.pytorch.org/whl/cpu" in message

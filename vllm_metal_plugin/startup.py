@@ -110,6 +110,11 @@ def one_line_error(exc: BaseException, model: str | None = None) -> str | None:
     for e in causes:
         if isinstance(e, (ConfigError, StartupError)):
             return _first_line(e)
+    for e in causes:  # transformers (imported by vLLM) imports torchvision whenever it is installed
+        if isinstance(e, RuntimeError) and "operator torchvision::" in str(e) and "does not exist" in str(e):
+            return (f"torchvision cannot load with this torch ({_first_line(e)}: a build for CUDA torch beside the "
+                    "CPU torch); text models do not need it: pip uninstall torchvision torchaudio torchcodec, or "
+                    "install them with --extra-index-url https://download.pytorch.org/whl/cpu")
     if model is not None and not os.path.exists(model):
         for e in causes:
             if type(e).__module__.split(".")[0] == "huggingface_hub":
