@@ -3,7 +3,7 @@
 Two sequences (4,090 and 17 tokens) prefilled together, then 7 decode steps each (teacher-forced), so the
 long one reaches position 4,096: every step's last-token logits, 16 rows, 14 of them through the decode
 kernels on a CUDA GPU. Tolerance relative to the largest logit: 1e-4 in float32 (MLX_ENABLE_TF32=0, which
-`import runtime` sets), 2e-2 in bfloat16. The step is captured here, or read from an artefact folder
+the runtime sets, runtime/device.py), 2e-2 in bfloat16. The step is captured here, or read from an artefact folder
 (`gpu.py lower`) where the model is there. With a quantization (`--quantize q4:64`), the step reads the
 linear and embedding weights in MLX's affine format, quantized on MLX's device by mx.quantize from the
 model's own, and transformers holds the dequantized weights.
