@@ -10,8 +10,9 @@ its PLT, so a global OpenBLAS wins those too (measured: torch's 1024^3 sgemm 3-4
   cblas_cgemm) from the bundled library to it: at once if mlx.core is loaded, else right after
   mlx.core is imported (a one-shot import hook). Import order does not matter any more.
 
-The BLAS is, in order: `$VLLM_METAL_BLAS`, the OpenBLAS of the `scipy-openblas32` wheel (a dependency on
-Linux; its symbols carry a `scipy_` prefix, which the lookup handles), a system OpenBLAS.
+The BLAS is, in order: `$VLLM_METAL_BLAS`, a system OpenBLAS, the OpenBLAS of the `scipy-openblas32` wheel (a
+dependency on Linux, so that a pip-only install is fast; its symbols carry a `scipy_` prefix, which the lookup
+handles).
 `import runtime` calls `preload()`, and the package's `vllm_metal_blas.pth` hook calls it in every interpreter
 of the environment. `report()` reads the GOT slots the dynamic linker (or we) filled, so it tells the truth
 either way. A system OpenBLAS is also told which kernels to use (`OPENBLAS_CORETYPE`, from the CPU flags)
@@ -341,15 +342,14 @@ def wheel_openblas() -> str | None:
 
 
 def _find_openblas() -> str | None:
-    path = wheel_openblas()
-    if path:
-        return path
+    # A system OpenBLAS first: on a 2-core x86 machine the wheel's build ran sgemm at 0.25-0.65x of Debian's
+    # 0.3.21 with two threads (on par with one; docs/benchmarks.md). The wheel makes a pip-only install fast.
     for path in _CANDIDATES:
         if os.path.exists(path):
             return path
     import ctypes.util  # imports subprocess, shutil, ...: only on this fallback path
 
-    return ctypes.util.find_library("openblas")
+    return ctypes.util.find_library("openblas") or wheel_openblas()
 
 
 def preload() -> str | None:

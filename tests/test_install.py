@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime import blas
 from vllm_helpers import REPO, clean_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux install path")]
@@ -60,7 +61,8 @@ def check_installed(venv: Path, cwd: Path) -> None:
     assert (site_packages(venv) / HOOK).is_file(), sorted(p.name for p in site_packages(venv).iterdir())
     probe = run([venv / "bin" / "python", "-c", "import mlx.core\n" + PROBE], cwd, 300, MLX_ENABLE_TF32=None)
     probe = json.loads(probe.stdout.splitlines()[-1])
-    assert not probe["reference"] and "libscipy_openblas" in probe["lib"], probe
+    system = any(os.path.exists(path) for path in blas._CANDIDATES)  # preferred where present, else the wheel's
+    assert not probe["reference"] and ("libopenblas" if system else "libscipy_openblas") in probe["lib"], probe
     assert probe["tf32"] is None, probe
 
 
