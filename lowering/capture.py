@@ -363,6 +363,7 @@ def capture_vllm(model: torch.nn.Module, vllm_config, name: str | None = None) -
     from vllm.forward_context import set_forward_context
 
     start = time.perf_counter()
+    model.eval()  # vLLM's loader sets eval mode only after the weights load; a check before must not see dropout
     layers = vllm_attention_layers(vllm_config)
     problems = vllm_problems(model, vllm_config)
     if problems:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 from safetensors.torch import save_file
 
 import vllm_helpers as vh
@@ -179,28 +178,6 @@ def tiny_llama(path: Path, nan_in: str | None = None) -> Path:
         state[nan_in] = state[nan_in].clone()
         state[nan_in][0] = float("nan")
         save_file(state, str(path / "model.safetensors"))
-    return path
-
-
-def tiny_gpt2_xielu(path: Path) -> Path:
-    """A tiny GPT-2 whose MLP activation is xIELU: vLLM builds it, our lowering has no MLX for two of
-    its ops (aten.expm1, aten.min.other), in each of its 2 layers. (Plain tiny GPT-2, OPT and Gemma-2
-    all lower, so the unsupported part is the activation.)"""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = GPT2Config(vocab_size=256, bos_token_id=0, eos_token_id=0, n_positions=512, n_embd=64, n_layer=2,
-                     n_head=2, activation_function="gelu_new")
-    cfg.architectures = ["GPT2LMHeadModel"]
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(cfg)
-    cfg.activation_function = "xielu"
-    cfg.save_pretrained(path)
-    state = {k: v.contiguous().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
-    for i in range(cfg.n_layer):  # xIELU's two learned scalars per layer
-        state[f"transformer.h.{i}.mlp.act.alpha_p"] = torch.zeros(1)
-        state[f"transformer.h.{i}.mlp.act.alpha_n"] = torch.zeros(1)
-    save_file(state, str(path / "model.safetensors"))
     return path
 
 
