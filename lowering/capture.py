@@ -305,8 +305,8 @@ def _attach_sinks(model: torch.nn.Module, vllm_config, layers: list[AttentionLay
 
 def vllm_problems(model: torch.nn.Module, vllm_config) -> list[str]:
     """Everything the model's layers need that the MLX lowering does not support yet, all of it (capture would
-    stop at the first): attention sinks held outside the model's parameters, KV caches shared across layers, and each kind of MoE layer problem
-    (`moe_problems`)."""
+    stop at the first): attention sinks held outside the model's parameters, KV caches shared across layers,
+    non-causal attention, and each kind of MoE layer problem (`moe_problems`)."""
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
     found = []
@@ -321,6 +321,13 @@ def vllm_problems(model: torch.nn.Module, vllm_config) -> list[str]:
     if shared:
         found.append(f"layers reading another layer's KV cache ({len(shared)} layers) are not supported by the MLX "
                      "lowering yet")
+    # vLLM's encoder-only backend wrapper (EncoderOnlyAttention, PrefillPrefixLMAttention) builds non-causal
+    # metadata: a prompt that attends to itself bidirectionally
+    bidirectional = [name for name, layer in vllm_config.compilation_config.static_forward_context.items()
+                     if getattr(getattr(layer, "attn_backend", None), "__name__", "").startswith("EncoderOnlyAttention_")]
+    if bidirectional:
+        found.append(f"non-causal (prefix-LM) attention over the prompt ({len(bidirectional)} layers) is not "
+                     "supported by the MLX lowering yet")
     moe = {problem for m in model.modules() if isinstance(m, MoERunner) for problem in moe_problems(m)}
     if moe:
         found.append(f"MoE layers: {', '.join(sorted(moe))} not supported by the MLX lowering yet")

@@ -66,6 +66,22 @@ def test_a_regression_fails_the_command():
     assert sweep.regressions(rows, baseline) == ["A", "B"]
 
 
+def test_engines_that_differ_are_judged_by_vllms_eager_model():
+    """Where the plugin's greedy tokens differ from vLLM's CPU platform's, the row passes only when vLLM's own model
+    run eagerly generates the plugin's tokens and not the CPU platform's."""
+    differ = {"identical": False, "first_difference": [0, 0], "error": None}
+    lowered = {"outcome": "lowered"}
+    assert sweep.passes({**lowered, "engine": {**differ, "plugin_is_eager": True, "cpu_is_eager": False}})
+    assert not sweep.passes({**lowered, "engine": {**differ, "plugin_is_eager": False, "cpu_is_eager": True}})
+    assert not sweep.passes({**lowered, "engine": {**differ, "plugin_is_eager": False, "cpu_is_eager": False}})
+    assert not sweep.passes({**lowered, "engine": differ})
+    assert not sweep.passes({"outcome": "numerics off", "engine": {**differ, "plugin_is_eager": True}})
+    judged = [a for a, r in sweep.load_baseline().items() if r.get("engine", {}).get("plugin_is_eager")]
+    assert judged, "no committed row was judged"
+    for arch in judged:  # the page says why vLLM's CPU platform differs for each judged family
+        assert sweep.load_baseline()[arch]["engine"]["cpu_is_eager"] is False, arch
+
+
 def test_models_page_is_the_committed_sweep():
     """docs/models.md's registry section is the committed baseline rendered, with a row for every architecture of
     vLLM's text-generation registry."""

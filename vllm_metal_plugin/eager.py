@@ -77,6 +77,18 @@ def eager_logits(model, vllm_config, tokens: list[int], prompt_len: int, block_s
     return torch.stack(rows).numpy()
 
 
+def eager_greedy(model, vllm_config, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy tokens of vLLM's torch model run eagerly, each prompt alone: every step a prefill of the whole
+    sequence so far (`eager_logits`), its argmax appended. The judge where two engines differ."""
+    out = []
+    for prompt in prompts:
+        tokens = list(prompt)
+        for _ in range(steps):
+            tokens.append(int(eager_logits(model, vllm_config, tokens, len(tokens))[-1].argmax()))
+        out.append(tokens[len(prompt):])
+    return out
+
+
 def _cpu_experts(runner, hidden, topk_weights, topk_ids):
     """The routed experts of an MoE layer by vLLM's CPU kernel, on its prepacked copy of the layer's weights
     (made once per layer, as CPUUnquantizedExperts.process_weights_after_loading does)."""
