@@ -106,7 +106,8 @@ def render(res: dict, results_path) -> str:
          "134.5M parameters, 30 layers, tied embeddings), on MLX's CPU backend with this project's CPU kernels "
          "(docs/cpu-kernels.md).", "",
          f"- **Machine:** {m['cores']} cores, `{m['cpu']}`, {m['mem_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']}",
-         f"- **Date:** {res['date']}; **command:** `{res['command']}` ({res.get('total_s', float('nan')) / 60:.0f} min)",
+         f"- **Date:** {res['date']}; **command:** `{res['command']}` ({res.get('total_s', float('nan')) / 60:.0f} min"
+         + "".join(f"; its missing parts measured {r['date']} by `{r['command']}`" for r in res.get("resumed", [])) + ")",
          f"- **BLAS used by MLX:** `{(c32.get('blas') or {}).get('sgemm_library')}`, MLX {c32.get('mlx')}",
          "- **Statistic:** median (min-max) over repeats after a warm-up; ours / mlx-lm ratios are per repeat inside one "
          "process (the two interleaved), then summarised.",

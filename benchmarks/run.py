@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run.py --save-json benchmarks/results/cpu-x86-2core.json   # about 15 min
     .venv/bin/python benchmarks/run.py --quick --no-write     # fewer repeats and tokens (about 8 min), print only
     .venv/bin/python benchmarks/run.py --from-json benchmarks/results/cpu-x86-2core.json   # re-render a run
+    .venv/bin/python benchmarks/run.py --save-json benchmarks/results/cpu-x86-2core.json --resume  # finish a run cut short
 
 Each part runs in fresh child processes, and before each one the run waits (up to 2 minutes) until under half
 a core is busy over 3 s; what it saw is recorded. Parts: memory bandwidth (cpu_bandwidth.py), the lowered model
@@ -86,10 +87,17 @@ def run_child(module: str, args: list[str], env: dict | None = None, timeout: fl
 
 def collect(args) -> dict:
     p = plan(args.quick)
-    res = {"machine": cpu_machine(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-           "command": " ".join([".venv/bin/python", "benchmarks/run.py", *sys.argv[1:]]), "plan": p, "loads": []}
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    command = " ".join([".venv/bin/python", "benchmarks/run.py", *sys.argv[1:]])
+    res = {"machine": cpu_machine(), "date": now, "command": command, "plan": p, "loads": []}
+    if args.resume and Path(args.save_json).exists():  # a run cut short: measure only the parts it lacks
+        res = json.loads(Path(args.save_json).read_text())
+        if res["plan"] != p or res["machine"] != cpu_machine():
+            raise SystemExit(f"--resume: {args.save_json} was measured with another plan or on another machine")
+        res.pop("stopped", None)
+        res.setdefault("resumed", []).append({"date": now, "command": command})
     env = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() - res.get("total_s", 0.0)
 
     def save() -> None:  # after every part: a run cut short keeps what it measured
         Path(args.save_json).write_text(json.dumps(res, indent=1, default=str) + "\n")
@@ -99,23 +107,26 @@ def collect(args) -> dict:
         log("bench", label)
         return run_child(module, argv, dict(env, **(extra_env or {})), timeout)
 
-    res["bandwidth"] = part("bandwidth", "cpu_bandwidth", ["--threads", "2", "--repeats", str(p["bw_repeats"])])
+    if "bandwidth" not in res:
+        res["bandwidth"] = part("bandwidth", "cpu_bandwidth", ["--threads", "2", "--repeats", str(p["bw_repeats"])])
     c = p["compiler"]
-    for dt in COMPILER_DTYPES:
+    for dt in [dt for dt in COMPILER_DTYPES if f"compiler_{dt}" not in res]:
         res[f"compiler_{dt}"] = part(f"compiler {dt}", "cpu_compiler", ["--dtype", dt, "--prompt", str(c["prompt"]),
                                                                         "--gen", str(c["gen"]), "--repeats", str(c["repeats"])])
         save()
     c = p["llamacpp"]
-    res["llamacpp"] = part("llama.cpp", "llamacpp", ["--no-wait", "--prompt", str(c["prompt"]), "--gen", str(c["gen"]),
-                                                    "--repeats", str(c["repeats"]), "--threads", "2"])
-    res["overheads"] = part("overheads", "cpu_overheads", ["--dtype", "f32"])
-    res["e2e"] = {}
+    if "llamacpp" not in res:
+        res["llamacpp"] = part("llama.cpp", "llamacpp", ["--no-wait", "--prompt", str(c["prompt"]), "--gen",
+                                                        str(c["gen"]), "--repeats", str(c["repeats"]), "--threads", "2"])
+    if "overheads" not in res:
+        res["overheads"] = part("overheads", "cpu_overheads", ["--dtype", "f32"])
+    res.setdefault("e2e", {})
     save()
     if not args.skip_e2e:
         e = p["e2e"]
         for dt in e["dtypes"].split(","):
-            res["e2e"][dt] = {}
-            for mode, (_, mode_env) in E2E_MODES.items():
+            done = res["e2e"].setdefault(dt, {})
+            for mode, (_, mode_env) in [(m, v) for m, v in E2E_MODES.items() if m not in done]:
                 res["e2e"][dt][mode] = part(f"vLLM {mode} {dt}", "vllm_e2e", [
                     "--mode", mode, "--dtype", DTYPE_NAMES[dt], "--concurrency", e["levels"], "--gen", str(e["gen"]),
                     "--repeats", str(e["repeats"])], mode_env, timeout=1200)
@@ -131,6 +142,8 @@ def main() -> int:
     ap.add_argument("--skip-e2e", action="store_true", help="skip the vLLM engines")
     ap.add_argument("--no-write", action="store_true", help="print the section, do not write docs/benchmarks.md")
     ap.add_argument("--from-json", help="render a run's results file instead of measuring")
+    ap.add_argument("--resume", action="store_true",
+                    help="measure only the parts missing from the --save-json results (a run cut short) and add them")
     ap.add_argument("--save-json", default=os.path.join(tempfile.gettempdir(), "vllm-metal-cpu-bench.json"),
                     help="where the results go (default: %(default)s; the committed ones: "
                          "benchmarks/results/cpu-x86-2core.json)")
