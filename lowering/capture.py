@@ -205,9 +205,9 @@ def moe_problems(runner) -> list[str]:
     experts = runner.routed_experts
     return [what for what, bad in [
         ("quantized experts", type(experts.quant_method).__name__ != "UnquantizedFusedMoEMethod"),
-        ("expert biases", getattr(experts, "w13_bias", None) is not None),
         ("non-gated activation", not runner.activation.is_gated),
-        (f"activation {runner.activation.value}", runner.activation.value not in ("silu", "gelu", "gelu_tanh")),
+        (f"activation {runner.activation.value}",
+         runner.activation.value not in ("silu", "gelu", "gelu_tanh", "swigluoai")),
         ("router weights applied to the input of top-k > 1 experts",
          bool(getattr(experts, "apply_router_weight_on_input", False)) and runner.router.top_k != 1),
         ("zero experts", type(runner.router).__name__ == "ZeroExpertRouter"),
@@ -257,12 +257,13 @@ def _mlx_experts(runner, hidden, topk_weights, topk_ids):
         hidden = hidden * topk_weights.to(hidden.dtype)
         topk_weights = torch.ones_like(topk_weights)
     return torch.ops.mlx.moe_experts.default(hidden, topk_weights, topk_ids, experts.w13_weight, experts.w2_weight,
-                                             runner.activation.value)
+                                             runner.activation.value, getattr(experts, "w13_bias", None),
+                                             getattr(experts, "w2_bias", None))
 
 
 def _moe_experts_as_mlx(model: torch.nn.Module):
     """During capture each MoE layer's experts become one `mlx.moe_experts(x, topk_weights, topk_ids, w13, w2,
-    activation)` on the layer's Parameters (named graph inputs); see `moe_entries`."""
+    activation, w13_bias, w2_bias)` on the layer's Parameters (named graph inputs); see `moe_entries`."""
     return moe_entries(model, _mlx_experts)
 
 

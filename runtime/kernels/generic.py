@@ -19,6 +19,7 @@ from runtime.config import RuntimeConfig
 from runtime.kernels import paged
 
 _SQRT_HALF = 0.7071067811865476
+SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT = 1.702, 7.0  # vLLM's SwigluOAIAndMul (GPT-OSS's MoE activation)
 _SQRT_2_OVER_PI = 0.7978845608028654
 
 
@@ -105,18 +106,29 @@ class Generic:
     def gelu_mul(self, gate, up, *, approximate: str):
         return self.gelu(gate, approximate) * up
 
-    def moe_experts(self, x, topk_weights, topk_ids, w13, w2, *, activation: str):
+    def moe_experts(self, x, topk_weights, topk_ids, w13, w2, w13_bias=None, w2_bias=None, *, activation: str):
         """All (token, expert) pairs at once, grouped by expert (one sort), through two `gather_mm`s over the
-        stacked expert weights, back to token order, weighted and summed in f32: mlx-lm's SwitchGLU."""
+        stacked expert weights, back to token order, weighted and summed in f32: mlx-lm's SwitchGLU. The
+        activations as in passes/fused/moe_experts.py (swigluoai: GPT-OSS's interleaved, clamped SwiGLU)."""
         k, inter = topk_ids.shape[1], w2.shape[2]
         ids = topk_ids.flatten()
         order = mx.argsort(ids)  # pairs grouped by expert: sorted gathers
         pairs = ids[order]
         h = self.gather_mm(mx.take(x, order // k, axis=0)[:, None, :], mx.swapaxes(w13, -1, -2), pairs,
                            sorted_indices=True)
-        gate = h[..., :inter]
-        act = self.silu(gate) if activation == "silu" else self.gelu(gate, "tanh" if activation == "gelu_tanh" else "none")
-        y = self.gather_mm(act * h[..., inter:], mx.swapaxes(w2, -1, -2), pairs, sorted_indices=True)[:, 0, :]
+        if w13_bias is not None:
+            h = h + mx.take(w13_bias, pairs, axis=0)[:, None, :].astype(h.dtype)
+        if activation == "swigluoai":
+            gate = mx.minimum(h[..., ::2], SWIGLUOAI_LIMIT)
+            up = mx.clip(h[..., 1::2], -SWIGLUOAI_LIMIT, SWIGLUOAI_LIMIT)
+            act = gate * self.sigmoid(SWIGLUOAI_ALPHA * gate) * (up + 1)
+        else:
+            gate = h[..., :inter]
+            act = self.silu(gate) if activation == "silu" else self.gelu(gate, "tanh" if activation == "gelu_tanh" else "none")
+            act = act * h[..., inter:]
+        y = self.gather_mm(act, mx.swapaxes(w2, -1, -2), pairs, sorted_indices=True)[:, 0, :]
+        if w2_bias is not None:
+            y = y + mx.take(w2_bias, pairs, axis=0).astype(y.dtype)
         unsorted = mx.take(y, mx.argsort(order), axis=0).reshape(-1, k, y.shape[-1])
         return mx.sum(unsorted * topk_weights[..., None].astype(mx.float32), axis=1).astype(x.dtype)
 
