@@ -19,8 +19,8 @@ from runtime.config import RuntimeConfig
 from runtime.kernels import paged
 
 _SQRT_HALF = 0.7071067811865476
-SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT = 1.702, 7.0  # vLLM's SwigluOAIAndMul (GPT-OSS's MoE activation)
 _SQRT_2_OVER_PI = 0.7978845608028654
+SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT = 1.702, 7.0  # vLLM's SwigluOAIAndMul (GPT-OSS's MoE activation)
 
 
 class Generic:
