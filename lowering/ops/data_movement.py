@@ -71,6 +71,12 @@ def expand(e, node, x, sizes):
     return f"mx.broadcast_to({e.r(x)}, {e.shape(node)})"
 
 
+@register(aten.copy.default)
+def copy(e, node, dst, src, non_blocking=False):
+    """The functional `dst.copy_(src)`: src's values in dst's shape and dtype."""
+    return f"mx.broadcast_to({e.r(src)}, {e.shape(node)}).astype({e.dtype(node.meta['val'].dtype)})"
+
+
 def _index(ndim_before: int, item: str) -> str:
     return "[" + ", ".join([":"] * ndim_before + [item]) + "]"
 
