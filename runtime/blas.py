@@ -190,19 +190,27 @@ def _patch_mlx() -> None:
     # The library MLX's cblas_sgemm is bound to, if it is a reference BLAS (a future MLX may ship a fast one).
     bundled = {_base_of(_slot_value(a)) for a, lib in _bindings(mlx, "cblas_sgemm") if lib and is_reference_blas(lib)}
     bundled.discard(None)
+    # Only slots into the bundled BLAS: not LAPACK (also in OpenBLAS), libc, or slots already ours.
+    _patched.extend(_repoint(mlx, _handle, _prefix, bundled))
+
+
+def _repoint(mlx: list[tuple[str, int]], handle: ctypes.CDLL, prefix: str, from_bases: set) -> list[str]:
+    """Write `handle`'s address of each BLAS name into every GOT slot of the `mlx` objects that points into a
+    library based at one of `from_bases`. Returns the names re-pointed (one per slot)."""
+    done = []
     for path, bias in mlx:
         for symbol, offsets in _got_slots(path).items():
             if not (symbol.startswith("cblas_") or (symbol.endswith("_") and symbol[:-1].isalnum())):
                 continue  # BLAS names only: C (cblas_*) and Fortran (sgemm_) interfaces
             try:
-                target = ctypes.cast(_handle[_prefix + symbol], ctypes.c_void_p).value
+                target = ctypes.cast(handle[prefix + symbol], ctypes.c_void_p).value
             except AttributeError:
-                continue  # our BLAS lacks it
+                continue  # that BLAS lacks it
             for addr in (bias + off for off in offsets):
-                # Only slots into the bundled BLAS: not LAPACK (also in OpenBLAS), libc, or slots already ours.
-                if _base_of(_slot_value(addr)) in bundled:
+                if _base_of(_slot_value(addr)) in from_bases:
                     _write_pointer(addr, target)
-                    _patched.append(symbol)
+                    done.append(symbol)
+    return done
 
 
 def _load_and_patch() -> None:
@@ -231,11 +239,7 @@ def use_library(path: str) -> None:
     handle = _dlopen_local(path)
     prefix = symbol_prefix(handle)
     current = _base_of(ctypes.cast(_handle[_prefix + "cblas_sgemm"], ctypes.c_void_p).value)
-    for obj, bias in _mlx_objects():
-        for symbol, offsets in _got_slots(obj).items():
-            for addr in (bias + off for off in offsets):
-                if _base_of(_slot_value(addr)) == current and hasattr(handle, prefix + symbol):
-                    _write_pointer(addr, ctypes.cast(handle[prefix + symbol], ctypes.c_void_p).value)
+    _repoint(_mlx_objects(), handle, prefix, {current})
     _handle, _prefix, _loaded = handle, prefix, path
 
 
