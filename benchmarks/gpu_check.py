@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import ResultsFile, log
-from gpu_lower import folder_name, lower_program
+from gpu_lower import folder_name, lower_program, quantized_sources
 from gpu_systems import Artefact, Ours, mlx_setup, quantized_parts, with_derived
 from gpu_workloads import BLOCK, load_config, torch_model
 from runtime.config import QuantizeSpec, parse_quantize_spec
@@ -39,7 +39,7 @@ def _from_artefact(artefact: Artefact, model) -> tuple[dict, str]:
     weights = {p: state[p] for p in artefact.meta["params"]}
     constants = load_file(str(artefact.folder / "constants.safetensors"))
     weights.update({p: constants[p] for p in artefact.meta["constants"]})
-    return with_derived(weights, artefact.meta, torch.cat), f"artefact {artefact.folder} (torch {artefact.meta.get('torch')})"
+    return with_derived(weights, artefact.meta, torch.cat, quantized=False), f"artefact {artefact.folder} (torch {artefact.meta.get('torch')})"
 
 
 def _quantize_into(model, weights: dict, quantized: dict) -> dict:
@@ -70,14 +70,15 @@ def check(name: str, dtype_name: str, device: str, artefacts: Path | None = None
         source, layers, quantized = artefact.source, artefact.layers, artefact.quantized
     else:
         source, program, _ = lower_program(model, name, quantize)
-        quantized = {p: [q.bits, q.group_size] for p, q in program.quantized.items()
-                     if p in program.weight_paths.values()}
+        quantized = quantized_sources(program)
         weights = {program.weight_paths[k]: v for k, v in program.weights.items()}  # placeholders where quantized
         layers = [asdict(x) for x in program.attention]
         how = f"captured here (torch {torch.__version__})"
     lower_s = time.perf_counter() - t
     mx_dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}[dtype_name]
     qweights = _quantize_into(model, weights, quantized)
+    meta = artefact.meta if how.startswith("artefact") else {"derived": program.derived, "quantized": quantized}
+    qweights = with_derived(qweights, meta, mx.concatenate, quantized=True)  # merged ones, from the parts
     mweights = {p: mx.array(v.detach().to(torch.int32) if v.dtype == torch.int64 else v.detach().contiguous())
                 for p, v in weights.items() if p not in qweights}
     mweights.update(qweights)

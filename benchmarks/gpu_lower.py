@@ -59,15 +59,24 @@ def _aliases(model) -> dict[str, str]:
     return out
 
 
+def quantized_sources(program) -> dict[str, list[int]]:
+    """The model's weights the step reads quantized, path -> [bits, group_size]: a merged projection's
+    (passes/merge_projections.py) by its sources, each quantized on its own before the merge."""
+    read = set(program.weight_paths.values())
+    return {s: [q.bits, q.group_size] for p, q in program.quantized.items() if p in read
+            for s in program.derived.get(p, {"cat": [p]})["cat"]}
+
+
 def save_artefact(folder: Path, model, source: str, program, info: dict) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     alias = _aliases(model)
-    quantized = {p: [q.bits, q.group_size] for p, q in program.quantized.items() if p in program.weight_paths.values()}
-    scales = {f"{p.removesuffix('.weight')}.{part}" for p in quantized for part in ("scales", "biases")}
-    used = set(program.weight_paths.values()) - scales  # a quantized weight's scales and biases come with it
-    derived = {p: r for p, r in getattr(program, "derived", {}).items() if p in used}
-    # a merged projection (passes/merge_projections.py) is stored as its recipe; its sources go in params
-    paths = sorted((used - set(derived)) | {s for r in derived.values() for s in r["cat"]})
+    quantized = quantized_sources(program)
+    parts = {f"{p.removesuffix('.weight')}.{part}" for p in quantized for part in ("scales", "biases")}
+    read = set(program.weight_paths.values())
+    derived = {p: r for p, r in program.derived.items() if p in read}
+    # a merged projection (passes/merge_projections.py) is stored as its recipe; its sources go in params, a
+    # quantized weight's scales and biases come with its codes
+    paths = sorted((read - set(derived) | {s for r in derived.values() for s in r["cat"]}) - parts)
     meta = {"params": {}, "aliases": {}, "constants": [], "layers": [asdict(x) for x in program.attention],
             "derived": derived, "quantized": quantized, "torch": torch.__version__, **info}
     tensors = {program.weight_paths[k]: v for k, v in program.weights.items()}

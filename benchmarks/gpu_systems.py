@@ -122,11 +122,14 @@ def quantized_parts(path: str, *arrays):
     return dict(zip(paths, arrays)) if arrays else paths
 
 
-def with_derived(weights: dict, meta: dict, cat) -> dict:
+def with_derived(weights: dict, meta: dict, cat, quantized: bool | None = None) -> dict:
     """The merged projections (meta["derived"]: path -> {"cat": sources, "dim"}) made from their sources, which
-    stay too: mlx-lm reads q/k/v and gate/up apart, ours the merged ones."""
+    stay too: mlx-lm reads q/k/v and gate/up apart, ours the merged ones. `quantized`: only the merges of
+    quantized weights' parts (codes, scales, biases: made once those exist), or only the others; None: all."""
+    parts = {part for p in meta.get("quantized", {}) for part in quantized_parts(p)}
     for path, recipe in meta.get("derived", {}).items():
-        weights[path] = cat([weights[s] for s in recipe["cat"]], recipe["dim"])
+        if quantized is None or quantized == all(s in parts for s in recipe["cat"]):
+            weights[path] = cat([weights[s] for s in recipe["cat"]], recipe["dim"])
     return weights
 
 

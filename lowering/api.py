@@ -104,12 +104,19 @@ def lower_cached(identity: dict, capture, state: dict[str, torch.Tensor], source
     if hit is not None:
         source, meta, constants = hit
         weights = {p: given[p] if p in given else mx.array(_mlx_ready(state[p])) for p in meta["state_paths"]}
-        for p, recipe in meta.get("derived", {}).items():  # merged projections: rebuilt, not stored
-            weights[p] = mx.array(_mlx_ready(torch.cat([state[s] for s in recipe["cat"]], recipe["dim"])))
+        packed = {}
         for p, (bits, group) in meta.get("quantized", {}).items():  # from the checkpoint, or quantized again
             q = sources[p] if p in sources else quantize_weight(mx.array(_mlx_ready(state[p])),
                                                                  QuantizeSpec(bits, group))
-            weights.update(parts(p, q))
+            packed.update(parts(p, q))
+        merged_from = set()
+        for p, recipe in meta.get("derived", {}).items():  # merged projections: rebuilt, not stored
+            if all(s in packed for s in recipe["cat"]):  # a quantized one: codes, scales, biases each
+                weights[p] = mx.concatenate([packed[s] for s in recipe["cat"]], axis=recipe["dim"])
+                merged_from.update(recipe["cat"])
+            else:
+                weights[p] = mx.array(_mlx_ready(torch.cat([state[s] for s in recipe["cat"]], recipe["dim"])))
+        weights.update({p: a for p, a in packed.items() if p not in merged_from})
         weights.update({p: constants[p] for p in meta["constant_paths"]})
         layers = [AttentionLayer(**layer) for layer in meta["layers"]]
         return source, weights, layers, {"cache": "hit", "key": key, "load_s": time.perf_counter() - start}
@@ -120,9 +127,12 @@ def lower_cached(identity: dict, capture, state: dict[str, torch.Tensor], source
     given = {**given, **attach(program, quantized)}
     lowered = lower(program)
     weights = mlx_weights(program, given=given)
-    quantized = {p: [q.bits, q.group_size] for p, q in quantized.items() if p in weights}
+    packed = {part: p for p in quantized for part in part_paths(p)}
+    derived = {p: r for p, r in program.derived.items()
+               if p in weights and all(s in packed or s in state for s in r["cat"])}
+    merged_from = {packed[s] for r in derived.values() for s in r["cat"] if s in packed}
+    quantized = {p: [q.bits, q.group_size] for p, q in quantized.items() if p in weights or p in merged_from}
     from_quantized = {part for p in quantized for part in part_paths(p)}
-    derived = {p: r for p, r in program.derived.items() if p in weights and all(s in state for s in r["cat"])}
     constant_paths = [p for p in weights if p not in state and p not in derived and p not in from_quantized
                       and p not in given]
     meta = {

@@ -12,6 +12,10 @@ layer goes from 7 to 4 (q, k, v, gate, up -> qkv, gate_up).
 It runs after the fusions (attention, rms_norm, rope, silu_mul matched on the separate linears; the
 slices feed the fused nodes), so they match the same way on both front ends. vLLM's models already
 have merged projections: nothing merges there.
+
+Quantized linears (`mlx.quantized_linear`, after the quantize pass) merge the same way when they share the
+format (bits, group size, dtypes, K): MLX's affine format holds each output row's codes, scales and biases
+on their own, so concatenating the three along the rows is exact.
 """
 
 from __future__ import annotations
@@ -22,16 +26,24 @@ import torch
 import torch.fx as fx
 
 from passes.cleanup import drop_unused_weights
+from passes.fused.quantized import Quantized
 from passes.pattern import record
 from passes.program import Program
 
 aten = torch.ops.aten
+QUANTIZED_LINEAR = torch.ops.mlx.quantized_linear.default
 NAME = "merge_projections"
 
 
 def replace(x, weight, bias, bounds, dim):
     """The replacement, in torch ops: one linear, then the slice each original linear's users read."""
     y = aten.linear.default(x, weight) if bias is None else aten.linear.default(x, weight, bias)
+    return tuple(aten.slice.Tensor(y, dim, lo, hi) for lo, hi in bounds)
+
+
+def replace_quantized(x, wq, scales, biases, bias, bounds, dim, bits, group_size):
+    """The same for a quantized linear: one over the concatenated codes, scales and biases."""
+    y = QUANTIZED_LINEAR(x, wq, scales, biases, bias, bits, group_size)
     return tuple(aten.slice.Tensor(y, dim, lo, hi) for lo, hi in bounds)
 
 
@@ -43,8 +55,15 @@ def _own_weight(program: Program, node, dims: int) -> bool:
 
 def _key(program: Program, node: fx.Node):
     """What a linear must share with its siblings to merge (None: it never merges)."""
-    if node.op != "call_function" or node.target != aten.linear.default or node.kwargs:
+    if node.op != "call_function" or node.kwargs or node.target not in (aten.linear.default, QUANTIZED_LINEAR):
         return None
+    if node.target == QUANTIZED_LINEAR:
+        x, wq, scales, biases, b, bits, group_size = node.args
+        if not all(_own_weight(program, t, 2) for t in (wq, scales, biases)) or (
+                b is not None and not _own_weight(program, b, 1)):
+            return None
+        fmt = tuple((program.weights[t.name].dtype, program.weights[t.name].shape[1]) for t in (wq, scales, biases))
+        return x, "affine", bits, group_size, fmt, None if b is None else program.weights[b.name].dtype
     x, w, b = (*node.args, None)[:3]
     if not _own_weight(program, w, 2) or (b is not None and not _own_weight(program, b, 1)):
         return None
@@ -93,14 +112,23 @@ def _module_stack(linears: list[fx.Node]) -> dict:
     return stack
 
 
+def _merged_quantized(program: Program, group: list[fx.Node]) -> list[fx.Node]:
+    """The merged codes, scales and biases; the merged weight joins `program.quantized` like any other."""
+    merged = [_merged_weight(program, [n.args[i] for n in group]) for i in (1, 2, 3)]
+    bits, group_size = group[0].args[5:7]
+    path = program.weight_paths[merged[0].name]
+    program.quantized[path] = Quantized(*(program.weights[n.name] for n in merged), bits, group_size)
+    return merged
+
+
 def merge(program: Program) -> int:
     graph = program.graph
     merged = 0
     for group in groups(program):
+        quantized = group[0].target == QUANTIZED_LINEAR
         x = group[0].args[0]
         weights = [n.args[1] for n in group]
-        biases = [n.args[2] if len(n.args) > 2 else None for n in group]
-        w = _merged_weight(program, weights)
+        biases = [n.args[4] if quantized else n.args[2] if len(n.args) > 2 else None for n in group]
         b = None if biases[0] is None else _merged_weight(program, biases)
         bounds, lo = [], 0
         for n in weights:
@@ -108,10 +136,16 @@ def merge(program: Program) -> int:
             lo = bounds[-1][1]
         dim = group[0].meta["val"].dim() - 1
         with graph.inserting_before(group[0]):
-            slices = record(graph, replace, x, w, b, bounds, dim)
+            if quantized:
+                slices = record(graph, replace_quantized, x, *_merged_quantized(program, group), b, bounds, dim,
+                                *group[0].args[5:7])
+            else:
+                slices = record(graph, replace, x, _merged_weight(program, weights), b, bounds, dim)
         product = slices[0].args[0]
         product.meta.update(nn_module_stack=_module_stack(group), stack_trace=group[0].meta.get("stack_trace"),
                             fused_from=NAME)
+        for n in weights if quantized else ():  # read by nothing now: no longer the program's quantized weights
+            program.quantized.pop(program.weight_paths[n.name], None)
         for old, new in zip(group, slices):
             new.meta.update(nn_module_stack=old.meta.get("nn_module_stack", {}), stack_trace=old.meta.get("stack_trace"))
             old.replace_all_uses_with(new)
@@ -132,7 +166,7 @@ class MergeProjections:
     sibling nodes rather than one pattern tree, so it groups instead of calling `passes.pattern.rewrite`."""
 
     name = NAME
-    version = 1
+    version = 2
 
     def run(self, program: Program) -> int:
         return merge(program)

@@ -179,3 +179,42 @@ def test_vllm_front_has_nothing_to_merge(tmp_path):
     assert (result.matched, result.expected, result.nodes_before, result.nodes_after) == (0, 0, result.nodes_before,
                                                                                          result.nodes_before)
     assert lowered.op_histogram()["linear"] == 2 * 4 + 1 and not lowered.program.derived
+
+
+def test_quantized_projections_merge_and_cache(tmp_path, monkeypatch):
+    """Quantized at load (4-bit, groups of 32): q/k/v and gate/up merge as quantized linears (codes, scales and
+    biases concatenated by rows), the step matches transformers holding the dequantized weights, and a cache
+    hit rebuilds the merged parts from the quantized sources instead of storing them."""
+    from lowering.api import lower_cached
+    from lowering.compile import CONSTANTS, load_step
+    from runtime.model import CacheLayout, LoweredModel
+    from weights.quantize import QuantizeSpec, quantize_weight
+
+    monkeypatch.setenv("VLLM_METAL_CACHE", str(tmp_path))
+    model, spec = tiny_llama(seed=3), QuantizeSpec(4, 32)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    identity = {"test": "merge_projections quantized cache", "model": "tiny llama"}
+    source, miss, layers, info = lower_cached(identity, lambda: capture.capture_hf(model), state, quantize=spec)
+    _, hit, _, info2 = lower_cached(identity, lambda: pytest.fail("captured again"), state, quantize=spec)
+    assert (info["cache"], info2["cache"]) == ("miss", "hit") and set(hit) == set(miss)
+    (result,) = [r for r in info["passes"] if r.name == "merge_projections"]
+    assert result.matched == 4 and source.count("k.quantized_linear(") == 2 * 4 + 1, source
+    merged = sorted(p for p in miss if "+" in p)
+    assert len(merged) == 4 * 3 and miss["model.layers.0.self_attn.q_proj+k_proj+v_proj.weight"].dtype == mx.uint32
+    assert not any(p.endswith((".q_proj.scales", ".up_proj.weight")) for p in miss), "the parts are merged away"
+    assert all(mx.array_equal(hit[p], miss[p]).item() for p in miss)
+    assert not any("+" in p for p in mx.load(str(next(tmp_path.rglob(CONSTANTS)))))
+
+    with torch.no_grad():  # the reference holds each weight as the step reads it: quantized, then dequantized
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                q = quantize_weight(mx.array(module.weight.detach().numpy()), spec)
+                w = mx.dequantize(q.wq, q.scales, q.biases, group_size=32, bits=4)
+                module.weight.copy_(torch.from_numpy(np.array(w)))
+    layout = CacheLayout(len(layers), layers[0].num_kv_heads, layers[0].head_dim, 16, mx.float32)
+    tokens = torch.randint(0, 256, (43,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(tokens[None]).logits[0, 39:].numpy()
+    got = lowered_logits_along(LoweredModel(load_step(source), hit, layout, num_blocks=8), tokens.tolist(), 40)
+    err, top = float(np.abs(got - ref).max()), float(np.abs(ref).max())
+    assert err <= 1e-4 * top, f"max abs error {err:.3g} > 1e-4 x max|logit| {top:.3g}"
