@@ -35,7 +35,7 @@ from weights.bundled import prepare
 GROUPS = [
     ("4-bit GEMV (ours)", r"_cpu_ext", r"q4"),
     ("8-bit GEMV (ours; the tied LM head)", r"_cpu_ext", r"q8"),
-    ("other matrix products (ours)", r"_cpu_ext", r"gemv|gemm|matmul|dequant|widen"),
+    ("dense GEMV and GEMM (ours: f32, bf16, f16 weights)", r"_cpu_ext", r"gemv|gemm|matmul|dequant|widen"),
     ("paged attention (ours)", r"_cpu_ext", r"attention|heads_scores|accumulate|softmax"),
     ("pool threads waiting for work (ours)", r"_cpu_ext", r"Pool|parallel_for|_M_run"),
     ("other (ours)", r"_cpu_ext", r""),

@@ -8,7 +8,8 @@
 Each part runs in fresh child processes, and before each one the run waits (up to 2 minutes) until under half
 a core is busy over 3 s; what it saw is recorded. Parts: memory bandwidth (cpu_bandwidth.py), the lowered model
 against mlx-lm in f32, bf16 and 4-bit (cpu_compiler.py), llama.cpp on the bundled GGUF (llamacpp.py), lowering
-and host overheads (cpu_overheads.py), and end to end in vLLM, f32 and bf16: this plugin and vLLM's built-in
+and host overheads (cpu_overheads.py), where a decode step's CPU time goes (cpu_profile.py, where Linux
+`perf` is installed), and end to end in vLLM, f32 and bf16: this plugin and vLLM's built-in
 CPU platform (vllm_e2e.py).
 The section is rendered by cpu_report.py between the markers <!-- cpu:begin --> and <!-- cpu:end -->.
 """
@@ -19,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, cpu_machine, log, write_doc_section
-from cpu_report import COMPILER_DTYPES, DTYPE_NAMES, E2E_MODES, render
+from cpu_report import COMPILER_DTYPES, DTYPE_NAMES, E2E_MODES, PROFILE_DTYPES, render
 
 
 def plan(quick: bool) -> dict:
@@ -120,6 +122,9 @@ def collect(args) -> dict:
                                                         str(c["gen"]), "--repeats", str(c["repeats"]), "--threads", "2"])
     if "overheads" not in res:
         res["overheads"] = part("overheads", "cpu_overheads", ["--dtype", "f32"])
+    for dt in [dt for dt in PROFILE_DTYPES if f"profile_{dt}" not in res and shutil.which("perf")]:
+        res[f"profile_{dt}"] = part(f"profile {dt}", "cpu_profile", ["--dtype", dt, "--seconds", "8"])
+        save()
     res.setdefault("e2e", {})
     save()
     if not args.skip_e2e:

@@ -60,8 +60,26 @@ def test_gpu_cli_parses(bench, args, capsys):
 
 
 @pytest.mark.parametrize("script", ["run.py", *(pytest.param(s, marks=pytest.mark.slow) for s in (  # ~20 s of imports each
-    "cpu_compiler.py", "cpu_overheads.py", "cpu_bandwidth.py", "vllm_e2e.py", "memory_report.py", "sgemm.py"))])
+    "cpu_compiler.py", "cpu_overheads.py", "cpu_bandwidth.py", "cpu_profile.py", "vllm_e2e.py", "memory_report.py",
+    "sgemm.py"))])
 def test_cpu_scripts_parse(script):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-2000:]
+
+
+def test_cpu_profile_groups_symbols(bench):
+    """cpu_profile.py's grouping of perf samples: each kind of our kernels apart, MLX's evaluation machinery apart
+    from its op kernels (JIT-fused elementwise libraries included), allocation and the OS apart."""
+    group_of = bench("cpu_profile").group_of
+    ext = "_cpu_ext.cpython-311-x86_64-linux-gnu.so"
+    assert group_of(ext, "cpu_ext::(anonymous namespace)::gemv_q4_rows<32, 4>").startswith("4-bit GEMV")
+    assert group_of(ext, "cpu_ext::(anonymous namespace)::gemv_q8_rows<32, 4>").startswith("8-bit GEMV")
+    assert group_of(ext, "cpu_ext::(anonymous namespace)::gemv_dense<0>").startswith("dense GEMV")
+    assert group_of(ext, "cpu_ext::(anonymous namespace)::heads_scores").startswith("paged attention")
+    assert group_of(ext, "cpu_ext::parallel_for").startswith("pool threads")
+    assert group_of("libmlx.so", "mlx::core::eval_impl").startswith("MLX graph evaluation")
+    assert group_of("libmlx.so", "mlx::core::scatter<float, int, mlx::core::None>").startswith("MLX op kernels")
+    assert group_of("libFf4IBroadcastCGf4IMultiply_strided_1.so", "Ff4IBroadcast").startswith("MLX op kernels")
+    assert group_of("libc.so.6", "_int_malloc").startswith("memory allocation")
+    assert group_of("[kernel.kallsyms]", "finish_task_switch.isra.0").startswith("OS")
