@@ -197,6 +197,7 @@ def capture(src: Source, front: str, dtype: str | None):
         with torch.no_grad():
             return model(ids[None], use_cache=False).logits[0]
 
+    reference.model = model  # --quantize puts its dequantized weights here
     return program, reference
 
 
@@ -225,6 +226,19 @@ def _load_quantized_checkpoint(model, path: str) -> dict:
     dtype = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}[model.dtype]
     return {name: for_activations(t, dtype) for name, t in loaded.tensors.items()
             if isinstance(t, QuantizedWeight) and name in params}
+
+
+def _dequantize_into(model, quantized: dict) -> None:
+    """The torch model's weights replaced by their quantized values, dequantized (a tied weight once)."""
+    import mlx.core as mx
+    import numpy as np
+    import torch
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, q in quantized.items():
+            if name in params:
+                params[name].copy_(torch.from_numpy(np.array(q.dequantize(mx.float32))))
 
 
 # -- passes -------------------------------------------------------------------------------------
@@ -303,7 +317,13 @@ def lower_model(args, keep: set[str], snapshot=None) -> Run:
     t1 = time.perf_counter()
     run.program, run.reference = capture(src, args.front, args.dtype)
     if spec is not None:
-        attach(run.program, quantize_program(run.program, spec))
+        quantized = quantize_program(run.program, spec)
+        attach(run.program, quantized)
+        if getattr(run.reference, "model", None) is not None:  # --check compares with the weights the step reads
+            _dequantize_into(run.reference.model, quantized)
+        elif getattr(args, "check", False):
+            raise CliError("--check with --quantize compares with transformers holding the quantized weights "
+                           "dequantized, which the hf front end builds: use --front hf")
     run.weight_bytes = weight_bytes(run.program)
     t2 = time.perf_counter()
     run.captured = run.program.node_count()

@@ -73,6 +73,15 @@ def test_check(tiny, capsys):
     assert check["within_tolerance"]
 
 
+def test_check_quantized(tiny, capsys):
+    """--quantize --check: the reference holds the weights the step reads (quantized, dequantized), so the
+    bound is the full-precision one; the quantized projections merge (q/k/v, gate/up)."""
+    code, out, _ = run(capsys, tiny, "--quantize", "q4:32", "--check", "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["check"]["within_tolerance"] and data["check"]["greedy_match"] is True, data["check"]
+    assert data["ops"]["mlx.quantized_linear"] == 3 * 4 + 1 and "linear" not in data["ops"]
+
+
 def test_check_text(tiny, capsys):
     code, out, _ = run(capsys, tiny, "--check")
     assert code == 0 and "max_abs_err" in out and "greedy_match True" in out
