@@ -205,7 +205,6 @@ def _load_quantized_checkpoint(model, path: str) -> dict:
     """A quantized checkpoint's weights into the transformers model built from its config: its full-precision
     tensors, and its quantized ones dequantized (the torch reference for --check). Returns the quantized ones."""
     import mlx.core as mx
-    import numpy as np
     import torch
 
     from lowering.quantize import for_activations
@@ -218,27 +217,27 @@ def _load_quantized_checkpoint(model, path: str) -> dict:
         head, embed = (f"{names[id(m)]}.weight" for m in (model.get_output_embeddings(), model.get_input_embeddings()))
         if head not in loaded.tensors and embed in loaded.tensors:
             loaded.tensors[head] = loaded.tensors[embed]
-    with torch.no_grad():
-        for name, t in loaded.tensors.items():
-            if name in params:
-                full = t.dequantize(mx.float32) if isinstance(t, QuantizedWeight) else t.astype(mx.float32)
-                params[name].copy_(torch.from_numpy(np.array(full)))
+    _set_weights(model, loaded.tensors)
     dtype = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}[model.dtype]
     return {name: for_activations(t, dtype) for name, t in loaded.tensors.items()
             if isinstance(t, QuantizedWeight) and name in params}
 
 
-def _dequantize_into(model, quantized: dict) -> None:
-    """The torch model's weights replaced by their quantized values, dequantized (a tied weight once)."""
+def _set_weights(model, tensors: dict) -> None:
+    """The torch model's parameters at the paths of `tensors` (MLX arrays or QuantizedWeight, dequantized) set to
+    their values; a tied parameter once."""
     import mlx.core as mx
     import numpy as np
     import torch
 
+    from weights import QuantizedWeight
+
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for name, q in quantized.items():
+        for name, t in tensors.items():
             if name in params:
-                params[name].copy_(torch.from_numpy(np.array(q.dequantize(mx.float32))))
+                full = t.dequantize(mx.float32) if isinstance(t, QuantizedWeight) else t.astype(mx.float32)
+                params[name].copy_(torch.from_numpy(np.array(full)))
 
 
 # -- passes -------------------------------------------------------------------------------------
@@ -320,7 +319,7 @@ def lower_model(args, keep: set[str], snapshot=None) -> Run:
         quantized = quantize_program(run.program, spec)
         attach(run.program, quantized)
         if getattr(run.reference, "model", None) is not None:  # --check compares with the weights the step reads
-            _dequantize_into(run.reference.model, quantized)
+            _set_weights(run.reference.model, quantized)
         elif getattr(args, "check", False):
             raise CliError("--check with --quantize compares with transformers holding the quantized weights "
                            "dequantized, which the hf front end builds: use --front hf")
