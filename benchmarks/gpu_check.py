@@ -67,17 +67,17 @@ def check(name: str, dtype_name: str, device: str, artefacts: Path | None = None
     if artefacts is not None and (Path(artefacts) / folder_name(name, dtype_name, quantize) / "meta.json").is_file():
         artefact = Artefact(artefacts, name, dtype_name, quantize)
         weights, how = _from_artefact(artefact, model)
-        source, layers, quantized = artefact.source, artefact.layers, artefact.quantized
+        source, layers, quantized, meta = artefact.source, artefact.layers, artefact.quantized, artefact.meta
     else:
         source, program, _ = lower_program(model, name, quantize)
         quantized = quantized_sources(program)
+        meta = {"derived": program.derived, "quantized": quantized}
         weights = {program.weight_paths[k]: v for k, v in program.weights.items()}  # placeholders where quantized
         layers = [asdict(x) for x in program.attention]
         how = f"captured here (torch {torch.__version__})"
     lower_s = time.perf_counter() - t
     mx_dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}[dtype_name]
     qweights = _quantize_into(model, weights, quantized)
-    meta = artefact.meta if how.startswith("artefact") else {"derived": program.derived, "quantized": quantized}
     qweights = with_derived(qweights, meta, mx.concatenate, quantized=True)  # merged ones, from the parts
     mweights = {p: mx.array(v.detach().to(torch.int32) if v.dtype == torch.int64 else v.detach().contiguous())
                 for p, v in weights.items() if p not in qweights}
